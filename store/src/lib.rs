@@ -1,0 +1,30 @@
+//! The Live Update Orchestrator object model, in userspace.
+//!
+//! Linux's LUO (`kernel/liveupdate/`) keeps chosen files alive across a kexec.
+//! Userspace groups them in named **sessions**: a session created in this boot
+//! is *outgoing*; at the update every outgoing session is *frozen* and becomes,
+//! in the next boot, an *incoming* session that a program retrieves by name,
+//! takes its files back from by token, and *finishes*. Each file type is served
+//! by a **file handler** ([`FileHandler`]); state shared by many files lives in
+//! an **FLB** ([`Flb`]), preserved with the first file and finished with the last.
+//!
+//! This crate mirrors `luo_session.c`, `luo_file.c` and `luo_flb.c` of Linux 7.2:
+//! same lists, same checks in the same order, same errno. It holds no policy
+//! about how fds reach callers; that is the device's job.
+
+mod errno;
+mod flb;
+mod handler;
+mod name;
+mod session;
+mod store;
+
+pub use errno::{Errno, Result};
+pub use flb::{FlbHandover, FlbId, FlbRegistry};
+pub use handler::{FileHandler, FileId, FileState, Flb, Preserved, RetrieveStatus};
+pub use name::{SessionName, SESSION_NAME_LENGTH};
+pub use session::{Direction, LuoFile, Session, SessionId};
+pub use store::{FreezeFailure, Store};
+
+#[cfg(test)]
+mod tests;

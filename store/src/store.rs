@@ -1,0 +1,389 @@
+//! The store: both session lists, the preserved-file index, handlers and FLBs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::errno::{Errno, Result};
+use crate::flb::FlbRegistry;
+use crate::handler::{FileHandler, FileId, RetrieveStatus};
+use crate::name::SessionName;
+use crate::session::{Direction, LuoFile, Session, SessionId};
+
+/// Why freezing the outgoing sessions failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeFailure {
+    /// Session whose file refused.
+    pub session: SessionName,
+    /// Token of that file.
+    pub token: u64,
+    /// Its handler's compatible string.
+    pub compatible: &'static str,
+    /// The errno it returned.
+    pub errno: Errno,
+}
+
+impl std::fmt::Display for FreezeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "freezing token {:#x} ({}) of session {} failed: {}",
+            self.token, self.compatible, self.session, self.errno
+        )
+    }
+}
+
+/// The LUO object model of one daemon.
+#[derive(Default)]
+pub struct Store {
+    handlers: Vec<Box<dyn FileHandler>>,
+    /// Registered FLBs.
+    pub flbs: FlbRegistry,
+    sessions: BTreeMap<SessionId, Session>,
+    outgoing: HashMap<SessionName, SessionId>,
+    incoming: HashMap<SessionName, SessionId>,
+    preserved: HashMap<FileId, SessionId>,
+    next_id: u64,
+    epoch: u64,
+    frozen: bool,
+}
+
+impl Store {
+    /// An empty store in epoch 0.
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    /// Registers a file handler; handlers are asked in registration order.
+    ///
+    /// # Errors
+    /// `EEXIST` for a duplicate compatible string.
+    pub fn register_handler(&mut self, handler: Box<dyn FileHandler>) -> Result<usize> {
+        if self.handlers.iter().any(|h| h.compatible() == handler.compatible()) {
+            return Err(Errno::EEXIST);
+        }
+        self.handlers.push(handler);
+        Ok(self.handlers.len() - 1)
+    }
+
+    /// Compatible string of a registered handler.
+    pub fn handler_compatible(&self, index: usize) -> &'static str {
+        self.handlers[index].compatible()
+    }
+
+    /// Index of the handler with this compatible string.
+    pub fn handler_index(&self, compatible: &str) -> Option<usize> {
+        self.handlers.iter().position(|h| h.compatible() == compatible)
+    }
+
+    /// The current epoch (number of updates since the store was created).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether the outgoing sessions are frozen for an update.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// A session by id.
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// All sessions, outgoing and incoming, in creation order.
+    pub fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+
+    fn names(&mut self, direction: Direction) -> &mut HashMap<SessionName, SessionId> {
+        match direction {
+            Direction::Outgoing => &mut self.outgoing,
+            Direction::Incoming => &mut self.incoming,
+        }
+    }
+
+    fn insert(&mut self, name: SessionName, direction: Direction) -> Result<SessionId> {
+        if self.names(direction).contains_key(&name) {
+            return Err(Errno::EEXIST);
+        }
+        self.next_id += 1;
+        let id = SessionId(self.next_id);
+        self.names(direction).insert(name.clone(), id);
+        let session = Session { id, name, direction, retrieved: false, files: Vec::new() };
+        self.sessions.insert(id, session);
+        Ok(id)
+    }
+
+    fn remove(&mut self, id: SessionId) {
+        if let Some(session) = self.sessions.remove(&id) {
+            self.names(session.direction).remove(&session.name);
+        }
+    }
+
+    /// CREATE_SESSION: a new outgoing session (`luo_session_create`).
+    ///
+    /// # Errors
+    /// `EEXIST` if an outgoing session has this name; `EBUSY` while frozen.
+    pub fn create_session(&mut self, name: SessionName) -> Result<SessionId> {
+        if self.frozen {
+            return Err(Errno::EBUSY);
+        }
+        self.insert(name, Direction::Outgoing)
+    }
+
+    /// RETRIEVE_SESSION: hands out an incoming session (`luo_session_retrieve`).
+    ///
+    /// # Errors
+    /// `ENOENT` for an unknown name, `EINVAL` if already retrieved.
+    pub fn retrieve_session(&mut self, name: &SessionName) -> Result<SessionId> {
+        let id = *self.incoming.get(name).ok_or(Errno::ENOENT)?;
+        let session = self.sessions.get_mut(&id).ok_or(Errno::ENOENT)?;
+        if session.retrieved {
+            return Err(Errno::EINVAL);
+        }
+        session.retrieved = true;
+        Ok(id)
+    }
+
+    /// The last reference to a session fd is gone (`luo_session_release`):
+    /// an outgoing session unpreserves its files (LIFO) and disappears; an
+    /// incoming one is finished and disappears, or stays (leaked until the
+    /// next update) if it cannot finish.
+    ///
+    /// # Errors
+    /// The finish failure of an incoming session.
+    pub fn release_session(&mut self, id: SessionId) -> Result<()> {
+        let Some(session) = self.sessions.get(&id) else { return Ok(()) };
+        match session.direction {
+            Direction::Incoming => self.finish(id)?,
+            Direction::Outgoing => self.unpreserve_all(id),
+        }
+        self.remove(id);
+        Ok(())
+    }
+
+    fn unpreserve_all(&mut self, id: SessionId) {
+        let Some(session) = self.sessions.get_mut(&id) else { return };
+        while let Some(file) = session.files.pop() {
+            let handler = &self.handlers[file.handler];
+            handler.unpreserve(&file.state());
+            self.flbs.file_unpreserve(&handler.flbs());
+            if let Some(f) = &file.file {
+                if let Ok(fid) = handler.get_id(f.as_fd()) {
+                    self.preserved.remove(&fid);
+                }
+            }
+        }
+    }
+
+    /// Direction of a session, for the ioctl kind check.
+    ///
+    /// # Errors
+    /// `EBADF` for an unknown session.
+    pub fn direction(&self, id: SessionId) -> Result<(Direction, bool)> {
+        let s = self.sessions.get(&id).ok_or(Errno::EBADF)?;
+        Ok((s.direction, s.retrieved))
+    }
+
+    /// SESSION_PRESERVE_FD (`luo_preserve_file`). `file` is the caller's fd as
+    /// resolved by the device (its error is reported after the token check, as
+    /// the kernel does).
+    ///
+    /// # Errors
+    /// `EEXIST` token used, `EBADF` bad fd, `ENOENT` no handler, `EBUSY`
+    /// already preserved, `EBUSY` while frozen, or the handler's/FLB's errno.
+    pub fn preserve_fd(&mut self, id: SessionId, token: u64, file: Result<OwnedFd>) -> Result<()> {
+        if self.frozen {
+            return Err(Errno::EBUSY);
+        }
+        let session = self.sessions.get(&id).ok_or(Errno::EBADF)?;
+        if session.direction != Direction::Outgoing {
+            return Err(Errno::EINVAL);
+        }
+        if session.token_used(token) {
+            return Err(Errno::EEXIST);
+        }
+        let file = file?;
+        let handler_index = self
+            .handlers
+            .iter()
+            .position(|h| h.can_preserve(file.as_fd()))
+            .ok_or(Errno::ENOENT)?;
+        let handler = &self.handlers[handler_index];
+        let fid = handler.get_id(file.as_fd())?;
+        if self.preserved.contains_key(&fid) {
+            return Err(Errno::EBUSY);
+        }
+        let flbs = handler.flbs();
+        self.flbs.file_preserve(&flbs)?;
+        let preserved = match handler.preserve(file.as_fd()) {
+            Ok(p) => p,
+            Err(err) => {
+                self.flbs.file_unpreserve(&flbs);
+                return Err(err);
+            }
+        };
+        self.preserved.insert(fid, id);
+        let luo_file = LuoFile {
+            handler: handler_index,
+            token,
+            file: Some(file),
+            data: preserved.data,
+            carried: None,
+            retrieve_status: RetrieveStatus::NotAttempted,
+        };
+        self.sessions.get_mut(&id).ok_or(Errno::EBADF)?.files.push(luo_file);
+        Ok(())
+    }
+
+    /// SESSION_RETRIEVE_FD (`luo_retrieve_file`): the file for a token; the
+    /// first call rebuilds it, later calls return the same file, a failure is
+    /// remembered.
+    ///
+    /// # Errors
+    /// `ENOENT` unknown token, or the handler's (remembered) retrieve errno.
+    pub fn retrieve_fd(&mut self, id: SessionId, token: u64) -> Result<BorrowedFd<'_>> {
+        let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
+        let file = session.file_mut(token).ok_or(Errno::ENOENT)?;
+        match file.retrieve_status {
+            RetrieveStatus::Failed(err) => return Err(err),
+            RetrieveStatus::Retrieved => {}
+            RetrieveStatus::NotAttempted => {
+                let handler = &self.handlers[file.handler];
+                match handler.retrieve(&file.state()) {
+                    Ok(fd) => {
+                        if let Ok(fid) = handler.get_id(fd.as_fd()) {
+                            self.preserved.insert(fid, id);
+                        }
+                        file.file = Some(fd);
+                        file.retrieve_status = RetrieveStatus::Retrieved;
+                    }
+                    Err(err) => {
+                        file.retrieve_status = RetrieveStatus::Failed(err);
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        file.file.as_ref().map(|f| f.as_fd()).ok_or(Errno::EIO)
+    }
+
+    /// SESSION_FINISH (`luo_file_finish`): all-or-nothing. Every file must
+    /// agree (`can_finish`), then all are finished in LIFO order, retrieved or
+    /// not.
+    ///
+    /// # Errors
+    /// `EBUSY` if a file cannot finish; nothing is finished then.
+    pub fn finish(&mut self, id: SessionId) -> Result<()> {
+        let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
+        for file in &session.files {
+            if !self.handlers[file.handler].can_finish(&file.state()) {
+                return Err(Errno::EBUSY);
+            }
+        }
+        while let Some(file) = session.files.pop() {
+            let handler = &self.handlers[file.handler];
+            handler.finish(&file.state());
+            self.flbs.file_finish(&handler.flbs());
+            if let Some(f) = &file.file {
+                if let Ok(fid) = handler.get_id(f.as_fd()) {
+                    self.preserved.remove(&fid);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes every outgoing session in creation order, each file in
+    /// preservation order. If one fails, everything frozen so far is unfrozen
+    /// and nothing changes.
+    ///
+    /// # Errors
+    /// Which file refused and why.
+    pub fn freeze(&mut self) -> std::result::Result<(), FreezeFailure> {
+        let ids: Vec<SessionId> = self.outgoing_ids();
+        let mut done: Vec<(SessionId, usize)> = Vec::new();
+        for id in ids {
+            let session = self.sessions.get_mut(&id).expect("outgoing session exists");
+            for (index, file) in session.files.iter_mut().enumerate() {
+                let handler = &self.handlers[file.handler];
+                let mut data = file.data.clone();
+                if let Err(errno) = handler.freeze(&file.state(), &mut data) {
+                    let failure = FreezeFailure {
+                        session: session.name.clone(),
+                        token: file.token,
+                        compatible: handler.compatible(),
+                        errno,
+                    };
+                    self.unfreeze_files(&done);
+                    return Err(failure);
+                }
+                file.data = data;
+                done.push((id, index));
+            }
+        }
+        self.frozen = true;
+        Ok(())
+    }
+
+    fn outgoing_ids(&self) -> Vec<SessionId> {
+        self.sessions
+            .values()
+            .filter(|s| s.direction == Direction::Outgoing)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    fn unfreeze_files(&mut self, files: &[(SessionId, usize)]) {
+        for &(id, index) in files {
+            if let Some(file) = self.sessions.get(&id).and_then(|s| s.files.get(index)) {
+                self.handlers[file.handler].unfreeze(&file.state());
+            }
+        }
+    }
+
+    /// Aborts an update after a successful [`Store::freeze`].
+    pub fn unfreeze(&mut self) {
+        if !self.frozen {
+            return;
+        }
+        let mut all = Vec::new();
+        for id in self.outgoing_ids() {
+            let count = self.sessions[&id].files.len();
+            all.extend((0..count).map(|i| (id, i)));
+        }
+        self.unfreeze_files(&all);
+        self.frozen = false;
+    }
+
+    /// Completes a simulated update after [`Store::freeze`]: the outgoing
+    /// sessions become the incoming ones of the next epoch, each preserved file
+    /// carried by the fd LUO held. Incoming sessions left over from the epoch
+    /// before are dropped, as a kexec drops them.
+    ///
+    /// # Errors
+    /// `EINVAL` if the store is not frozen.
+    pub fn flip_epoch(&mut self) -> Result<()> {
+        if !self.frozen {
+            return Err(Errno::EINVAL);
+        }
+        let stale: Vec<SessionId> = self.incoming.values().copied().collect();
+        for id in stale {
+            self.sessions.remove(&id);
+        }
+        self.incoming = std::mem::take(&mut self.outgoing);
+        self.preserved.clear();
+        for session in self.sessions.values_mut() {
+            session.direction = Direction::Incoming;
+            session.retrieved = false;
+            for file in &mut session.files {
+                file.carried = file.file.take();
+                file.retrieve_status = RetrieveStatus::NotAttempted;
+            }
+        }
+        self.flbs.flip();
+        self.frozen = false;
+        self.epoch += 1;
+        Ok(())
+    }
+}

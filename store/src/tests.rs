@@ -1,0 +1,448 @@
+//! Unit tests of every errno path and state transition of the object model.
+//!
+//! Files are pipes (each has its own pipefs inode), served by a recording test
+//! handler that can be told to fail any callback.
+
+use std::cell::RefCell;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use crate::*;
+
+#[derive(Default)]
+struct Script {
+    log: Vec<String>,
+    fail_preserve: Option<Errno>,
+    fail_freeze_token: Option<u64>,
+    fail_retrieve: Option<Errno>,
+    refuse_finish: bool,
+    flb_fail_preserve: bool,
+}
+
+type Shared = Arc<Mutex<Script>>;
+
+struct PipeHandler {
+    script: Shared,
+    flbs: Vec<FlbId>,
+}
+
+fn token_of(data: &[u8]) -> u64 {
+    u64::from_le_bytes(data[..8].try_into().unwrap())
+}
+
+fn fstat(fd: BorrowedFd<'_>) -> libc::stat {
+    // SAFETY: an all-zero stat is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a valid open descriptor and st is writable.
+    assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+    st
+}
+
+impl FileHandler for PipeHandler {
+    fn compatible(&self) -> &'static str {
+        "pipe-test-v1"
+    }
+    fn can_preserve(&self, file: BorrowedFd<'_>) -> bool {
+        fstat(file).st_mode & libc::S_IFMT == libc::S_IFIFO
+    }
+    fn get_id(&self, file: BorrowedFd<'_>) -> Result<FileId> {
+        let st = fstat(file);
+        Ok(FileId { dev: st.st_dev, ino: st.st_ino })
+    }
+    fn preserve(&self, file: BorrowedFd<'_>) -> Result<Preserved> {
+        let mut s = self.script.lock().unwrap();
+        s.log.push(format!("preserve {}", fstat(file).st_ino));
+        if let Some(e) = s.fail_preserve {
+            return Err(e);
+        }
+        Ok(Preserved { data: fstat(file).st_ino.to_le_bytes().to_vec() })
+    }
+    fn unpreserve(&self, state: &FileState<'_>) {
+        self.script.lock().unwrap().log.push(format!("unpreserve {}", token_of(state.data)));
+    }
+    fn freeze(&self, state: &FileState<'_>, data: &mut Vec<u8>) -> Result<()> {
+        let mut s = self.script.lock().unwrap();
+        let ino = token_of(state.data);
+        s.log.push(format!("freeze {ino}"));
+        if s.fail_freeze_token == Some(ino) {
+            return Err(Errno::EAGAIN);
+        }
+        data.push(0xf);
+        Ok(())
+    }
+    fn unfreeze(&self, state: &FileState<'_>) {
+        self.script.lock().unwrap().log.push(format!("unfreeze {}", token_of(state.data)));
+    }
+    fn retrieve(&self, state: &FileState<'_>) -> Result<OwnedFd> {
+        let mut s = self.script.lock().unwrap();
+        s.log.push(format!("retrieve {}", token_of(state.data)));
+        assert_eq!(state.data.last(), Some(&0xf), "freeze's data reaches retrieve");
+        if let Some(e) = s.fail_retrieve {
+            return Err(e);
+        }
+        Ok(state.carried.expect("carried fd").try_clone_to_owned().unwrap())
+    }
+    fn can_finish(&self, _state: &FileState<'_>) -> bool {
+        !self.script.lock().unwrap().refuse_finish
+    }
+    fn finish(&self, state: &FileState<'_>) {
+        let retrieved = state.retrieve_status == RetrieveStatus::Retrieved;
+        let line = format!("finish {} retrieved={retrieved}", token_of(state.data));
+        self.script.lock().unwrap().log.push(line);
+    }
+    fn flbs(&self) -> Vec<FlbId> {
+        self.flbs.clone()
+    }
+}
+
+struct TestFlb(Shared);
+
+impl Flb for TestFlb {
+    fn compatible(&self) -> &'static str {
+        "test-flb-v1"
+    }
+    fn preserve(&mut self) -> Result<Vec<u8>> {
+        let mut s = self.0.lock().unwrap();
+        s.log.push("flb preserve".into());
+        if s.flb_fail_preserve {
+            return Err(Errno::ENOMEM);
+        }
+        Ok(b"flb".to_vec())
+    }
+    fn unpreserve(&mut self, data: &[u8]) {
+        assert_eq!(data, b"flb");
+        self.0.lock().unwrap().log.push("flb unpreserve".into());
+    }
+    fn retrieve(&mut self, data: &[u8]) -> Result<()> {
+        assert_eq!(data, b"flb");
+        self.0.lock().unwrap().log.push("flb retrieve".into());
+        Ok(())
+    }
+    fn finish(&mut self, _data: &[u8]) {
+        self.0.lock().unwrap().log.push("flb finish".into());
+    }
+}
+
+struct Fixture {
+    store: Store,
+    script: Shared,
+    pipes: Rc<RefCell<Vec<OwnedFd>>>,
+}
+
+fn fixture() -> Fixture {
+    let script = Shared::default();
+    let mut store = Store::new();
+    let flb = store.flbs.register(Box::new(TestFlb(script.clone()))).unwrap();
+    let handler = PipeHandler { script: script.clone(), flbs: vec![flb] };
+    store.register_handler(Box::new(handler)).unwrap();
+    Fixture { store, script, pipes: Rc::default() }
+}
+
+impl Fixture {
+    /// A fresh pipe read end; the write end is kept open by the fixture.
+    fn pipe(&self) -> OwnedFd {
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe() writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe() returned two fresh descriptors we now own.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        self.pipes.borrow_mut().push(w);
+        r
+    }
+    fn ino(fd: &OwnedFd) -> u64 {
+        fstat(fd.as_fd()).st_ino
+    }
+    fn log(&self) -> Vec<String> {
+        std::mem::take(&mut self.script.lock().unwrap().log)
+    }
+    fn create(&mut self, name: &str) -> SessionId {
+        self.store.create_session(SessionName::new(name.as_bytes()).unwrap()).unwrap()
+    }
+    fn preserve(&mut self, id: SessionId, token: u64, fd: &OwnedFd) -> Result<()> {
+        self.store.preserve_fd(id, token, Ok(fd.try_clone().unwrap()))
+    }
+    fn update(&mut self) {
+        self.store.freeze().unwrap();
+        self.store.flip_epoch().unwrap();
+    }
+}
+
+fn name(s: &str) -> SessionName {
+    SessionName::new(s.as_bytes()).unwrap()
+}
+
+#[test]
+fn duplicate_outgoing_name_is_eexist() {
+    let mut f = fixture();
+    f.create("a");
+    assert_eq!(f.store.create_session(name("a")), Err(Errno::EEXIST));
+}
+
+#[test]
+fn released_name_can_be_created_again() {
+    let mut f = fixture();
+    let id = f.create("a");
+    f.store.release_session(id).unwrap();
+    assert!(f.store.create_session(name("a")).is_ok());
+}
+
+#[test]
+fn same_name_may_be_outgoing_and_incoming() {
+    let mut f = fixture();
+    f.create("a");
+    f.update();
+    let out = f.create("a");
+    let inc = f.store.retrieve_session(&name("a")).unwrap();
+    assert_ne!(out, inc);
+    assert_eq!(f.store.direction(out).unwrap().0, Direction::Outgoing);
+    assert_eq!(f.store.direction(inc).unwrap().0, Direction::Incoming);
+}
+
+#[test]
+fn retrieve_unknown_is_enoent_and_twice_is_einval() {
+    let mut f = fixture();
+    assert_eq!(f.store.retrieve_session(&name("a")), Err(Errno::ENOENT));
+    f.create("a");
+    assert_eq!(f.store.retrieve_session(&name("a")), Err(Errno::ENOENT), "outgoing is not incoming");
+    f.update();
+    f.store.retrieve_session(&name("a")).unwrap();
+    assert_eq!(f.store.retrieve_session(&name("a")), Err(Errno::EINVAL));
+}
+
+#[test]
+fn preserve_errno_order() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let p = f.pipe();
+    f.preserve(id, 1, &p).unwrap();
+    // Token check comes before the fd check.
+    assert_eq!(f.store.preserve_fd(id, 1, Err(Errno::EBADF)), Err(Errno::EEXIST));
+    assert_eq!(f.store.preserve_fd(id, 2, Err(Errno::EBADF)), Err(Errno::EBADF));
+    // No handler for a regular file.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    assert_eq!(f.store.preserve_fd(id, 3, Ok(null.into())), Err(Errno::ENOENT));
+    // Same object, other token or other session: EBUSY.
+    assert_eq!(f.preserve(id, 4, &p), Err(Errno::EBUSY));
+    let other = f.create("t");
+    assert_eq!(f.preserve(other, 5, &p), Err(Errno::EBUSY));
+}
+
+#[test]
+fn handler_preserve_failure_leaves_nothing_behind() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let p = f.pipe();
+    f.script.lock().unwrap().fail_preserve = Some(Errno::ENOSPC);
+    assert_eq!(f.preserve(id, 1, &p), Err(Errno::ENOSPC));
+    assert_eq!(f.log(), ["flb preserve", &format!("preserve {}", Fixture::ino(&p)), "flb unpreserve"]);
+    f.script.lock().unwrap().fail_preserve = None;
+    f.preserve(id, 1, &p).unwrap();
+    assert_eq!(f.store.session(id).unwrap().files.len(), 1);
+}
+
+#[test]
+fn flb_preserve_failure_fails_the_file() {
+    let mut f = fixture();
+    let id = f.create("s");
+    f.script.lock().unwrap().flb_fail_preserve = true;
+    assert_eq!(f.preserve(id, 1, &f.pipe()), Err(Errno::ENOMEM));
+    assert!(f.store.session(id).unwrap().files.is_empty());
+}
+
+#[test]
+fn release_outgoing_unpreserves_lifo_and_flb_last() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let (a, b) = (f.pipe(), f.pipe());
+    f.preserve(id, 1, &a).unwrap();
+    f.preserve(id, 2, &b).unwrap();
+    f.log();
+    f.store.release_session(id).unwrap();
+    let (ia, ib) = (Fixture::ino(&a), Fixture::ino(&b));
+    assert_eq!(f.log(), [format!("unpreserve {ib}"), format!("unpreserve {ia}"), "flb unpreserve".into()]);
+    assert!(f.store.session(id).is_none());
+    // The files are free to be preserved again.
+    let id = f.create("s");
+    f.preserve(id, 1, &a).unwrap();
+}
+
+#[test]
+fn flb_is_shared_across_sessions() {
+    let mut f = fixture();
+    let (s1, s2) = (f.create("1"), f.create("2"));
+    f.preserve(s1, 1, &f.pipe()).unwrap();
+    f.preserve(s2, 1, &f.pipe()).unwrap();
+    assert_eq!(f.store.flbs.outgoing_count(FlbId(0)), 2);
+    assert_eq!(f.log().iter().filter(|l| *l == "flb preserve").count(), 1);
+    f.store.release_session(s1).unwrap();
+    assert!(!f.log().contains(&"flb unpreserve".to_string()));
+    f.store.release_session(s2).unwrap();
+    assert!(f.log().contains(&"flb unpreserve".to_string()));
+}
+
+#[test]
+fn session_kind_rules() {
+    let mut f = fixture();
+    let out = f.create("o");
+    assert_eq!(f.store.finish(out), Ok(()), "finish on an empty set is a no-op in the store");
+    f.preserve(out, 1, &f.pipe()).unwrap();
+    f.update();
+    let inc = f.store.retrieve_session(&name("o")).unwrap();
+    let p = f.pipe();
+    assert_eq!(f.store.preserve_fd(inc, 9, Ok(p)), Err(Errno::EINVAL));
+}
+
+#[test]
+fn freeze_failure_unfreezes_what_was_frozen_and_changes_nothing() {
+    let mut f = fixture();
+    let (s1, s2) = (f.create("1"), f.create("2"));
+    let (a, b, c) = (f.pipe(), f.pipe(), f.pipe());
+    f.preserve(s1, 1, &a).unwrap();
+    f.preserve(s2, 1, &b).unwrap();
+    f.preserve(s2, 2, &c).unwrap();
+    f.log();
+    f.script.lock().unwrap().fail_freeze_token = Some(Fixture::ino(&c));
+    let err = f.store.freeze().unwrap_err();
+    assert_eq!(err.errno, Errno::EAGAIN);
+    assert_eq!(err.token, 2);
+    let (ia, ib, ic) = (Fixture::ino(&a), Fixture::ino(&b), Fixture::ino(&c));
+    assert_eq!(
+        f.log(),
+        [format!("freeze {ia}"), format!("freeze {ib}"), format!("freeze {ic}"),
+         format!("unfreeze {ia}"), format!("unfreeze {ib}")]
+    );
+    assert!(!f.store.is_frozen());
+    assert_eq!(f.store.flip_epoch(), Err(Errno::EINVAL));
+    // Still outgoing and still usable.
+    f.preserve(s1, 7, &f.pipe()).unwrap();
+}
+
+#[test]
+fn frozen_store_refuses_new_work_until_unfrozen() {
+    let mut f = fixture();
+    let id = f.create("s");
+    f.store.freeze().unwrap();
+    assert_eq!(f.store.create_session(name("t")), Err(Errno::EBUSY));
+    assert_eq!(f.preserve(id, 1, &f.pipe()), Err(Errno::EBUSY));
+    f.store.unfreeze();
+    f.preserve(id, 1, &f.pipe()).unwrap();
+}
+
+#[test]
+fn retrieve_fd_semantics() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let (a, b) = (f.pipe(), f.pipe());
+    f.preserve(id, 10, &a).unwrap();
+    f.preserve(id, 20, &b).unwrap();
+    f.update();
+    f.log();
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    assert_eq!(f.store.retrieve_fd(inc, 99).err(), Some(Errno::ENOENT));
+    // Any order; the same file twice.
+    let first = fstat(f.store.retrieve_fd(inc, 20).unwrap()).st_ino;
+    let again = fstat(f.store.retrieve_fd(inc, 20).unwrap()).st_ino;
+    assert_eq!(first, Fixture::ino(&b));
+    assert_eq!(first, again);
+    assert_eq!(f.log(), [format!("retrieve {}", Fixture::ino(&b))], "retrieve runs once");
+}
+
+#[test]
+fn failed_retrieve_fails_the_same_way_forever() {
+    let mut f = fixture();
+    let id = f.create("s");
+    f.preserve(id, 1, &f.pipe()).unwrap();
+    f.update();
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    f.script.lock().unwrap().fail_retrieve = Some(Errno::ENOMEM);
+    assert_eq!(f.store.retrieve_fd(inc, 1).err(), Some(Errno::ENOMEM));
+    f.script.lock().unwrap().fail_retrieve = None;
+    assert_eq!(f.store.retrieve_fd(inc, 1).err(), Some(Errno::ENOMEM));
+}
+
+#[test]
+fn finish_is_atomic_and_covers_unretrieved_files() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let (a, b) = (f.pipe(), f.pipe());
+    f.preserve(id, 1, &a).unwrap();
+    f.preserve(id, 2, &b).unwrap();
+    f.update();
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    f.store.retrieve_fd(inc, 1).unwrap();
+    f.store.flbs.get_incoming(FlbId(0)).unwrap();
+    f.log();
+    f.script.lock().unwrap().refuse_finish = true;
+    assert_eq!(f.store.finish(inc), Err(Errno::EBUSY));
+    assert!(f.log().is_empty(), "nothing finished");
+    assert_eq!(f.store.session(inc).unwrap().files.len(), 2);
+    f.script.lock().unwrap().refuse_finish = false;
+    f.store.finish(inc).unwrap();
+    let (ia, ib) = (Fixture::ino(&a), Fixture::ino(&b));
+    assert_eq!(
+        f.log(),
+        [format!("finish {ib} retrieved=false"), format!("finish {ia} retrieved=true"), "flb finish".into()]
+    );
+    // The session stays until its fd is closed.
+    assert!(f.store.session(inc).is_some());
+    f.store.release_session(inc).unwrap();
+    assert!(f.store.session(inc).is_none());
+}
+
+#[test]
+fn releasing_an_unfinishable_incoming_session_leaks_it() {
+    let mut f = fixture();
+    let id = f.create("s");
+    f.preserve(id, 1, &f.pipe()).unwrap();
+    f.update();
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    f.script.lock().unwrap().refuse_finish = true;
+    assert_eq!(f.store.release_session(inc), Err(Errno::EBUSY));
+    assert!(f.store.session(inc).is_some());
+    // It cannot be retrieved again, and the next update drops it.
+    assert_eq!(f.store.retrieve_session(&name("s")), Err(Errno::EINVAL));
+    f.update();
+    assert_eq!(f.store.retrieve_session(&name("s")), Err(Errno::ENOENT));
+}
+
+#[test]
+fn flb_retrieve_is_on_demand_and_remembered() {
+    let mut f = fixture();
+    assert_eq!(f.store.flbs.get_incoming(FlbId(0)), Err(Errno::ENODATA));
+    let id = f.create("s");
+    f.preserve(id, 1, &f.pipe()).unwrap();
+    f.update();
+    f.log();
+    assert_eq!(f.store.flbs.incoming_count(FlbId(0)), 1);
+    f.store.flbs.get_incoming(FlbId(0)).unwrap();
+    f.store.flbs.get_incoming(FlbId(0)).unwrap();
+    assert_eq!(f.log(), ["flb retrieve"]);
+}
+
+#[test]
+fn update_moves_outgoing_to_incoming_and_bumps_epoch() {
+    let mut f = fixture();
+    f.create("a");
+    assert_eq!(f.store.epoch(), 0);
+    f.update();
+    assert_eq!(f.store.epoch(), 1);
+    assert!(f.store.sessions().all(|s| s.direction == Direction::Incoming));
+    // A new outgoing session with the same name is fine.
+    f.create("a");
+}
+
+#[test]
+fn duplicate_handler_or_flb_is_eexist() {
+    let mut f = fixture();
+    let h = PipeHandler { script: f.script.clone(), flbs: vec![] };
+    assert_eq!(f.store.register_handler(Box::new(h)).err(), Some(Errno::EEXIST));
+    assert_eq!(f.store.flbs.register(Box::new(TestFlb(f.script.clone()))).err(), Some(Errno::EEXIST));
+}
+
+#[test]
+fn errno_formats_with_its_name() {
+    assert_eq!(format!("{:?}", Errno::EBUSY), "EBUSY");
+    assert!(Errno::EINVAL.to_string().starts_with("EINVAL ("));
+    assert_eq!(Errno::from(std::io::Error::from_raw_os_error(libc::EBADF)), Errno::EBADF);
+}
