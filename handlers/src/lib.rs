@@ -1,1 +1,26 @@
-//! placeholder
+//! LUO file handlers.
+//!
+//! One module per preservable file type, each implementing
+//! [`luo_store::FileHandler`], the mirror of the kernel's
+//! `struct liveupdate_file_ops`. [`register_all`] installs the default set in
+//! the order the kernel would try them.
+
+pub mod memfd;
+mod sys;
+
+use luo_store::{Result, Store};
+
+pub use memfd::{Backing, MemfdHandler, MemfdState};
+
+/// Registers every built-in handler: shmem memfds, then hugetlb memfds.
+///
+/// # Errors
+/// `EEXIST` if one is already registered.
+pub fn register_all(store: &mut Store) -> Result<()> {
+    store.register_handler(Box::new(MemfdHandler::new(Backing::Shmem)))?;
+    store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! memfd handler: the userspace mirror of `mm/memfd_luo.c`.
+//!
+//! Accepts any shmem file with no links (a memfd, or an unlinked tmpfs file)
+//! and, unlike Linux 7.2, hugetlb memfds (`MFD_HUGETLB`) through a second
+//! handler with its own compatible string. Preserves contents, size, file
+//! position and seals; the retrieved file is opened read-write.
+//!
+//! Holding the file keeps its pages: the daemon's reference is what the kernel's
+//! pinned folios are. The kernel also freezes the size while a memfd is
+//! preserved (`ftruncate`, writes past the end and `fallocate` fail with EPERM).
+//! A daemon cannot block calls on a client's own fd, so this handler records the
+//! size at preserve and **refuses the freeze** (EPERM, naming the token) if it
+//! has changed: the update fails instead of carrying a file of another size.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use luo_store::{Errno, FileHandler, FileId, FileState, Preserved, Result};
+
+use crate::sys;
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Seals memfd_luo preserves (`MEMFD_LUO_ALL_SEALS`).
+pub const ALL_SEALS: u32 = (libc::F_SEAL_SEAL
+    | libc::F_SEAL_SHRINK
+    | libc::F_SEAL_GROW
+    | libc::F_SEAL_WRITE
+    | libc::F_SEAL_FUTURE_WRITE
+    | libc::F_SEAL_EXEC) as u32;
+
+/// Which memory a memfd handler serves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backing {
+    /// shmem: `memfd_create` without `MFD_HUGETLB`, unlinked tmpfs files.
+    Shmem,
+    /// hugetlbfs: `memfd_create(…, MFD_HUGETLB)`.
+    Hugetlb,
+}
+
+/// Serialized state of a preserved memfd (`struct memfd_luo_ser`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MemfdState {
+    /// File position at freeze.
+    pub pos: u64,
+    /// Size at preserve.
+    pub size: u64,
+    /// Seals at preserve.
+    pub seals: u32,
+}
+
+const STATE_VERSION: u32 = 1;
+const STATE_LEN: usize = 4 + 8 + 8 + 4;
+
+impl MemfdState {
+    /// Little-endian, versioned encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(STATE_LEN);
+        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.pos.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.seals.to_le_bytes());
+        out
+    }
+
+    /// Decodes [`MemfdState::encode`]'s output.
+    ///
+    /// # Errors
+    /// `EINVAL` for a wrong length or version.
+    pub fn decode(data: &[u8]) -> Result<MemfdState> {
+        if data.len() != STATE_LEN {
+            return Err(Errno::EINVAL);
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().expect("8 bytes"));
+        if u32_at(0) != STATE_VERSION {
+            return Err(Errno::EINVAL);
+        }
+        Ok(MemfdState { pos: u64_at(4), size: u64_at(12), seals: u32_at(20) })
+    }
+}
+
+/// The memfd file handler.
+#[derive(Debug)]
+pub struct MemfdHandler {
+    backing: Backing,
+}
+
+impl MemfdHandler {
+    /// A handler for one backing.
+    pub fn new(backing: Backing) -> MemfdHandler {
+        MemfdHandler { backing }
+    }
+
+    fn magic(&self) -> i64 {
+        match self.backing {
+            Backing::Shmem => TMPFS_MAGIC,
+            Backing::Hugetlb => HUGETLBFS_MAGIC,
+        }
+    }
+
+    fn snapshot(file: BorrowedFd<'_>) -> Result<MemfdState> {
+        let seals = sys::get_seals(file)?;
+        if seals & !ALL_SEALS != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let size = sys::fstat(file)?.st_size as u64;
+        if size.div_ceil(4096) > u64::from(u32::MAX) {
+            return Err(Errno::EFBIG);
+        }
+        Ok(MemfdState { pos: sys::position(file)?, size, seals })
+    }
+}
+
+impl FileHandler for MemfdHandler {
+    fn compatible(&self) -> &'static str {
+        match self.backing {
+            Backing::Shmem => "memfd-v1",
+            Backing::Hugetlb => "memfd-hugetlb-v1",
+        }
+    }
+
+    fn can_preserve(&self, file: BorrowedFd<'_>) -> bool {
+        let Ok(st) = sys::fstat(file) else { return false };
+        st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_nlink == 0
+            && sys::fs_magic(file).is_ok_and(|m| m == self.magic())
+    }
+
+    fn get_id(&self, file: BorrowedFd<'_>) -> Result<FileId> {
+        let st = sys::fstat(file)?;
+        Ok(FileId { dev: st.st_dev, ino: st.st_ino })
+    }
+
+    fn preserve(&self, file: BorrowedFd<'_>) -> Result<Preserved> {
+        Ok(Preserved { data: Self::snapshot(file)?.encode() })
+    }
+
+    fn unpreserve(&self, _state: &FileState<'_>) {}
+
+    fn freeze(&self, state: &FileState<'_>, data: &mut Vec<u8>) -> Result<()> {
+        let file = state.file.ok_or(Errno::EINVAL)?;
+        let mut saved = MemfdState::decode(state.data)?;
+        if sys::fstat(file)?.st_size as u64 != saved.size {
+            return Err(Errno::EPERM);
+        }
+        saved.pos = sys::position(file)?;
+        *data = saved.encode();
+        Ok(())
+    }
+
+    fn retrieve(&self, state: &FileState<'_>) -> Result<OwnedFd> {
+        let saved = MemfdState::decode(state.data)?;
+        let carried = state.carried.ok_or(Errno::EINVAL)?;
+        if sys::fstat(carried)?.st_size as u64 != saved.size
+            || sys::get_seals(carried)? != saved.seals
+        {
+            return Err(Errno::EIO);
+        }
+        let file = sys::reopen_rdwr(carried)?;
+        sys::seek_to(file.as_fd(), saved.pos)?;
+        Ok(file)
+    }
+
+    fn finish(&self, _state: &FileState<'_>) {}
+}

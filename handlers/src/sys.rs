@@ -1,0 +1,65 @@
+//! Safe wrappers around the few file syscalls the handlers need.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use luo_store::{Errno, Result};
+
+fn check(ret: libc::c_long) -> Result<libc::c_long> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `fstat(2)`.
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat> {
+    // SAFETY: all-zero is a valid `stat` to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open for the borrow's lifetime; st is a valid out pointer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }.into())?;
+    Ok(st)
+}
+
+/// `fstatfs(2)`'s filesystem magic.
+pub fn fs_magic(fd: BorrowedFd<'_>) -> Result<i64> {
+    // SAFETY: all-zero is a valid `statfs` to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open for the borrow's lifetime; st is a valid out pointer.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) }.into())?;
+    Ok(st.f_type)
+}
+
+/// `fcntl(F_GET_SEALS)`.
+pub fn get_seals(fd: BorrowedFd<'_>) -> Result<u32> {
+    // SAFETY: F_GET_SEALS takes no pointer argument.
+    let seals = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) }.into())?;
+    Ok(seals as u32)
+}
+
+/// The file offset (`lseek(fd, 0, SEEK_CUR)`).
+pub fn position(fd: BorrowedFd<'_>) -> Result<u64> {
+    // SAFETY: lseek takes no pointers.
+    let pos = check(unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_CUR) })?;
+    Ok(pos as u64)
+}
+
+/// Sets the file offset.
+pub fn seek_to(fd: BorrowedFd<'_>, pos: u64) -> Result<()> {
+    let pos = i64::try_from(pos).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: lseek takes no pointers.
+    check(unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_SET) })?;
+    Ok(())
+}
+
+/// Opens a new open file description of the same inode, read-write and
+/// close-on-exec, through `/proc/self/fd`.
+pub fn reopen_rdwr(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: path is a valid NUL-terminated string.
+    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let raw = check(raw.into())? as i32;
+    // SAFETY: open returned a fresh descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
