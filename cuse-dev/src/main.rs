@@ -1,1 +1,144 @@
-fn main() {}
+//! `luo`: the userspace Live Update Orchestrator.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use luo_cuse_dev::control::{self, Request};
+use luo_cuse_dev::daemon::{Config, Daemon};
+use luo_cuse_dev::{bench, log, run};
+
+const DEFAULT_DEVICE: &str = "/dev/liveupdate";
+const DEFAULT_STATE_DIR: &str = "/run/luo";
+
+#[derive(Parser)]
+#[command(name = "luo", version, about = "A userspace /dev/liveupdate (Linux Live Update Orchestrator uAPI)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the device in the foreground until SIGTERM or SIGINT.
+    Daemon {
+        /// Where the device appears.
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        device: PathBuf,
+        /// Where the daemon keeps its FUSE mount and control socket.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Run a program (and its descendants) so that ioctls returning fds work.
+    Run {
+        /// The daemon's device.
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        device: PathBuf,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Show the sessions of the running daemon; fails if no daemon answers.
+    Status {
+        /// The daemon's state dir.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live-update: freeze every outgoing session and make it incoming.
+    Update {
+        /// Without a kexec: the daemon flips its epoch in place.
+        #[arg(long, required = true)]
+        simulate: bool,
+        /// The daemon's state dir.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Measure per-call ioctl latency on a device (run it under `luo run`).
+    Bench {
+        /// Device to measure: ours or the kernel's.
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        device: PathBuf,
+        /// Calls per ioctl.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    log::set_debug(std::env::var_os("LUO_DEBUG").is_some_and(|v| v != "0"));
+    match Cli::parse().command {
+        Command::Daemon { device, state_dir } => match Daemon::run(Config { device, state_dir }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        Command::Run { device, command } => match run::run(&device, &command) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => fail(&e),
+        },
+        Command::Status { state_dir, json } => status(&state_dir, json),
+        Command::Update { simulate: _, state_dir } => update(&state_dir),
+        Command::Bench { device, calls } => match bench::run(&device, calls.max(1)) {
+            Ok(rows) => {
+                bench::print(&rows, &device);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("luo: {msg}");
+    ExitCode::FAILURE
+}
+
+fn ask(state_dir: &std::path::Path, req: &Request) -> Result<control::Response, ExitCode> {
+    let socket = state_dir.join("control.sock");
+    control::call(&socket, req, None).map_err(|e| {
+        eprintln!("luo: no daemon answers at {}: {e}", socket.display());
+        ExitCode::FAILURE
+    })
+}
+
+fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
+    let resp = match ask(state_dir, &Request::Status) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&resp).expect("status serializes"));
+        return ExitCode::SUCCESS;
+    }
+    println!("device {}  epoch {}  sessions {}", resp.device.unwrap_or_default(), resp.epoch, resp.sessions.len());
+    for s in &resp.sessions {
+        let retrieved = if s.retrieved { " (retrieved)" } else { "" };
+        println!("  {} {}{}: {} files", s.direction, s.name, retrieved, s.files.len());
+        for f in &s.files {
+            println!("    token {:#x} {}{}", f.token, f.handler, if f.retrieved { " retrieved" } else { "" });
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn update(state_dir: &std::path::Path) -> ExitCode {
+    match ask(state_dir, &Request::Update) {
+        Ok(r) if r.ok => {
+            println!("updated: epoch {}, {} incoming sessions", r.epoch, r.sessions.len());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("luo: {}", r.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}

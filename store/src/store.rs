@@ -387,3 +387,15 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Undoes [`Store::retrieve_session`] when the session fd could not be
+    /// handed out.
+    pub fn unretrieve_session(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if s.direction == Direction::Incoming {
+                s.retrieved = false;
+            }
+        }
+    }
+}

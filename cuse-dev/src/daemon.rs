@@ -1,0 +1,892 @@
+//! The daemon: serves `/dev/liveupdate` and its session files over FUSE,
+//! answers trapped ioctls from `luo run` trees, and keeps the LUO store.
+//!
+//! # Files
+//! One FUSE connection is mounted as a directory in the state dir (`fs/`):
+//! `fs/liveupdate` is the device, bind-mounted onto the device path;
+//! `fs/s<N>` are session files. A helper thread pre-opens session files
+//! into a small pool; a new session takes one and the fd is installed in the
+//! caller. Because each session file is its own inode, the daemon recognises a
+//! session fd handed back to it (through a trapped ioctl) by `fstat` alone, and
+//! because it is a real open file, `dup`, `fork` and `SCM_RIGHTS` work and the
+//! kernel tells the daemon (FUSE `RELEASE`) when the last reference is gone.
+//!
+//! # Ordering
+//! Everything runs on one thread. FUSE sends `RELEASE` asynchronously, but it
+//! is queued before `close(2)` returns; the daemon therefore processes every
+//! pending FUSE request before acting on a trapped ioctl, and FUSE requests are
+//! served in order, so a close followed at once by an open or a create of the
+//! same name sees the close first, as with the kernel.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+
+use luo_store::{Direction, Errno, Result, SessionId, SessionName, Store};
+use thiserror::Error;
+use zerocopy::IntoBytes;
+
+use crate::caller::{self, CallerMem, ProcessVm};
+use crate::control::{self, FileStatus, Request as CtlRequest, Response, SessionStatus};
+use crate::fuse::{self, Channel, Op};
+use crate::fuse_abi::*;
+use crate::seccomp::Listener;
+use crate::{log, sys, uapi};
+
+const ROOT_INO: u64 = 1;
+const DEVICE_INO: u64 = 2;
+const SLOT_BASE: u64 = 1 << 32;
+const POOL_SIZE: usize = 16;
+
+const TOKEN_FUSE: u64 = 1;
+const TOKEN_POOL: u64 = 2;
+const TOKEN_SIGNAL: u64 = 3;
+const TOKEN_CONTROL: u64 = 4;
+const TOKEN_LISTENER_BASE: u64 = 1 << 20;
+
+/// Where the daemon lives.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The device path (`/dev/liveupdate`).
+    pub device: PathBuf,
+    /// State dir: FUSE mount, control socket.
+    pub state_dir: PathBuf,
+}
+
+impl Config {
+    fn fs_dir(&self) -> PathBuf {
+        self.state_dir.join("fs")
+    }
+
+    /// The control socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("control.sock")
+    }
+}
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// A setup step failed.
+    #[error("cannot {what}")]
+    Setup {
+        /// The step, as a phrase.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn setup<T>(what: impl FnOnce() -> String, r: std::io::Result<T>) -> std::result::Result<T, DaemonError> {
+    r.map_err(|source| DaemonError::Setup { what: what(), source })
+}
+
+/// A caller of an ioctl: through FUSE (blocked until we reply) or through a
+/// seccomp notification (may vanish; can receive fds).
+enum Caller {
+    Fuse { tid: i32 },
+    Seccomp { listener: Rc<Listener>, id: u64, tid: i32 },
+}
+
+impl Caller {
+    fn tid(&self) -> i32 {
+        match self {
+            Caller::Fuse { tid } | Caller::Seccomp { tid, .. } => *tid,
+        }
+    }
+
+    fn mem(&self) -> ProcessVm {
+        ProcessVm { tid: self.tid() }
+    }
+
+    /// Still waiting for us (always true for FUSE callers, see `caller.rs`).
+    fn valid(&self) -> bool {
+        match self {
+            Caller::Fuse { .. } => true,
+            Caller::Seccomp { listener, id, .. } => listener.id_valid(*id),
+        }
+    }
+
+    fn can_install(&self) -> bool {
+        matches!(self, Caller::Seccomp { .. })
+    }
+
+    fn get_fd(&self, fd: i32) -> Result<OwnedFd> {
+        let pidfd = caller::pidfd_open(self.tid()).map_err(|_| Errno::ESRCH)?;
+        if !self.valid() {
+            return Err(Errno::ESRCH);
+        }
+        caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| if e == Errno::ESRCH { e } else { Errno::EBADF })
+    }
+
+    fn install(&self, file: BorrowedFd<'_>) -> Result<i32> {
+        match self {
+            Caller::Seccomp { listener, id, .. } => listener.add_fd(*id, file).map_err(|e| match e {
+                Errno::ENOENT => Errno::ESRCH,
+                other => other,
+            }),
+            Caller::Fuse { .. } => Err(Errno::EOPNOTSUPP),
+        }
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        if !self.valid() {
+            return Err(Errno::ESRCH);
+        }
+        self.mem().write(addr, bytes)
+    }
+}
+
+enum OpenerMsg {
+    Ready { tid: i32 },
+    Bound(std::io::Result<()>),
+}
+
+/// The running daemon.
+pub struct Daemon {
+    cfg: Config,
+    store: Store,
+    chan: Channel,
+    epoll: sys::Epoll,
+    // Kept open: epoll watches it.
+    _signals: OwnedFd,
+    pool_rx: Receiver<(u64, OwnedFd)>,
+    pool_event: Arc<OwnedFd>,
+    opener_rx: Receiver<OpenerMsg>,
+    opener_tid: i32,
+    spare: Vec<(u64, OwnedFd)>,
+    fs_dev: Option<u64>,
+    slots: HashMap<u64, Option<SessionId>>,
+    device_holder: Option<u64>,
+    next_fh: u64,
+    device_mode: u32,
+    device_owner: (u32, u32),
+    control: Option<UnixListener>,
+    listeners: HashMap<u64, Rc<Listener>>,
+    next_listener: u64,
+    created_device: bool,
+    stop: bool,
+}
+
+impl Daemon {
+    /// Mounts the device and starts serving it in the foreground until
+    /// SIGTERM/SIGINT, then unmounts.
+    ///
+    /// # Errors
+    /// Setup failures, as sentences naming what could not be done.
+    pub fn run(cfg: Config) -> std::result::Result<(), DaemonError> {
+        let mut daemon = Daemon::start(cfg)?;
+        let result = daemon.serve();
+        daemon.shutdown();
+        result
+    }
+
+    fn start(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
+        let state = cfg.state_dir.clone();
+        setup(|| format!("create the state dir {}", state.display()), std::fs::create_dir_all(&state))?;
+        let fs = cfg.fs_dir();
+        // A stale mount from a killed daemon would make the mkdir fail.
+        let _ = sys::umount_detach(&fs);
+        setup(|| format!("create {}", fs.display()), std::fs::create_dir_all(&fs))?;
+        let created_device = prepare_device_path(&cfg.device)?;
+        let fuse_fd = setup(
+            || "open /dev/fuse (is the fuse module loaded?)".into(),
+            sys::open_rdwr(Path::new("/dev/fuse"), libc::O_NONBLOCK),
+        )?;
+        let opts = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
+            fuse_fd.as_raw_fd()
+        );
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        setup(|| format!("mount FUSE at {}", fs.display()), sys::mount("luo", &fs, Some("fuse.luo"), flags, Some(&opts)))?;
+        let signals = setup(|| "set up signal handling".into(), sys::termination_signalfd())?;
+        let epoll = setup(|| "create an epoll instance".into(), sys::Epoll::new())?;
+        let pool_event = Arc::new(setup(|| "create an eventfd".into(), sys::eventfd())?);
+        let (pool_tx, pool_rx) = mpsc::sync_channel(POOL_SIZE);
+        let (opener_tx, opener_rx) = mpsc::channel();
+        spawn_opener(fs, cfg.device.clone(), pool_tx, opener_tx, pool_event.clone());
+        let chan = Channel::new(fuse_fd);
+        for (fd, token) in [
+            (chan.fd().as_raw_fd(), TOKEN_FUSE),
+            (pool_event.as_raw_fd(), TOKEN_POOL),
+            (signals.as_raw_fd(), TOKEN_SIGNAL),
+        ] {
+            setup(|| "watch the daemon's fds".into(), epoll.add(fd, token))?;
+        }
+        let mut store = Store::new();
+        luo_handlers::register_all(&mut store).expect("built-in handlers register once");
+        Ok(Daemon {
+            cfg,
+            store,
+            chan,
+            epoll,
+            _signals: signals,
+            pool_rx,
+            pool_event,
+            opener_rx,
+            opener_tid: 0,
+            spare: Vec::new(),
+            fs_dev: None,
+            slots: HashMap::new(),
+            device_holder: None,
+            next_fh: 1,
+            device_mode: 0o600,
+            device_owner: (0, 0),
+            control: None,
+            listeners: HashMap::new(),
+            next_listener: TOKEN_LISTENER_BASE,
+            created_device,
+            stop: false,
+        })
+    }
+
+    fn serve(&mut self) -> std::result::Result<(), DaemonError> {
+        while !self.stop {
+            let events = setup(|| "wait for events".into(), self.epoll.wait(-1))?;
+            for (token, _) in events {
+                match token {
+                    TOKEN_FUSE => self.drain_fuse(),
+                    TOKEN_POOL => self.on_pool_event()?,
+                    TOKEN_SIGNAL => {
+                        log::info(format_args!("termination signal received; stopping"));
+                        self.stop = true;
+                    }
+                    TOKEN_CONTROL => self.on_control(),
+                    t => self.on_notification(t),
+                }
+                if self.stop {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        let _ = std::fs::remove_file(self.cfg.socket());
+        let _ = sys::umount_detach(&self.cfg.device);
+        if self.created_device {
+            let _ = std::fs::remove_file(&self.cfg.device);
+        }
+        let _ = sys::umount_detach(&self.cfg.fs_dir());
+        let n: usize = self.store.sessions().map(|s| s.files.len()).sum();
+        if n > 0 {
+            log::warn(format_args!("stopping with {n} preserved files; they are released with the daemon"));
+        }
+    }
+
+    /// The opener announces its thread id before its first FUSE request.
+    fn poll_opener_tid(&mut self) {
+        if self.opener_tid != 0 {
+            return;
+        }
+        if let Ok(OpenerMsg::Ready { tid }) = self.opener_rx.try_recv() {
+            self.opener_tid = tid;
+        }
+    }
+
+    fn on_pool_event(&mut self) -> std::result::Result<(), DaemonError> {
+        sys::eventfd_drain(self.pool_event.as_fd());
+        while let Ok(msg) = self.opener_rx.try_recv() {
+            match msg {
+                OpenerMsg::Ready { tid } => self.opener_tid = tid,
+                OpenerMsg::Bound(Ok(())) => self.open_control()?,
+                OpenerMsg::Bound(Err(e)) => {
+                    let what = format!("bind the device onto {}", self.cfg.device.display());
+                    return Err(DaemonError::Setup { what, source: e });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open_control(&mut self) -> std::result::Result<(), DaemonError> {
+        let path = self.cfg.socket();
+        let _ = std::fs::remove_file(&path);
+        let listener = setup(|| format!("listen on {}", path.display()), UnixListener::bind(&path))?;
+        setup(|| "make the control socket non-blocking".into(), listener.set_nonblocking(true))?;
+        setup(|| "watch the control socket".into(), self.epoll.add(listener.as_raw_fd(), TOKEN_CONTROL))?;
+        self.control = Some(listener);
+        log::info(format_args!("serving {} (control socket {})", self.cfg.device.display(), path.display()));
+        Ok(())
+    }
+
+    // ---- FUSE ----------------------------------------------------------
+
+    /// Serves every FUSE request that is pending right now.
+    fn drain_fuse(&mut self) {
+        loop {
+            match self.chan.next() {
+                Ok(Some(req)) => self.dispatch(req),
+                Ok(None) => return,
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::ENODEV) {
+                        log::warn(format_args!("the FUSE filesystem was unmounted; stopping"));
+                    } else {
+                        log::warn(format_args!("reading FUSE requests failed: {e}; stopping"));
+                    }
+                    self.stop = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: fuse::Request) {
+        let h = req.header;
+        if fuse::is_noreply(&req.op) {
+            return;
+        }
+        let u = h.unique;
+        match req.op {
+            Op::Init(init) => self.reply_init(u, init),
+            Op::Lookup { name } => {
+                self.poll_opener_tid();
+                self.lookup(&h, &name)
+            }
+            Op::Getattr => match self.attr(h.nodeid) {
+                Some(attr) => self.chan.reply_struct(u, &AttrOut { attr, ..Default::default() }),
+                None => self.chan.reply_err(u, Errno::ENOENT),
+            },
+            Op::Setattr(s) => self.setattr(&h, s),
+            Op::Open(_) => self.open(&h),
+            Op::Opendir => self.chan.reply_struct(u, &OpenOut::default()),
+            Op::Readdir | Op::Releasedir | Op::Flush | Op::Access => self.chan.reply(u, &[]),
+            Op::Release(r) => {
+                self.release(h.nodeid, r.fh);
+                self.chan.reply(u, &[]);
+            }
+            Op::Ioctl(io) => self.fuse_ioctl(&h, io),
+            Op::Getxattr { size, name } => self.getxattr(&h, size, &name),
+            Op::Listxattr { size } => self.listxattr(&h, size),
+            Op::Statfs => self.chan.reply_struct(u, &StatfsOut { bsize: 4096, namelen: 255, ..Default::default() }),
+            Op::Read | Op::Write => self.chan.reply_err(u, Errno::EINVAL),
+            Op::Setxattr | Op::Removexattr => self.chan.reply_err(u, Errno::EOPNOTSUPP),
+            Op::Destroy => {
+                self.chan.reply(u, &[]);
+                self.stop = true;
+            }
+            Op::CuseInit(_) | Op::Unknown(_) => self.chan.reply_err(u, Errno::ENOSYS),
+            Op::Forget | Op::BatchForget | Op::Interrupt(_) => {}
+        }
+    }
+
+    fn reply_init(&mut self, unique: u64, init: InitIn) {
+        if init.major != KERNEL_VERSION {
+            log::warn(format_args!("kernel speaks FUSE {}.{}; need 7.x", init.major, init.minor));
+            self.chan.reply_err(unique, Errno::EPROTO);
+            return;
+        }
+        let out = InitOut {
+            major: KERNEL_VERSION,
+            minor: init.minor.min(KERNEL_MINOR_VERSION),
+            max_readahead: init.max_readahead,
+            // Plenty of room so RELEASEs are never held back behind others.
+            max_background: u16::MAX,
+            congestion_threshold: u16::MAX - 1,
+            max_write: 4096,
+            time_gran: 1,
+            ..Default::default()
+        };
+        self.chan.reply_struct(unique, &out);
+    }
+
+    fn attr(&self, ino: u64) -> Option<Attr> {
+        let (mode, (uid, gid)) = match ino {
+            ROOT_INO => (libc::S_IFDIR | 0o755, (0, 0)),
+            DEVICE_INO => (libc::S_IFREG | self.device_mode, self.device_owner),
+            ino if self.slots.contains_key(&ino) => (libc::S_IFREG | 0o600, (0, 0)),
+            _ => return None,
+        };
+        Some(Attr { ino, mode, nlink: 1, uid, gid, blksize: 4096, ..Default::default() })
+    }
+
+    fn entry(&self, unique: u64, ino: u64) {
+        let attr = self.attr(ino).expect("entry for a known inode");
+        self.chan.reply_struct(unique, &EntryOut { nodeid: ino, attr, ..Default::default() });
+    }
+
+    fn lookup(&mut self, h: &InHeader, name: &[u8]) {
+        if h.nodeid != ROOT_INO {
+            return self.chan.reply_err(h.unique, Errno::ENOENT);
+        }
+        if name == b"liveupdate" {
+            return self.entry(h.unique, DEVICE_INO);
+        }
+        let slot = std::str::from_utf8(name).ok().and_then(|n| n.strip_prefix('s')).and_then(|n| n.parse::<u64>().ok());
+        match slot {
+            Some(n) if h.pid as i32 == self.opener_tid && n < SLOT_BASE => {
+                self.slots.entry(SLOT_BASE + n).or_insert(None);
+                self.entry(h.unique, SLOT_BASE + n);
+            }
+            _ => self.chan.reply_err(h.unique, Errno::ENOENT),
+        }
+    }
+
+    fn setattr(&mut self, h: &InHeader, s: SetattrIn) {
+        if h.nodeid != DEVICE_INO {
+            return self.chan.reply_err(h.unique, Errno::EPERM);
+        }
+        if s.valid & FATTR_MODE != 0 {
+            self.device_mode = s.mode & 0o7777;
+        }
+        if s.valid & FATTR_UID != 0 {
+            self.device_owner.0 = s.uid;
+        }
+        if s.valid & FATTR_GID != 0 {
+            self.device_owner.1 = s.gid;
+        }
+        let attr = self.attr(DEVICE_INO).expect("device inode");
+        self.chan.reply_struct(h.unique, &AttrOut { attr, ..Default::default() });
+    }
+
+    fn open(&mut self, h: &InHeader) {
+        let flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH | FOPEN_NONSEEKABLE;
+        match h.nodeid {
+            DEVICE_INO => {
+                if self.device_holder.is_some() {
+                    return self.chan.reply_err(h.unique, Errno::EBUSY);
+                }
+                let fh = self.next_fh;
+                self.next_fh += 1;
+                self.device_holder = Some(fh);
+                self.chan.reply_struct(h.unique, &OpenOut { fh, open_flags: flags, backing_id: 0 });
+            }
+            ino if self.slots.contains_key(&ino) && h.pid as i32 == self.opener_tid => {
+                self.chan.reply_struct(h.unique, &OpenOut { fh: ino, open_flags: flags, backing_id: 0 });
+            }
+            _ => self.chan.reply_err(h.unique, Errno::EACCES),
+        }
+    }
+
+    fn release(&mut self, ino: u64, fh: u64) {
+        if ino == DEVICE_INO {
+            if self.device_holder == Some(fh) {
+                self.device_holder = None;
+            }
+            return;
+        }
+        if let Some(Some(sid)) = self.slots.remove(&ino) {
+            let name = self.store.session(sid).map(|s| s.name.to_string()).unwrap_or_default();
+            if let Err(e) = self.store.release_session(sid) {
+                log::warn(format_args!("session {name} could not finish on close ({e}); it stays until the next update"));
+            }
+        }
+    }
+
+    fn getxattr(&self, h: &InHeader, size: u32, name: &[u8]) {
+        if h.nodeid != DEVICE_INO || name != control::SOCKET_XATTR.as_bytes() {
+            return self.chan.reply_err(h.unique, Errno::ENODATA);
+        }
+        let value = self.cfg.socket().into_os_string().into_encoded_bytes();
+        self.xattr_value(h.unique, size, &value);
+    }
+
+    fn listxattr(&self, h: &InHeader, size: u32) {
+        let mut list = Vec::new();
+        if h.nodeid == DEVICE_INO {
+            list.extend_from_slice(control::SOCKET_XATTR.as_bytes());
+            list.push(0);
+        }
+        self.xattr_value(h.unique, size, &list);
+    }
+
+    fn xattr_value(&self, unique: u64, size: u32, value: &[u8]) {
+        if size == 0 {
+            self.chan.reply_struct(unique, &GetxattrOut { size: value.len() as u32, padding: 0 });
+        } else if (size as usize) < value.len() {
+            self.chan.reply_err(unique, Errno::ERANGE);
+        } else {
+            self.chan.reply(unique, &[value]);
+        }
+    }
+
+    fn fuse_ioctl(&mut self, h: &InHeader, io: IoctlIn) {
+        let result = if h.pid == 0 {
+            // The caller is outside our pid namespace: we cannot reach it.
+            Err(Errno::EPERM)
+        } else {
+            let caller = Caller::Fuse { tid: h.pid as i32 };
+            self.ioctl(h.nodeid, io.cmd, io.arg, &caller)
+        };
+        match result {
+            Ok(()) => self.chan.reply_struct(h.unique, &IoctlOut::default()),
+            Err(e) => self.chan.reply_err(h.unique, e),
+        }
+    }
+
+    // ---- ioctls ---------------------------------------------------------
+
+    fn ioctl(&mut self, ino: u64, cmd: u32, arg: u64, caller: &Caller) -> Result<()> {
+        if ino == DEVICE_INO {
+            return self.device_ioctl(cmd, arg, caller);
+        }
+        match self.slots.get(&ino) {
+            Some(Some(sid)) => self.session_ioctl(*sid, cmd, arg, caller),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn device_ioctl(&mut self, cmd: u32, arg: u64, caller: &Caller) -> Result<()> {
+        let d = uapi::decode(cmd, arg, &caller.mem(), None)?;
+        let args: uapi::SessionArgs = d.get();
+        let name = SessionName::from_field(&args.name)?;
+        let what = if cmd == uapi::CREATE_SESSION { "CREATE_SESSION" } else { "RETRIEVE_SESSION" };
+        if !caller.can_install() {
+            self.check_session_op(cmd, &name)?;
+            return Err(refuse(caller, what));
+        }
+        // Checks the struct can be written back before anything changes.
+        caller.write(arg, &d.buf[..d.respond_len()])?;
+        let (ino, file) = self.take_slot()?;
+        let sid = match self.session_for(cmd, name) {
+            Ok(sid) => sid,
+            Err(e) => {
+                self.spare.push((ino, file));
+                return Err(e);
+            }
+        };
+        self.slots.insert(ino, Some(sid));
+        let installed = caller.install(file.as_fd());
+        match installed {
+            Ok(fd) => {
+                let mut out = args;
+                out.fd = fd;
+                caller.write(arg, &out.as_bytes()[..d.respond_len()])
+            }
+            Err(e) => {
+                self.slots.insert(ino, None);
+                self.undo_session(cmd, sid);
+                self.spare.push((ino, file));
+                Err(e)
+            }
+        }
+    }
+
+    fn check_session_op(&mut self, cmd: u32, name: &SessionName) -> Result<()> {
+        if cmd == uapi::CREATE_SESSION {
+            let sid = self.store.create_session(name.clone())?;
+            self.store.release_session(sid)
+        } else {
+            let found = self.store.sessions().find(|s| s.direction == Direction::Incoming && &s.name == name);
+            match found {
+                None => Err(Errno::ENOENT),
+                Some(s) if s.retrieved => Err(Errno::EINVAL),
+                Some(_) => Ok(()),
+            }
+        }
+    }
+
+    fn session_for(&mut self, cmd: u32, name: SessionName) -> Result<SessionId> {
+        if cmd == uapi::CREATE_SESSION {
+            self.store.create_session(name)
+        } else {
+            self.store.retrieve_session(&name)
+        }
+    }
+
+    fn undo_session(&mut self, cmd: u32, sid: SessionId) {
+        if cmd == uapi::CREATE_SESSION {
+            let _ = self.store.release_session(sid);
+        } else {
+            self.store.unretrieve_session(sid);
+        }
+    }
+
+    fn session_ioctl(&mut self, sid: SessionId, cmd: u32, arg: u64, caller: &Caller) -> Result<()> {
+        let kind = self.store.direction(sid)?;
+        let d = uapi::decode(cmd, arg, &caller.mem(), Some(kind))?;
+        match d.op.cmd {
+            uapi::PRESERVE_FD => {
+                let a: uapi::FdArgs = d.get();
+                let file = caller.get_fd(a.fd).and_then(|f| self.foreign(f));
+                self.store.preserve_fd(sid, a.token, file)?;
+                caller.write(arg, &d.buf[..d.respond_len()])
+            }
+            uapi::RETRIEVE_FD => self.retrieve_fd(sid, arg, &d, caller),
+            uapi::FINISH => {
+                let a: uapi::FinishArgs = d.get();
+                if a.reserved != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.store.finish(sid)?;
+                caller.write(arg, &d.buf[..d.respond_len()])
+            }
+            uapi::GET_NAME => {
+                let mut a: uapi::GetNameArgs = d.get();
+                if a.reserved != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                a.name = self.store.session(sid).ok_or(Errno::EBADF)?.name.to_field();
+                caller.write(arg, &a.as_bytes()[..d.respond_len()])
+            }
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+
+    fn retrieve_fd(&mut self, sid: SessionId, arg: u64, d: &uapi::Decoded, caller: &Caller) -> Result<()> {
+        let mut a: uapi::FdArgs = d.get();
+        caller.write(arg, &d.buf[..d.respond_len()])?;
+        let file = self.store.retrieve_fd(sid, a.token)?;
+        if !caller.can_install() {
+            return Err(refuse(caller, "SESSION_RETRIEVE_FD"));
+        }
+        a.fd = caller.install(file)?;
+        caller.write(arg, &a.as_bytes()[..d.respond_len()])
+    }
+
+    /// Refuses our own device and session files as files to preserve (no
+    /// handler takes them, as in the kernel); handlers must never `fstat` them,
+    /// since that would wait on this very thread.
+    fn foreign(&mut self, file: OwnedFd) -> Result<OwnedFd> {
+        let (dev, _) = sys::dev_ino(file.as_fd())?;
+        if Some(dev) == self.fs_dev || dev == self.ensure_fs_dev()? {
+            return Err(Errno::ENOENT);
+        }
+        Ok(file)
+    }
+
+    /// A pre-opened session file; serves FUSE while the opener catches up.
+    fn take_slot(&mut self) -> Result<(u64, OwnedFd)> {
+        if let Some(s) = self.spare.pop() {
+            return Ok(s);
+        }
+        loop {
+            match self.pool_rx.try_recv() {
+                Ok((ino, fd)) => {
+                    if self.fs_dev.is_none() {
+                        self.fs_dev = sys::dev_ino(fd.as_fd()).ok().map(|(dev, _)| dev);
+                    }
+                    return Ok((ino, fd));
+                }
+                Err(TryRecvError::Disconnected) => return Err(Errno::EIO),
+                Err(TryRecvError::Empty) => self.wait_for_opener()?,
+            }
+        }
+    }
+
+    fn wait_for_opener(&mut self) -> Result<()> {
+        let mut fds = [
+            libc::pollfd { fd: self.chan.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.pool_event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: fds is a valid array of two pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 5000) } <= 0 {
+            log::warn(format_args!("no session file became available within 5 s"));
+            return Err(Errno::EAGAIN);
+        }
+        if fds[0].revents != 0 {
+            self.drain_fuse();
+        }
+        Ok(())
+    }
+
+    /// Makes sure the pool has produced at least one file (so `fs_dev` is known).
+    fn ensure_fs_dev(&mut self) -> Result<u64> {
+        if let Some(dev) = self.fs_dev {
+            return Ok(dev);
+        }
+        let slot = self.take_slot()?;
+        self.spare.push(slot);
+        self.fs_dev.ok_or(Errno::EIO)
+    }
+
+    // ---- seccomp ----------------------------------------------------------
+
+    fn on_notification(&mut self, token: u64) {
+        let Some(listener) = self.listeners.get(&token).cloned() else { return };
+        let notif = match listener.recv() {
+            Ok(n) => n,
+            Err(Errno::ENOENT) => return,
+            Err(_) => {
+                // Every process of that tree is gone.
+                self.epoll.delete(listener.fd().as_raw_fd());
+                self.listeners.remove(&token);
+                return;
+            }
+        };
+        // Apply every close that happened before this call (see module docs).
+        self.drain_fuse();
+        let caller = Caller::Seccomp { listener: listener.clone(), id: notif.id, tid: notif.pid as i32 };
+        let [fd, cmd, arg, ..] = notif.data.args;
+        match self.trapped(&caller, fd as i32, cmd as u32, arg) {
+            None => listener.continue_syscall(notif.id),
+            Some(result) => listener.respond(notif.id, result),
+        }
+    }
+
+    /// Handles a trapped ioctl, or returns None to let the kernel run it
+    /// (the fd is not ours).
+    fn trapped(&mut self, caller: &Caller, fd: i32, cmd: u32, arg: u64) -> Option<Result<()>> {
+        let file = match caller.get_fd(fd) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        let (st_dev, st_ino) = match sys::dev_ino(file.as_fd()) {
+            Ok(id) => id,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let dev = match self.ensure_fs_dev() {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        if st_dev != dev {
+            return None;
+        }
+        Some(self.ioctl(st_ino, cmd, arg, caller))
+    }
+
+    // ---- control socket ---------------------------------------------------
+
+    fn on_control(&mut self) {
+        let Some(listener) = &self.control else { return };
+        let Ok((stream, _)) = listener.accept() else { return };
+        let _ = stream.set_nonblocking(false);
+        let response = match control::read_request(&stream) {
+            Ok((req, fd)) => self.control_request(req, fd, &stream),
+            Err(e) => Response::error(format!("unreadable request: {e}")),
+        };
+        let _ = control::write_response(&stream, &response);
+    }
+
+    fn control_request(&mut self, req: CtlRequest, fd: Option<OwnedFd>, stream: &std::os::unix::net::UnixStream) -> Response {
+        match req {
+            CtlRequest::Status => self.status(),
+            CtlRequest::Register => match fd {
+                Some(fd) => self.register(fd, sys::peer_pid(stream.as_fd()).unwrap_or(0)),
+                None => Response::error("register needs a seccomp listener fd attached"),
+            },
+            CtlRequest::Update => self.simulate_update(),
+        }
+    }
+
+    fn register(&mut self, fd: OwnedFd, pid: i32) -> Response {
+        let token = self.next_listener;
+        self.next_listener += 1;
+        if let Err(e) = self.epoll.add(fd.as_raw_fd(), token) {
+            return Response::error(format!("cannot watch the listener: {e}"));
+        }
+        self.listeners.insert(token, Rc::new(Listener::new(fd)));
+        log::debug(format_args!("registered luo run tree of pid {pid}"));
+        Response { ok: true, ..Response::default() }
+    }
+
+    fn simulate_update(&mut self) -> Response {
+        self.drain_fuse();
+        if let Err(f) = self.store.freeze() {
+            return Response::error(format!("update aborted, nothing changed: {f}"));
+        }
+        if let Err(e) = self.store.flip_epoch() {
+            self.store.unfreeze();
+            return Response::error(format!("update aborted: {e}"));
+        }
+        // Session fds of the old epoch no longer name sessions.
+        for slot in self.slots.values_mut() {
+            *slot = None;
+        }
+        log::info(format_args!("simulated update: now in epoch {}", self.store.epoch()));
+        self.status()
+    }
+
+    fn status(&mut self) -> Response {
+        self.drain_fuse();
+        let sessions = self
+            .store
+            .sessions()
+            .map(|s| SessionStatus {
+                name: s.name.to_string(),
+                direction: match s.direction {
+                    Direction::Outgoing => "outgoing".into(),
+                    Direction::Incoming => "incoming".into(),
+                },
+                retrieved: s.retrieved,
+                files: s
+                    .files
+                    .iter()
+                    .map(|f| FileStatus {
+                        token: f.token,
+                        handler: self.store.handler_compatible(f.handler).into(),
+                        retrieved: f.retrieve_status == luo_store::RetrieveStatus::Retrieved,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Response {
+            ok: true,
+            device: Some(self.cfg.device.display().to_string()),
+            epoch: self.store.epoch(),
+            sessions,
+            ..Response::default()
+        }
+    }
+}
+
+/// The answer to an fd-returning ioctl from a caller we cannot give fds to.
+fn refuse(caller: &Caller, what: &str) -> Errno {
+    let tid = caller.tid();
+    log::warn(format_args!(
+        "pid {tid} ({}) called {what}, which returns a new fd, outside `luo run`; \
+         run the program as `luo run -- PROGRAM` to receive session fds",
+        caller::comm(tid)
+    ));
+    Errno::EOPNOTSUPP
+}
+
+/// Makes sure the device path exists as something a file can be mounted on;
+/// returns whether we created it.
+fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> {
+    // A daemon killed earlier may have left its bind mount behind.
+    let _ = sys::umount_detach(device);
+    match std::fs::symlink_metadata(device) {
+        Ok(m) if m.is_dir() => Err(DaemonError::Setup {
+            what: format!("use {} as the device: it is a directory", device.display()),
+            source: std::io::Error::from_raw_os_error(libc::EISDIR),
+        }),
+        Ok(_) => Ok(false),
+        Err(_) => {
+            let create = std::fs::OpenOptions::new().write(true).create_new(true).open(device);
+            setup(|| format!("create {}", device.display()), create)?;
+            Ok(true)
+        }
+    }
+}
+
+fn spawn_opener(
+    fs: PathBuf,
+    device: PathBuf,
+    pool: SyncSender<(u64, OwnedFd)>,
+    status: mpsc::Sender<OpenerMsg>,
+    event: Arc<OwnedFd>,
+) {
+    let tid = Arc::new(AtomicI32::new(0));
+    std::thread::Builder::new()
+        .name("luo-opener".into())
+        .spawn(move || {
+            tid.store(sys::gettid(), Ordering::SeqCst);
+            let notify = |msg| {
+                let _ = status.send(msg);
+                sys::eventfd_signal(event.as_fd());
+            };
+            notify(OpenerMsg::Ready { tid: sys::gettid() });
+            let bound = sys::bind(&fs.join("liveupdate"), &device);
+            let ok = bound.is_ok();
+            notify(OpenerMsg::Bound(bound));
+            if !ok {
+                return;
+            }
+            for n in 0u64.. {
+                let Ok(fd) = sys::open_rdwr(&fs.join(format!("s{n}")), 0) else { return };
+                if pool.send((SLOT_BASE + n, fd)).is_err() {
+                    return;
+                }
+                sys::eventfd_signal(event.as_fd());
+            }
+        })
+        .expect("spawn the session-file opener thread");
+}

@@ -1,0 +1,219 @@
+//! The FUSE wire protocol: a channel on `/dev/fuse` (or `/dev/cuse`), a parser
+//! that turns request bytes into [`Op`] without `unsafe`, and reply encoding.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use luo_store::Errno;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::fuse_abi::*;
+
+/// Size of the read buffer: FUSE wants at least 8 KiB; our requests are small.
+const BUFFER_SIZE: usize = 64 * 1024 + 4096;
+
+/// One decoded request.
+#[derive(Debug)]
+pub struct Request {
+    /// Its header (unique id, node, caller's pid/uid/gid).
+    pub header: InHeader,
+    /// The operation.
+    pub op: Op,
+}
+
+/// Operations, with their decoded arguments.
+#[derive(Debug)]
+#[allow(missing_docs)]
+pub enum Op {
+    Init(InitIn),
+    CuseInit(CuseInitIn),
+    Lookup { name: Vec<u8> },
+    Forget,
+    BatchForget,
+    Getattr,
+    Setattr(SetattrIn),
+    Open(OpenIn),
+    Opendir,
+    Release(ReleaseIn),
+    Releasedir,
+    Readdir,
+    Flush,
+    Ioctl(IoctlIn),
+    Getxattr { size: u32, name: Vec<u8> },
+    Listxattr { size: u32 },
+    Setxattr,
+    Removexattr,
+    Statfs,
+    Access,
+    Read,
+    Write,
+    Interrupt(InterruptIn),
+    Destroy,
+    Unknown(u32),
+}
+
+fn arg<T: FromBytes>(body: &[u8]) -> io::Result<T> {
+    T::read_from_prefix(body)
+        .map(|(v, _)| v)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "short FUSE request"))
+}
+
+fn cstr(bytes: &[u8]) -> Vec<u8> {
+    bytes.split(|&b| b == 0).next().unwrap_or_default().to_vec()
+}
+
+/// Decodes one request from the bytes a read of the channel returned.
+///
+/// # Errors
+/// `InvalidData` for a request shorter than its header or its arguments.
+pub fn parse(bytes: &[u8]) -> io::Result<Request> {
+    let header: InHeader = arg(bytes)?;
+    let body = &bytes[std::mem::size_of::<InHeader>()..];
+    use opcode::*;
+    let op = match header.opcode {
+        INIT => Op::Init(arg(body)?),
+        CUSE_INIT => Op::CuseInit(arg(body)?),
+        LOOKUP => Op::Lookup { name: cstr(body) },
+        FORGET => Op::Forget,
+        BATCH_FORGET => Op::BatchForget,
+        GETATTR => Op::Getattr,
+        SETATTR => Op::Setattr(arg(body)?),
+        OPEN => Op::Open(arg(body)?),
+        OPENDIR => Op::Opendir,
+        RELEASE => Op::Release(arg(body)?),
+        RELEASEDIR => Op::Releasedir,
+        READDIR => Op::Readdir,
+        FLUSH => Op::Flush,
+        IOCTL => Op::Ioctl(arg(body)?),
+        GETXATTR => {
+            let g: GetxattrIn = arg(body)?;
+            Op::Getxattr { size: g.size, name: cstr(&body[8..]) }
+        }
+        LISTXATTR => Op::Listxattr { size: arg::<GetxattrIn>(body)?.size },
+        SETXATTR => Op::Setxattr,
+        REMOVEXATTR => Op::Removexattr,
+        STATFS => Op::Statfs,
+        ACCESS => Op::Access,
+        READ => Op::Read,
+        WRITE => Op::Write,
+        INTERRUPT => Op::Interrupt(arg(body)?),
+        DESTROY => Op::Destroy,
+        other => Op::Unknown(other),
+    };
+    Ok(Request { header, op })
+}
+
+/// Whether an opcode expects no reply at all.
+pub fn is_noreply(op: &Op) -> bool {
+    matches!(op, Op::Forget | Op::BatchForget | Op::Interrupt(_))
+}
+
+/// A connection to the kernel's FUSE (or CUSE) device.
+pub struct Channel {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Channel {
+    /// Wraps an open `/dev/fuse` or `/dev/cuse` fd (which should be
+    /// non-blocking so the daemon can drain it).
+    pub fn new(fd: OwnedFd) -> Channel {
+        Channel { fd, buf: vec![0; BUFFER_SIZE] }
+    }
+
+    /// The device fd, for polling and mount options.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Reads the next request; `Ok(None)` when none is pending.
+    ///
+    /// # Errors
+    /// `ENODEV` once the filesystem is unmounted; other read errors.
+    pub fn next(&mut self) -> io::Result<Option<Request>> {
+        loop {
+            // SAFETY: buf is a writable buffer of buf.len() bytes.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
+            if n >= 0 {
+                return parse(&self.buf[..n as usize]).map(Some);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // ENOENT: the request was interrupted before we read it.
+                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                Some(libc::EAGAIN) => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Sends a reply made of `parts` after the header.
+    pub fn reply(&self, unique: u64, parts: &[&[u8]]) {
+        self.send(unique, 0, parts);
+    }
+
+    /// Sends an error reply.
+    pub fn reply_err(&self, unique: u64, errno: Errno) {
+        self.send(unique, -errno.0, &[]);
+    }
+
+    /// Sends a struct as the whole reply.
+    pub fn reply_struct<T: IntoBytes + Immutable>(&self, unique: u64, value: &T) {
+        self.send(unique, 0, &[value.as_bytes()]);
+    }
+
+    fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
+        let body: usize = parts.iter().map(|p| p.len()).sum();
+        let len = (std::mem::size_of::<OutHeader>() + body) as u32;
+        let header = OutHeader { len, error, unique };
+        let mut iov = vec![libc::iovec { iov_base: header.as_bytes().as_ptr() as *mut _, iov_len: 16 }];
+        iov.extend(parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }));
+        // SAFETY: every iovec points at memory borrowed for the duration of the call.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            // ENOENT: the caller was interrupted and the request is gone; nothing to do.
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                crate::log::warn(format_args!("FUSE reply to request {unique} failed: {err}"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(opcode: u32, body: &[u8]) -> Vec<u8> {
+        let h = InHeader { len: (40 + body.len()) as u32, opcode, unique: 7, nodeid: 2, pid: 99, ..Default::default() };
+        let mut v = h.as_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn parses_ioctl() {
+        let io = IoctlIn { fh: 3, cmd: 0xba40, arg: 0x1000, ..Default::default() };
+        let r = parse(&request(opcode::IOCTL, io.as_bytes())).unwrap();
+        assert_eq!(r.header.pid, 99);
+        let Op::Ioctl(got) = r.op else { panic!("not an ioctl: {:?}", r.op) };
+        assert_eq!((got.fh, got.cmd, got.arg), (3, 0xba40, 0x1000));
+    }
+
+    #[test]
+    fn parses_lookup_and_getxattr_names() {
+        let r = parse(&request(opcode::LOOKUP, b"liveupdate\0")).unwrap();
+        assert!(matches!(r.op, Op::Lookup { ref name } if name == b"liveupdate"));
+        let mut body = GetxattrIn { size: 64, padding: 0 }.as_bytes().to_vec();
+        body.extend_from_slice(b"user.luo.control\0");
+        let r = parse(&request(opcode::GETXATTR, &body)).unwrap();
+        assert!(matches!(r.op, Op::Getxattr { size: 64, ref name } if name == b"user.luo.control"));
+    }
+
+    #[test]
+    fn short_requests_are_refused() {
+        assert!(parse(&[0u8; 10]).is_err());
+        assert!(parse(&request(opcode::IOCTL, &[0u8; 8])).is_err());
+        assert!(matches!(parse(&request(9999, &[])).unwrap().op, Op::Unknown(9999)));
+    }
+}

@@ -1,0 +1,81 @@
+//! `luo run -- CMD`: runs a program tree under the seccomp filter whose
+//! listener goes to the daemon, so fd-returning ioctls get real fds.
+
+use std::os::fd::AsFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+use crate::control::{self, Request};
+use crate::{seccomp, sys};
+
+/// Why `luo run` could not start the program.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The device does not name a daemon.
+    #[error("no luo daemon serves {device}: {source} (start one with `luo daemon --device {device}`)", device = .device.display())]
+    NoDaemon {
+        /// The device path.
+        device: PathBuf,
+        /// Why the lookup failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program could not be started.
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The control socket of the daemon serving `device`.
+///
+/// # Errors
+/// `NoDaemon` if the device carries no control-socket xattr.
+pub fn daemon_socket(device: &Path) -> Result<PathBuf, RunError> {
+    sys::getxattr(device, control::SOCKET_XATTR)
+        .map(PathBuf::from)
+        .map_err(|source| RunError::NoDaemon { device: device.to_owned(), source })
+}
+
+fn has_cap_sys_admin() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // CAP_SYS_ADMIN is capability 21.
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(eff, 16).is_ok_and(|caps| caps & (1 << 21) != 0)
+}
+
+/// Runs `argv` under the filter and returns its exit code (128+signal if it
+/// was killed).
+///
+/// # Errors
+/// No daemon, or the program cannot be started.
+pub fn run(device: &Path, argv: &[String]) -> Result<i32, RunError> {
+    let socket = daemon_socket(device)?;
+    let privileged = has_cap_sys_admin();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: `luo run` is single-threaded, so the child may allocate; the
+    // closure only installs the filter and talks to the daemon.
+    unsafe {
+        cmd.pre_exec(move || {
+            if !privileged && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let listener = seccomp::install_filter().map_err(std::io::Error::from)?;
+            let resp = control::call(&socket, &Request::Register, Some(listener.as_fd()))?;
+            if !resp.ok {
+                return Err(std::io::Error::other(resp.error.unwrap_or_default()));
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status().map_err(|source| RunError::Spawn { program: argv[0].clone(), source })?;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
