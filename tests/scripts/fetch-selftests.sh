@@ -1,0 +1,51 @@
+#!/bin/bash
+# Builds the kernel's LUO selftests from the newest linux-source-7.* in Debian
+# sid that has kernel/liveupdate/, without touching the machine's apt sources.
+# Prints the directory holding the built binaries. Everything is cached under
+# $LUO_TEST_CACHE (default /var/cache/luo-test), keyed by package version.
+set -euo pipefail
+CACHE=${LUO_TEST_CACHE:-/var/cache/luo-test}
+APT=$CACHE/apt
+mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/dl"
+echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" > "$APT/sources.list"
+O=(-o Dir::Etc::SourceList="$APT/sources.list" -o Dir::Etc::SourceParts=/dev/null
+   -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" -o APT::Sandbox::User=root)
+log() { echo "fetch-selftests: $*" >&2; }
+
+# Refresh the package lists at most once a day.
+if [ -z "$(find "$APT/lists" -name '*Packages*' -mtime -1 2>/dev/null | head -1)" ]; then
+  log "updating sid package lists"
+  apt-get "${O[@]}" update >&2
+fi
+
+candidates=$(apt-cache "${O[@]}" search --names-only '^linux-source-7\.[0-9]+$' | cut -d' ' -f1 | sort -t. -k2 -n -r)
+[ -n "$candidates" ] || { log "no linux-source-7.* package in sid"; exit 1; }
+for pkg in $candidates; do
+  ver=$(apt-cache "${O[@]}" policy "$pkg" | awk '/Candidate:/ {print $2}')
+  src=$CACHE/src/${pkg}_$ver
+  if [ ! -f "$src/.extracted" ]; then
+    log "downloading $pkg $ver"
+    (cd "$APT/dl" && rm -f "${pkg}"_*.deb && apt-get "${O[@]}" download "$pkg" >&2)
+    rm -rf "$src" && mkdir -p "$src"
+    dpkg-deb --fsys-tarfile "$APT"/dl/"${pkg}"_*.deb | tar -x -C "$src" --wildcards './usr/src/*.tar.xz'
+    tar -xJf "$src"/usr/src/*.tar.xz -C "$src" --strip-components=1
+    rm -rf "$src/usr"
+    touch "$src/.extracted"
+  fi
+  if [ ! -d "$src/kernel/liveupdate" ]; then
+    log "$pkg $ver has no kernel/liveupdate/; trying an older one"
+    continue
+  fi
+  out=$CACHE/build/${pkg}_$ver
+  if [ ! -x "$out/bin/liveupdate" ]; then
+    log "building selftests of $pkg $ver"
+    make -s -C "$src" headers_install INSTALL_HDR_PATH="$out/headers" >&2
+    mkdir -p "$out/bin"
+    make -s -C "$src/tools/testing/selftests/liveupdate" OUTPUT="$out/bin" \
+      KHDR_INCLUDES="-isystem $out/headers/include" >&2
+  fi
+  echo "$out/bin"
+  exit 0
+done
+log "no linux-source-7.* in sid has kernel/liveupdate/"
+exit 1
