@@ -1,0 +1,100 @@
+//! Shared helpers: a daemon on a private device path, and loud skips.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+pub const LUO: &str = env!("CARGO_BIN_EXE_luo");
+
+/// Why this machine cannot run host tests, if it cannot.
+pub fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (FUSE mounts, seccomp supervision of other processes)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("needs /dev/fuse".into());
+    }
+    None
+}
+
+/// Skips the calling test loudly.
+#[macro_export]
+macro_rules! skip_unless_capable {
+    () => {
+        if let Some(reason) = common::skip_reason() {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+/// A daemon on a device path inside a fresh temp dir; stopped on drop.
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub device: PathBuf,
+    pub state: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let dir = std::env::temp_dir().join(format!("luo-test-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let device = dir.join("liveupdate");
+        let state = dir.join("state");
+        let child = Command::new(LUO)
+            .args(["daemon", "--device"])
+            .arg(&device)
+            .arg("--state-dir")
+            .arg(&state)
+            .spawn()
+            .expect("start luo daemon");
+        let d = Daemon { dir, device, state, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.status_ok() {
+            assert!(Instant::now() < deadline, "daemon did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn status_ok(&self) -> bool {
+        Command::new(LUO).arg("status").arg("--state-dir").arg(&self.state).output().is_ok_and(|o| o.status.success())
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = Command::new(LUO).args(["status", "--json", "--state-dir"]).arg(&self.state).output().unwrap();
+        assert!(out.status.success(), "luo status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `luo run --device D -- argv`.
+    pub fn run(&self, argv: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut c = Command::new(LUO);
+        c.arg("run").arg("--device").arg(&self.device).arg("--").args(argv);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}

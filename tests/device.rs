@@ -1,0 +1,316 @@
+//! Bad input against the real daemon over FUSE and seccomp: every ioctl is
+//! answered with the kernel's errno and the daemon keeps running.
+//!
+//! The outer tests start a daemon and re-run this test binary under `luo run`
+//! with `LUO_PROBE_DEVICE` set; the `probe_*` functions (ignored otherwise) do
+//! the ioctls from inside the supervised tree.
+
+mod common;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+const CREATE: u64 = 0xBA00;
+const RETRIEVE: u64 = 0xBA01;
+const PRESERVE: u64 = 0xBA40;
+const RETRIEVE_FD: u64 = 0xBA41;
+const FINISH: u64 = 0xBA42;
+const GET_NAME: u64 = 0xBA43;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
+/// ioctl on a raw pointer; Ok(()) or Err(errno).
+fn ioctl_ptr(fd: RawFd, cmd: u64, arg: *mut u8) -> Result<(), i32> {
+    // SAFETY: the probe passes deliberately bad pointers; the kernel (and the
+    // daemon) must answer EFAULT rather than touch our memory unsafely.
+    if unsafe { libc::ioctl(fd, cmd as _, arg) } < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+fn ioctl(fd: RawFd, cmd: u64, buf: &mut [u8]) -> Result<(), i32> {
+    ioctl_ptr(fd, cmd, buf.as_mut_ptr())
+}
+
+fn session_args(size: u32, name: &str) -> Vec<u8> {
+    let mut v = vec![0u8; 72];
+    v[..4].copy_from_slice(&size.to_ne_bytes());
+    v[8..8 + name.len()].copy_from_slice(name.as_bytes());
+    v
+}
+
+fn fd_args(fd: i32, token: u64) -> Vec<u8> {
+    let mut v = vec![0u8; 16];
+    v[..4].copy_from_slice(&16u32.to_ne_bytes());
+    v[4..8].copy_from_slice(&fd.to_ne_bytes());
+    v[8..].copy_from_slice(&token.to_ne_bytes());
+    v
+}
+
+fn create(dev: RawFd, name: &str) -> Result<OwnedFd, i32> {
+    let mut a = session_args(72, name);
+    ioctl(dev, CREATE, &mut a)?;
+    let fd = i32::from_ne_bytes(a[4..8].try_into().unwrap());
+    // SAFETY: the ioctl returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn get_name(s: RawFd) -> Result<String, i32> {
+    let mut a = vec![0u8; 72];
+    a[..4].copy_from_slice(&72u32.to_ne_bytes());
+    ioctl(s, GET_NAME, &mut a)?;
+    Ok(String::from_utf8(a[8..].split(|&b| b == 0).next().unwrap().to_vec()).unwrap())
+}
+
+fn open(path: &str) -> Result<OwnedFd, i32> {
+    let p = CString::new(path).unwrap();
+    // SAFETY: p is a valid C string.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn memfd() -> OwnedFd {
+    // SAFETY: the name is a valid C string.
+    let fd = unsafe { libc::memfd_create(c"probe".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd we own.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A struct whose first `readable` bytes end exactly at an unmapped page.
+fn struct_at_page_end(readable: usize) -> *mut u8 {
+    // SAFETY: anonymous mapping with no pointer inputs.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: unmapping the second page of our own mapping.
+    unsafe { libc::munmap(p.cast::<u8>().add(4096).cast(), 4096) };
+    // SAFETY: the result stays inside the first (still mapped) page.
+    let s = unsafe { p.cast::<u8>().add(4096 - readable) };
+    // SAFETY: the first 4 bytes are inside the mapped page.
+    unsafe { std::ptr::write_unaligned(s.cast::<u32>(), 72) };
+    s
+}
+
+fn probe_device() -> Option<String> {
+    std::env::var("LUO_PROBE_DEVICE").ok()
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by bad_input_gets_the_kernels_errno"]
+fn probe_errnos() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let d = dev.as_raw_fd();
+    assert_eq!(open(&path).err(), Some(libc::EBUSY), "exclusive open");
+
+    // Device ioctl decoding.
+    assert_eq!(ioctl(d, 0xBA02, &mut session_args(72, "x")), Err(libc::EINVAL), "nr out of range");
+    assert_eq!(ioctl(d, 0xC048_BA00, &mut session_args(72, "x")), Err(libc::ENOTTY), "other encoding");
+    assert_eq!(ioctl(d, CREATE, &mut session_args(71, "x")), Err(libc::EINVAL), "size too small");
+    assert_eq!(ioctl(d, CREATE, &mut session_args(0, "x")), Err(libc::EINVAL), "size zero");
+    let mut big = session_args(80, "big");
+    big.resize(80, 0);
+    assert!(ioctl(d, CREATE, &mut big).is_ok(), "larger struct, zero tail");
+    let mut tail = session_args(80, "tail");
+    tail.resize(80, 0);
+    tail[79] = 1;
+    assert_eq!(ioctl(d, CREATE, &mut tail), Err(libc::E2BIG), "non-zero tail");
+    assert_eq!(ioctl_ptr(d, CREATE, 8 as *mut u8), Err(libc::EFAULT), "unreadable pointer");
+    assert_eq!(ioctl_ptr(d, CREATE, struct_at_page_end(16)), Err(libc::EFAULT), "struct runs off the map");
+    assert_eq!(ioctl(d, CREATE, &mut session_args(72, "")), Err(libc::EINVAL), "empty name");
+    let mut nonul = session_args(72, "");
+    nonul[8..].fill(b'X');
+    assert_eq!(ioctl(d, CREATE, &mut nonul), Err(libc::EINVAL), "no NUL");
+    assert_eq!(ioctl(d, RETRIEVE, &mut session_args(72, "nope")), Err(libc::ENOENT), "unknown incoming");
+
+    // Session ioctls.
+    let s = create(d, "probe").unwrap();
+    let sf = s.as_raw_fd();
+    assert_eq!(create(d, "probe").err(), Some(libc::EEXIST));
+    assert_eq!(ioctl(sf, RETRIEVE_FD, &mut fd_args(-1, 1)), Err(libc::EINVAL), "retrieve on outgoing");
+    assert_eq!(ioctl(sf, FINISH, &mut [8, 0, 0, 0, 0, 0, 0, 0]), Err(libc::EINVAL), "finish on outgoing");
+    assert_eq!(ioctl(sf, 0xBA44, &mut fd_args(0, 0)), Err(libc::EINVAL), "session nr out of range");
+    assert_eq!(ioctl(sf, 0xBA3F, &mut fd_args(0, 0)), Err(libc::EINVAL), "below session base");
+    let mut gn = vec![0u8; 72];
+    gn[..4].copy_from_slice(&72u32.to_ne_bytes());
+    gn[4] = 1;
+    assert_eq!(ioctl(sf, GET_NAME, &mut gn), Err(libc::EINVAL), "reserved");
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(-1, 1)), Err(libc::EBADF), "bad fd");
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(100_000, 1)), Err(libc::EBADF), "closed fd");
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(sf, 1)), Err(libc::ENOENT), "a session fd");
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(d, 1)), Err(libc::ENOENT), "the device fd");
+    let null = open("/dev/null").unwrap();
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(null.as_raw_fd(), 1)), Err(libc::ENOENT), "/dev/null");
+    let m = memfd();
+    assert!(ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 1)).is_ok());
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 1)), Err(libc::EEXIST), "token reuse");
+    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 2)), Err(libc::EBUSY), "double preserve");
+    assert_eq!(get_name(sf).unwrap(), "probe");
+
+    // A trapped ioctl on an fd that is not ours reaches its own driver.
+    assert_eq!(ioctl(null.as_raw_fd(), CREATE, &mut session_args(72, "x")), Err(libc::ENOTTY));
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by session_fd_lifetime_follows_the_kernel"]
+fn probe_lifetime() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let d = dev.as_raw_fd();
+    // dup: the session lives while any copy does.
+    let s = create(d, "life").unwrap();
+    // SAFETY: dup takes no pointers.
+    let copy = unsafe { OwnedFd::from_raw_fd(libc::dup(s.as_raw_fd())) };
+    drop(s);
+    assert_eq!(get_name(copy.as_raw_fd()).unwrap(), "life");
+    assert_eq!(create(d, "life").err(), Some(libc::EEXIST), "still alive through the dup");
+    drop(copy);
+    // A close followed at once by a create of the same name succeeds.
+    for _ in 0..200 {
+        drop(create(d, "life").unwrap());
+    }
+    // SCM_RIGHTS: the receiver's copy keeps it alive and works.
+    let s = create(d, "passed").unwrap();
+    let mut sv = [0; 2];
+    // SAFETY: sv has room for two fds.
+    assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) }, 0);
+    send_fd(sv[0], s.as_raw_fd());
+    drop(s);
+    let got = recv_fd(sv[1]);
+    assert_eq!(get_name(got.as_raw_fd()).unwrap(), "passed");
+    // Closing the device lets the next open in at once.
+    drop(dev);
+    let dev = open(&path).unwrap();
+    drop(got);
+    assert!(create(dev.as_raw_fd(), "passed").is_ok());
+}
+
+fn send_fd(sock: RawFd, fd: RawFd) {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut cbuf = [0u8; 64];
+    // SAFETY: msghdr is plain data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+    // SAFETY: the control buffer is large enough for one fd.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        assert_eq!(libc::sendmsg(sock, &msg, 0), 1);
+    }
+}
+
+fn recv_fd(sock: RawFd) -> OwnedFd {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut cbuf = [0u8; 64];
+    // SAFETY: msghdr is plain data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = cbuf.len();
+    // SAFETY: buffers are valid; the received fd is read from SCM_RIGHTS data.
+    unsafe {
+        assert_eq!(libc::recvmsg(sock, &mut msg, 0), 1);
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()))
+    }
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by killed_clients_lose_nothing_and_leak_nothing"]
+fn probe_killed_client() {
+    let Some(path) = probe_device() else { return };
+    for round in 0..5 {
+        // SAFETY: fork in a test process; the child only does ioctls and _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let dev = open(&path).unwrap();
+            let mut keep = Vec::new();
+            for i in 0.. {
+                if let Ok(s) = create(dev.as_raw_fd(), &format!("k{round}-{i}")) {
+                    keep.push(s);
+                }
+            }
+            unreachable!();
+        }
+        std::thread::sleep(Duration::from_millis(30 + 17 * round));
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    // Every session of the killed children is gone: the names are free again.
+    let dev = open(&path).unwrap();
+    for round in 0..5 {
+        for i in 0..50 {
+            let s = create(dev.as_raw_fd(), &format!("k{round}-{i}"));
+            assert!(s.is_ok(), "k{round}-{i} leaked: {s:?}");
+        }
+    }
+}
+
+fn run_probe(name: &str) {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    let exe = std::env::current_exe().unwrap();
+    let out = daemon.run(
+        &[exe.to_str().unwrap(), name, "--exact", "--ignored", "--nocapture", "--test-threads=1"],
+        &[("LUO_PROBE_DEVICE", daemon.device.to_str().unwrap())],
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} failed:\n{text}");
+    assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
+    assert!(daemon.alive(), "the daemon died");
+    assert!(daemon.status_ok());
+}
+
+#[test]
+fn bad_input_gets_the_kernels_errno() {
+    run_probe("probe_errnos");
+}
+
+#[test]
+fn session_fd_lifetime_follows_the_kernel() {
+    run_probe("probe_lifetime");
+}
+
+#[test]
+fn killed_clients_lose_nothing_and_leak_nothing() {
+    run_probe("probe_killed_client");
+}
+
+#[test]
+fn fd_returning_ioctls_outside_luo_run_are_refused_clearly() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let dev = open(daemon.device.to_str().unwrap()).unwrap();
+    assert_eq!(create(dev.as_raw_fd(), "outside").err(), Some(libc::EOPNOTSUPP));
+    // Nothing was created.
+    assert_eq!(daemon.status_json()["sessions"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn status_fails_with_a_sentence_when_no_daemon_answers() {
+    let out = std::process::Command::new(common::LUO).args(["status", "--state-dir", "/nonexistent/luo"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon answers at /nonexistent/luo/control.sock"));
+}
