@@ -41,7 +41,8 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
-        let dir = std::env::temp_dir().join(format!("luo-test-{}-{}", std::process::id(), rand_suffix()));
+        let dir =
+            std::env::temp_dir().join(format!("luo-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let device = dir.join("liveupdate");
         let state = dir.join("state");
@@ -52,7 +53,12 @@ impl Daemon {
             .arg(&state)
             .spawn()
             .expect("start luo daemon");
-        let d = Daemon { dir, device, state, child };
+        let d = Daemon {
+            dir,
+            device,
+            state,
+            child,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.status_ok() {
             assert!(Instant::now() < deadline, "daemon did not become ready");
@@ -62,19 +68,36 @@ impl Daemon {
     }
 
     pub fn status_ok(&self) -> bool {
-        Command::new(LUO).arg("status").arg("--state-dir").arg(&self.state).output().is_ok_and(|o| o.status.success())
+        Command::new(LUO)
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .is_ok_and(|o| o.status.success())
     }
 
     pub fn status_json(&self) -> serde_json::Value {
-        let out = Command::new(LUO).args(["status", "--json", "--state-dir"]).arg(&self.state).output().unwrap();
-        assert!(out.status.success(), "luo status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(LUO)
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "luo status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// `luo run --device D -- argv`.
     pub fn run(&self, argv: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut c = Command::new(LUO);
-        c.arg("run").arg("--device").arg(&self.device).arg("--").args(argv);
+        c.arg("run")
+            .arg("--device")
+            .arg(&self.device)
+            .arg("--")
+            .args(argv);
         for (k, v) in env {
             c.env(k, v);
         }
@@ -96,5 +119,8 @@ impl Drop for Daemon {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
 }

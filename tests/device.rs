@@ -89,7 +89,16 @@ fn memfd() -> OwnedFd {
 /// A struct whose first `readable` bytes end exactly at an unmapped page.
 fn struct_at_page_end(readable: usize) -> *mut u8 {
     // SAFETY: anonymous mapping with no pointer inputs.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
     assert_ne!(p, libc::MAP_FAILED);
     // SAFETY: unmapping the second page of our own mapping.
     unsafe { libc::munmap(p.cast::<u8>().add(4096).cast(), 4096) };
@@ -113,51 +122,137 @@ fn probe_errnos() {
     assert_eq!(open(&path).err(), Some(libc::EBUSY), "exclusive open");
 
     // Device ioctl decoding.
-    assert_eq!(ioctl(d, 0xBA02, &mut session_args(72, "x")), Err(libc::EINVAL), "nr out of range");
-    assert_eq!(ioctl(d, 0xC048_BA00, &mut session_args(72, "x")), Err(libc::ENOTTY), "other encoding");
-    assert_eq!(ioctl(d, CREATE, &mut session_args(71, "x")), Err(libc::EINVAL), "size too small");
-    assert_eq!(ioctl(d, CREATE, &mut session_args(0, "x")), Err(libc::EINVAL), "size zero");
+    assert_eq!(
+        ioctl(d, 0xBA02, &mut session_args(72, "x")),
+        Err(libc::EINVAL),
+        "nr out of range"
+    );
+    assert_eq!(
+        ioctl(d, 0xC048_BA00, &mut session_args(72, "x")),
+        Err(libc::ENOTTY),
+        "other encoding"
+    );
+    assert_eq!(
+        ioctl(d, CREATE, &mut session_args(71, "x")),
+        Err(libc::EINVAL),
+        "size too small"
+    );
+    assert_eq!(
+        ioctl(d, CREATE, &mut session_args(0, "x")),
+        Err(libc::EINVAL),
+        "size zero"
+    );
     let mut big = session_args(80, "big");
     big.resize(80, 0);
-    assert!(ioctl(d, CREATE, &mut big).is_ok(), "larger struct, zero tail");
+    assert!(
+        ioctl(d, CREATE, &mut big).is_ok(),
+        "larger struct, zero tail"
+    );
     let mut tail = session_args(80, "tail");
     tail.resize(80, 0);
     tail[79] = 1;
-    assert_eq!(ioctl(d, CREATE, &mut tail), Err(libc::E2BIG), "non-zero tail");
-    assert_eq!(ioctl_ptr(d, CREATE, 8 as *mut u8), Err(libc::EFAULT), "unreadable pointer");
-    assert_eq!(ioctl_ptr(d, CREATE, struct_at_page_end(16)), Err(libc::EFAULT), "struct runs off the map");
-    assert_eq!(ioctl(d, CREATE, &mut session_args(72, "")), Err(libc::EINVAL), "empty name");
+    assert_eq!(
+        ioctl(d, CREATE, &mut tail),
+        Err(libc::E2BIG),
+        "non-zero tail"
+    );
+    assert_eq!(
+        ioctl_ptr(d, CREATE, 8 as *mut u8),
+        Err(libc::EFAULT),
+        "unreadable pointer"
+    );
+    assert_eq!(
+        ioctl_ptr(d, CREATE, struct_at_page_end(16)),
+        Err(libc::EFAULT),
+        "struct runs off the map"
+    );
+    assert_eq!(
+        ioctl(d, CREATE, &mut session_args(72, "")),
+        Err(libc::EINVAL),
+        "empty name"
+    );
     let mut nonul = session_args(72, "");
     nonul[8..].fill(b'X');
     assert_eq!(ioctl(d, CREATE, &mut nonul), Err(libc::EINVAL), "no NUL");
-    assert_eq!(ioctl(d, RETRIEVE, &mut session_args(72, "nope")), Err(libc::ENOENT), "unknown incoming");
+    assert_eq!(
+        ioctl(d, RETRIEVE, &mut session_args(72, "nope")),
+        Err(libc::ENOENT),
+        "unknown incoming"
+    );
 
     // Session ioctls.
     let s = create(d, "probe").unwrap();
     let sf = s.as_raw_fd();
     assert_eq!(create(d, "probe").err(), Some(libc::EEXIST));
-    assert_eq!(ioctl(sf, RETRIEVE_FD, &mut fd_args(-1, 1)), Err(libc::EINVAL), "retrieve on outgoing");
-    assert_eq!(ioctl(sf, FINISH, &mut [8, 0, 0, 0, 0, 0, 0, 0]), Err(libc::EINVAL), "finish on outgoing");
-    assert_eq!(ioctl(sf, 0xBA44, &mut fd_args(0, 0)), Err(libc::EINVAL), "session nr out of range");
-    assert_eq!(ioctl(sf, 0xBA3F, &mut fd_args(0, 0)), Err(libc::EINVAL), "below session base");
+    assert_eq!(
+        ioctl(sf, RETRIEVE_FD, &mut fd_args(-1, 1)),
+        Err(libc::EINVAL),
+        "retrieve on outgoing"
+    );
+    assert_eq!(
+        ioctl(sf, FINISH, &mut [8, 0, 0, 0, 0, 0, 0, 0]),
+        Err(libc::EINVAL),
+        "finish on outgoing"
+    );
+    assert_eq!(
+        ioctl(sf, 0xBA44, &mut fd_args(0, 0)),
+        Err(libc::EINVAL),
+        "session nr out of range"
+    );
+    assert_eq!(
+        ioctl(sf, 0xBA3F, &mut fd_args(0, 0)),
+        Err(libc::EINVAL),
+        "below session base"
+    );
     let mut gn = vec![0u8; 72];
     gn[..4].copy_from_slice(&72u32.to_ne_bytes());
     gn[4] = 1;
     assert_eq!(ioctl(sf, GET_NAME, &mut gn), Err(libc::EINVAL), "reserved");
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(-1, 1)), Err(libc::EBADF), "bad fd");
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(100_000, 1)), Err(libc::EBADF), "closed fd");
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(sf, 1)), Err(libc::ENOENT), "a session fd");
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(d, 1)), Err(libc::ENOENT), "the device fd");
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(-1, 1)),
+        Err(libc::EBADF),
+        "bad fd"
+    );
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(100_000, 1)),
+        Err(libc::EBADF),
+        "closed fd"
+    );
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(sf, 1)),
+        Err(libc::ENOENT),
+        "a session fd"
+    );
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(d, 1)),
+        Err(libc::ENOENT),
+        "the device fd"
+    );
     let null = open("/dev/null").unwrap();
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(null.as_raw_fd(), 1)), Err(libc::ENOENT), "/dev/null");
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(null.as_raw_fd(), 1)),
+        Err(libc::ENOENT),
+        "/dev/null"
+    );
     let m = memfd();
     assert!(ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 1)).is_ok());
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 1)), Err(libc::EEXIST), "token reuse");
-    assert_eq!(ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 2)), Err(libc::EBUSY), "double preserve");
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 1)),
+        Err(libc::EEXIST),
+        "token reuse"
+    );
+    assert_eq!(
+        ioctl(sf, PRESERVE, &mut fd_args(m.as_raw_fd(), 2)),
+        Err(libc::EBUSY),
+        "double preserve"
+    );
     assert_eq!(get_name(sf).unwrap(), "probe");
 
     // A trapped ioctl on an fd that is not ours reaches its own driver.
-    assert_eq!(ioctl(null.as_raw_fd(), CREATE, &mut session_args(72, "x")), Err(libc::ENOTTY));
+    assert_eq!(
+        ioctl(null.as_raw_fd(), CREATE, &mut session_args(72, "x")),
+        Err(libc::ENOTTY)
+    );
 }
 
 #[test]
@@ -172,7 +267,11 @@ fn probe_lifetime() {
     let copy = unsafe { OwnedFd::from_raw_fd(libc::dup(s.as_raw_fd())) };
     drop(s);
     assert_eq!(get_name(copy.as_raw_fd()).unwrap(), "life");
-    assert_eq!(create(d, "life").err(), Some(libc::EEXIST), "still alive through the dup");
+    assert_eq!(
+        create(d, "life").err(),
+        Some(libc::EEXIST),
+        "still alive through the dup"
+    );
     drop(copy);
     // A close followed at once by a create of the same name succeeds.
     for _ in 0..200 {
@@ -182,7 +281,8 @@ fn probe_lifetime() {
     let s = create(d, "passed").unwrap();
     let mut sv = [0; 2];
     // SAFETY: sv has room for two fds.
-    assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) }, 0);
+    let made = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) };
+    assert_eq!(made, 0);
     send_fd(sv[0], s.as_raw_fd());
     drop(s);
     let got = recv_fd(sv[1]);
@@ -196,7 +296,10 @@ fn probe_lifetime() {
 
 fn send_fd(sock: RawFd, fd: RawFd) {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     let mut cbuf = [0u8; 64];
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -218,7 +321,10 @@ fn send_fd(sock: RawFd, fd: RawFd) {
 
 fn recv_fd(sock: RawFd) -> OwnedFd {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     let mut cbuf = [0u8; 64];
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -273,10 +379,21 @@ fn run_probe(name: &str) {
     let mut daemon = common::Daemon::start();
     let exe = std::env::current_exe().unwrap();
     let out = daemon.run(
-        &[exe.to_str().unwrap(), name, "--exact", "--ignored", "--nocapture", "--test-threads=1"],
+        &[
+            exe.to_str().unwrap(),
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ],
         &[("LUO_PROBE_DEVICE", daemon.device.to_str().unwrap())],
     );
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{name} failed:\n{text}");
     assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
     assert!(daemon.alive(), "the daemon died");
@@ -303,14 +420,24 @@ fn fd_returning_ioctls_outside_luo_run_are_refused_clearly() {
     skip_unless_capable!();
     let daemon = common::Daemon::start();
     let dev = open(daemon.device.to_str().unwrap()).unwrap();
-    assert_eq!(create(dev.as_raw_fd(), "outside").err(), Some(libc::EOPNOTSUPP));
+    assert_eq!(
+        create(dev.as_raw_fd(), "outside").err(),
+        Some(libc::EOPNOTSUPP)
+    );
     // Nothing was created.
-    assert_eq!(daemon.status_json()["sessions"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        daemon.status_json()["sessions"].as_array().unwrap().len(),
+        0
+    );
 }
 
 #[test]
 fn status_fails_with_a_sentence_when_no_daemon_answers() {
-    let out = std::process::Command::new(common::LUO).args(["status", "--state-dir", "/nonexistent/luo"]).output().unwrap();
+    let out = std::process::Command::new(common::LUO)
+        .args(["status", "--state-dir", "/nonexistent/luo"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon answers at /nonexistent/luo/control.sock"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("no daemon answers at /nonexistent/luo/control.sock"));
 }

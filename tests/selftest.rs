@@ -17,13 +17,26 @@ fn scripts() -> &'static Path {
 #[test]
 fn upstream_liveupdate_selftest_passes_15_of_15() {
     skip_unless_capable!();
-    let fetch = Command::new(scripts().join("fetch-selftests.sh")).output().expect("run fetch-selftests.sh");
-    assert!(fetch.status.success(), "fetching the selftests failed:\n{}", String::from_utf8_lossy(&fetch.stderr));
+    let fetch = Command::new(scripts().join("fetch-selftests.sh"))
+        .output()
+        .expect("run fetch-selftests.sh");
+    assert!(
+        fetch.status.success(),
+        "fetching the selftests failed:\n{}",
+        String::from_utf8_lossy(&fetch.stderr)
+    );
     let bin = String::from_utf8(fetch.stdout).unwrap().trim().to_owned();
     let runs = std::env::var("LUO_SELFTEST_RUNS").unwrap_or_else(|_| "1".into());
-    let out = Command::new(scripts().join("run-selftest.sh")).args([common::LUO, &bin, &runs]).output().unwrap();
+    let out = Command::new(scripts().join("run-selftest.sh"))
+        .args([common::LUO, &bin, &runs])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
-    assert!(out.status.success(), "selftest failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "selftest failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(&format!("{runs} of {runs} runs passed 15/15")));
 }

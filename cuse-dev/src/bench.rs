@@ -39,7 +39,11 @@ fn ioctl<T: IntoBytes>(fd: &File, cmd: u32, arg: &mut T) -> std::io::Result<()> 
     }
 }
 
-fn timed<F: FnMut() -> std::io::Result<()>>(op: &'static str, n: usize, mut f: F) -> std::io::Result<Row> {
+fn timed<F: FnMut() -> std::io::Result<()>>(
+    op: &'static str,
+    n: usize,
+    mut f: F,
+) -> std::io::Result<Row> {
     let mut micros = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -57,7 +61,11 @@ fn name_field(s: &str) -> [u8; 64] {
 }
 
 fn create(dev: &File, name: &str, cmd: u32) -> std::io::Result<File> {
-    let mut a = SessionArgs { size: 72, fd: -1, name: name_field(name) };
+    let mut a = SessionArgs {
+        size: 72,
+        fd: -1,
+        name: name_field(name),
+    };
     ioctl(dev, cmd, &mut a)?;
     // SAFETY: the ioctl returned a new fd that we now own.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(a.fd) }))
@@ -95,27 +103,41 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let floor_cmd = uapi::io(uapi::IOCTL_TYPE, 0x3f);
     let mut size = 0u32;
-    rows.push(timed("no-op ioctl (floor)", n, || match ioctl(&dev, floor_cmd, &mut size) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-        other => other.map(|_| ()),
+    rows.push(timed("no-op ioctl (floor)", n, || {
+        match ioctl(&dev, floor_cmd, &mut size) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            other => other.map(|_| ()),
+        }
     })?);
     let mut sessions = Vec::with_capacity(n);
     let mut i = 0;
     rows.push(timed("CREATE_SESSION", n, || {
         i += 1;
-        sessions.push(create(&dev, &format!("bench-{tag}-{i}"), uapi::CREATE_SESSION)?);
+        sessions.push(create(
+            &dev,
+            &format!("bench-{tag}-{i}"),
+            uapi::CREATE_SESSION,
+        )?);
         Ok(())
     })?);
     let session = &sessions[0];
     let files: Vec<File> = (0..n).map(|_| memfd()).collect::<std::io::Result<_>>()?;
     let mut token = 0u64;
     rows.push(timed("SESSION_PRESERVE_FD", n, || {
-        let mut a = FdArgs { size: 16, fd: files[token as usize].as_raw_fd(), token };
+        let mut a = FdArgs {
+            size: 16,
+            fd: files[token as usize].as_raw_fd(),
+            token,
+        };
         token += 1;
         ioctl(session, uapi::PRESERVE_FD, &mut a)
     })?);
     rows.push(timed("SESSION_GET_NAME", n, || {
-        let mut a = GetNameArgs { size: 72, reserved: 0, name: [0; 64] };
+        let mut a = GetNameArgs {
+            size: 72,
+            reserved: 0,
+            name: [0; 64],
+        };
         ioctl(session, uapi::GET_NAME, &mut a)
     })?);
     if let Some(row) = retrieve_rows(device, &dev, &format!("bench-{tag}-1"), n)? {
@@ -127,7 +149,10 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
 /// RETRIEVE_FD needs an update; only our daemon can simulate one.
 fn retrieve_rows(device: &Path, dev: &File, name: &str, n: usize) -> std::io::Result<Option<Row>> {
     let Ok(socket) = daemon_socket(device) else {
-        eprintln!("note: {} is not a luo daemon; RETRIEVE_FD needs a kexec there and is skipped", device.display());
+        eprintln!(
+            "note: {} is not a luo daemon; RETRIEVE_FD needs a kexec there and is skipped",
+            device.display()
+        );
         return Ok(None);
     };
     let resp = control::call(&socket, &Request::Update, None)?;
@@ -138,14 +163,21 @@ fn retrieve_rows(device: &Path, dev: &File, name: &str, n: usize) -> std::io::Re
     let mut token = 0u64;
     let mut kept = Vec::with_capacity(n);
     let row = timed("SESSION_RETRIEVE_FD", n, || {
-        let mut a = FdArgs { size: 16, fd: -1, token };
+        let mut a = FdArgs {
+            size: 16,
+            fd: -1,
+            token,
+        };
         token += 1;
         ioctl(&incoming, uapi::RETRIEVE_FD, &mut a)?;
         // SAFETY: the ioctl returned a new fd that we now own.
         kept.push(unsafe { OwnedFd::from_raw_fd(a.fd) });
         Ok(())
     })?;
-    let mut fin = uapi::FinishArgs { size: 8, reserved: 0 };
+    let mut fin = uapi::FinishArgs {
+        size: 8,
+        reserved: 0,
+    };
     ioctl(&incoming, uapi::FINISH, &mut fin)?;
     Ok(Some(row))
 }
@@ -153,10 +185,20 @@ fn retrieve_rows(device: &Path, dev: &File, name: &str, n: usize) -> std::io::Re
 /// Prints rows as a Markdown table with the ratio to the floor.
 pub fn print(rows: &[Row], device: &Path) {
     let floor = rows[0].pct(0.5);
-    println!("device: {}   calls per row: {}", device.display(), rows[0].micros.len());
+    println!(
+        "device: {}   calls per row: {}",
+        device.display(),
+        rows[0].micros.len()
+    );
     println!("| ioctl | p50 (µs) | p99 (µs) | p50 / floor |");
     println!("|---|---:|---:|---:|");
     for r in rows {
-        println!("| {} | {:.1} | {:.1} | {:.2} |", r.op, r.pct(0.5), r.pct(0.99), r.pct(0.5) / floor);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} |",
+            r.op,
+            r.pct(0.5),
+            r.pct(0.99),
+            r.pct(0.5) / floor
+        );
     }
 }

@@ -39,8 +39,14 @@ impl CallerMem for ProcessVm {
         if buf.is_empty() {
             return Ok(());
         }
-        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let remote = libc::iovec { iov_base: addr as usize as *mut _, iov_len: buf.len() };
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as usize as *mut _,
+            iov_len: buf.len(),
+        };
         // SAFETY: the local iovec covers `buf`, which we own mutably; the
         // remote one is only interpreted in the other process.
         let n = unsafe { libc::process_vm_readv(self.tid, &local, 1, &remote, 1, 0) };
@@ -55,8 +61,14 @@ impl CallerMem for ProcessVm {
         if buf.is_empty() {
             return Ok(());
         }
-        let local = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
-        let remote = libc::iovec { iov_base: addr as usize as *mut _, iov_len: buf.len() };
+        let local = libc::iovec {
+            iov_base: buf.as_ptr() as *mut _,
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as usize as *mut _,
+            iov_len: buf.len(),
+        };
         // SAFETY: the local iovec covers `buf`, which is only read; the remote
         // one is only interpreted in the other process.
         let n = unsafe { libc::process_vm_writev(self.tid, &local, 1, &remote, 1, 0) };
@@ -115,7 +127,9 @@ mod tests {
 
     #[test]
     fn reads_and_writes_own_memory_and_faults_on_bad_addresses() {
-        let me = ProcessVm { tid: std::process::id() as i32 };
+        let me = ProcessVm {
+            tid: std::process::id() as i32,
+        };
         let mut src = [1u8, 2, 3, 4];
         let mut dst = [0u8; 4];
         me.read(src.as_ptr() as u64, &mut dst).unwrap();
@@ -131,7 +145,10 @@ mod tests {
         let pidfd = pidfd_open(std::process::id() as i32).unwrap();
         let f = std::fs::File::open("/dev/null").unwrap();
         assert!(pidfd_getfd(pidfd.as_fd(), f.as_raw_fd()).is_ok());
-        assert_eq!(pidfd_getfd(pidfd.as_fd(), 100_000).unwrap_err(), Errno::EBADF);
+        assert_eq!(
+            pidfd_getfd(pidfd.as_fd(), 100_000).unwrap_err(),
+            Errno::EBADF
+        );
         assert_eq!(pidfd_getfd(pidfd.as_fd(), -1).unwrap_err(), Errno::EBADF);
     }
 }

@@ -76,7 +76,11 @@ pub struct Response {
 impl Response {
     /// A failure with a sentence.
     pub fn error(msg: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(msg.into()), ..Response::default() }
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            ..Response::default()
+        }
     }
 }
 
@@ -109,7 +113,8 @@ pub fn read_request(stream: &UnixStream) -> io::Result<(Request, Option<OwnedFd>
         }
         n += more;
     }
-    let req = serde_json::from_slice(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let req = serde_json::from_slice(&buf[..n])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok((req, fd))
 }
 

@@ -83,15 +83,27 @@ pub enum DaemonError {
     },
 }
 
-fn setup<T>(what: impl FnOnce() -> String, r: std::io::Result<T>) -> std::result::Result<T, DaemonError> {
-    r.map_err(|source| DaemonError::Setup { what: what(), source })
+fn setup<T>(
+    what: impl FnOnce() -> String,
+    r: std::io::Result<T>,
+) -> std::result::Result<T, DaemonError> {
+    r.map_err(|source| DaemonError::Setup {
+        what: what(),
+        source,
+    })
 }
 
 /// A caller of an ioctl: through FUSE (blocked until we reply) or through a
 /// seccomp notification (may vanish; can receive fds).
 enum Caller {
-    Fuse { tid: i32 },
-    Seccomp { listener: Rc<Listener>, id: u64, tid: i32 },
+    Fuse {
+        tid: i32,
+    },
+    Seccomp {
+        listener: Rc<Listener>,
+        id: u64,
+        tid: i32,
+    },
 }
 
 impl Caller {
@@ -122,15 +134,23 @@ impl Caller {
         if !self.valid() {
             return Err(Errno::ESRCH);
         }
-        caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| if e == Errno::ESRCH { e } else { Errno::EBADF })
+        caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| {
+            if e == Errno::ESRCH {
+                e
+            } else {
+                Errno::EBADF
+            }
+        })
     }
 
     fn install(&self, file: BorrowedFd<'_>) -> Result<i32> {
         match self {
-            Caller::Seccomp { listener, id, .. } => listener.add_fd(*id, file).map_err(|e| match e {
-                Errno::ENOENT => Errno::ESRCH,
-                other => other,
-            }),
+            Caller::Seccomp { listener, id, .. } => {
+                listener.add_fd(*id, file).map_err(|e| match e {
+                    Errno::ENOENT => Errno::ESRCH,
+                    other => other,
+                })
+            }
             Caller::Fuse { .. } => Err(Errno::EOPNOTSUPP),
         }
     }
@@ -189,11 +209,17 @@ impl Daemon {
 
     fn start(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
         let state = cfg.state_dir.clone();
-        setup(|| format!("create the state dir {}", state.display()), std::fs::create_dir_all(&state))?;
+        setup(
+            || format!("create the state dir {}", state.display()),
+            std::fs::create_dir_all(&state),
+        )?;
         let fs = cfg.fs_dir();
         // A stale mount from a killed daemon would make the mkdir fail.
         let _ = sys::umount_detach(&fs);
-        setup(|| format!("create {}", fs.display()), std::fs::create_dir_all(&fs))?;
+        setup(
+            || format!("create {}", fs.display()),
+            std::fs::create_dir_all(&fs),
+        )?;
         let created_device = prepare_device_path(&cfg.device)?;
         let fuse_fd = setup(
             || "open /dev/fuse (is the fuse module loaded?)".into(),
@@ -204,13 +230,25 @@ impl Daemon {
             fuse_fd.as_raw_fd()
         );
         let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        setup(|| format!("mount FUSE at {}", fs.display()), sys::mount("luo", &fs, Some("fuse.luo"), flags, Some(&opts)))?;
-        let signals = setup(|| "set up signal handling".into(), sys::termination_signalfd())?;
+        setup(
+            || format!("mount FUSE at {}", fs.display()),
+            sys::mount("luo", &fs, Some("fuse.luo"), flags, Some(&opts)),
+        )?;
+        let signals = setup(
+            || "set up signal handling".into(),
+            sys::termination_signalfd(),
+        )?;
         let epoll = setup(|| "create an epoll instance".into(), sys::Epoll::new())?;
         let pool_event = Arc::new(setup(|| "create an eventfd".into(), sys::eventfd())?);
         let (pool_tx, pool_rx) = mpsc::sync_channel(POOL_SIZE);
         let (opener_tx, opener_rx) = mpsc::channel();
-        spawn_opener(fs, cfg.device.clone(), pool_tx, opener_tx, pool_event.clone());
+        spawn_opener(
+            fs,
+            cfg.device.clone(),
+            pool_tx,
+            opener_tx,
+            pool_event.clone(),
+        );
         let chan = Channel::new(fuse_fd);
         for (fd, token) in [
             (chan.fd().as_raw_fd(), TOKEN_FUSE),
@@ -277,7 +315,9 @@ impl Daemon {
         let _ = sys::umount_detach(&self.cfg.fs_dir());
         let n: usize = self.store.sessions().map(|s| s.files.len()).sum();
         if n > 0 {
-            log::warn(format_args!("stopping with {n} preserved files; they are released with the daemon"));
+            log::warn(format_args!(
+                "stopping with {n} preserved files; they are released with the daemon"
+            ));
         }
     }
 
@@ -309,11 +349,24 @@ impl Daemon {
     fn open_control(&mut self) -> std::result::Result<(), DaemonError> {
         let path = self.cfg.socket();
         let _ = std::fs::remove_file(&path);
-        let listener = setup(|| format!("listen on {}", path.display()), UnixListener::bind(&path))?;
-        setup(|| "make the control socket non-blocking".into(), listener.set_nonblocking(true))?;
-        setup(|| "watch the control socket".into(), self.epoll.add(listener.as_raw_fd(), TOKEN_CONTROL))?;
+        let listener = setup(
+            || format!("listen on {}", path.display()),
+            UnixListener::bind(&path),
+        )?;
+        setup(
+            || "make the control socket non-blocking".into(),
+            listener.set_nonblocking(true),
+        )?;
+        setup(
+            || "watch the control socket".into(),
+            self.epoll.add(listener.as_raw_fd(), TOKEN_CONTROL),
+        )?;
         self.control = Some(listener);
-        log::info(format_args!("serving {} (control socket {})", self.cfg.device.display(), path.display()));
+        log::info(format_args!(
+            "serving {} (control socket {})",
+            self.cfg.device.display(),
+            path.display()
+        ));
         Ok(())
     }
 
@@ -322,7 +375,7 @@ impl Daemon {
     /// Serves every FUSE request that is pending right now.
     fn drain_fuse(&mut self) {
         loop {
-            match self.chan.next() {
+            match self.chan.next_request() {
                 Ok(Some(req)) => self.dispatch(req),
                 Ok(None) => return,
                 Err(e) => {
@@ -351,7 +404,13 @@ impl Daemon {
                 self.lookup(&h, &name)
             }
             Op::Getattr => match self.attr(h.nodeid) {
-                Some(attr) => self.chan.reply_struct(u, &AttrOut { attr, ..Default::default() }),
+                Some(attr) => self.chan.reply_struct(
+                    u,
+                    &AttrOut {
+                        attr,
+                        ..Default::default()
+                    },
+                ),
                 None => self.chan.reply_err(u, Errno::ENOENT),
             },
             Op::Setattr(s) => self.setattr(&h, s),
@@ -365,7 +424,14 @@ impl Daemon {
             Op::Ioctl(io) => self.fuse_ioctl(&h, io),
             Op::Getxattr { size, name } => self.getxattr(&h, size, &name),
             Op::Listxattr { size } => self.listxattr(&h, size),
-            Op::Statfs => self.chan.reply_struct(u, &StatfsOut { bsize: 4096, namelen: 255, ..Default::default() }),
+            Op::Statfs => self.chan.reply_struct(
+                u,
+                &StatfsOut {
+                    bsize: 4096,
+                    namelen: 255,
+                    ..Default::default()
+                },
+            ),
             Op::Read | Op::Write => self.chan.reply_err(u, Errno::EINVAL),
             Op::Setxattr | Op::Removexattr => self.chan.reply_err(u, Errno::EOPNOTSUPP),
             Op::Destroy => {
@@ -379,7 +445,10 @@ impl Daemon {
 
     fn reply_init(&mut self, unique: u64, init: InitIn) {
         if init.major != KERNEL_VERSION {
-            log::warn(format_args!("kernel speaks FUSE {}.{}; need 7.x", init.major, init.minor));
+            log::warn(format_args!(
+                "kernel speaks FUSE {}.{}; need 7.x",
+                init.major, init.minor
+            ));
             self.chan.reply_err(unique, Errno::EPROTO);
             return;
         }
@@ -404,12 +473,27 @@ impl Daemon {
             ino if self.slots.contains_key(&ino) => (libc::S_IFREG | 0o600, (0, 0)),
             _ => return None,
         };
-        Some(Attr { ino, mode, nlink: 1, uid, gid, blksize: 4096, ..Default::default() })
+        Some(Attr {
+            ino,
+            mode,
+            nlink: 1,
+            uid,
+            gid,
+            blksize: 4096,
+            ..Default::default()
+        })
     }
 
     fn entry(&self, unique: u64, ino: u64) {
         let attr = self.attr(ino).expect("entry for a known inode");
-        self.chan.reply_struct(unique, &EntryOut { nodeid: ino, attr, ..Default::default() });
+        self.chan.reply_struct(
+            unique,
+            &EntryOut {
+                nodeid: ino,
+                attr,
+                ..Default::default()
+            },
+        );
     }
 
     fn lookup(&mut self, h: &InHeader, name: &[u8]) {
@@ -419,7 +503,10 @@ impl Daemon {
         if name == b"liveupdate" {
             return self.entry(h.unique, DEVICE_INO);
         }
-        let slot = std::str::from_utf8(name).ok().and_then(|n| n.strip_prefix('s')).and_then(|n| n.parse::<u64>().ok());
+        let slot = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| n.strip_prefix('s'))
+            .and_then(|n| n.parse::<u64>().ok());
         match slot {
             Some(n) if h.pid as i32 == self.opener_tid && n < SLOT_BASE => {
                 self.slots.entry(SLOT_BASE + n).or_insert(None);
@@ -443,7 +530,13 @@ impl Daemon {
             self.device_owner.1 = s.gid;
         }
         let attr = self.attr(DEVICE_INO).expect("device inode");
-        self.chan.reply_struct(h.unique, &AttrOut { attr, ..Default::default() });
+        self.chan.reply_struct(
+            h.unique,
+            &AttrOut {
+                attr,
+                ..Default::default()
+            },
+        );
     }
 
     fn open(&mut self, h: &InHeader) {
@@ -456,10 +549,24 @@ impl Daemon {
                 let fh = self.next_fh;
                 self.next_fh += 1;
                 self.device_holder = Some(fh);
-                self.chan.reply_struct(h.unique, &OpenOut { fh, open_flags: flags, backing_id: 0 });
+                self.chan.reply_struct(
+                    h.unique,
+                    &OpenOut {
+                        fh,
+                        open_flags: flags,
+                        backing_id: 0,
+                    },
+                );
             }
             ino if self.slots.contains_key(&ino) && h.pid as i32 == self.opener_tid => {
-                self.chan.reply_struct(h.unique, &OpenOut { fh: ino, open_flags: flags, backing_id: 0 });
+                self.chan.reply_struct(
+                    h.unique,
+                    &OpenOut {
+                        fh: ino,
+                        open_flags: flags,
+                        backing_id: 0,
+                    },
+                );
             }
             _ => self.chan.reply_err(h.unique, Errno::EACCES),
         }
@@ -473,7 +580,11 @@ impl Daemon {
             return;
         }
         if let Some(Some(sid)) = self.slots.remove(&ino) {
-            let name = self.store.session(sid).map(|s| s.name.to_string()).unwrap_or_default();
+            let name = self
+                .store
+                .session(sid)
+                .map(|s| s.name.to_string())
+                .unwrap_or_default();
             if let Err(e) = self.store.release_session(sid) {
                 log::warn(format_args!("session {name} could not finish on close ({e}); it stays until the next update"));
             }
@@ -499,7 +610,13 @@ impl Daemon {
 
     fn xattr_value(&self, unique: u64, size: u32, value: &[u8]) {
         if size == 0 {
-            self.chan.reply_struct(unique, &GetxattrOut { size: value.len() as u32, padding: 0 });
+            self.chan.reply_struct(
+                unique,
+                &GetxattrOut {
+                    size: value.len() as u32,
+                    padding: 0,
+                },
+            );
         } else if (size as usize) < value.len() {
             self.chan.reply_err(unique, Errno::ERANGE);
         } else {
@@ -537,7 +654,11 @@ impl Daemon {
         let d = uapi::decode(cmd, arg, &caller.mem(), None)?;
         let args: uapi::SessionArgs = d.get();
         let name = SessionName::from_field(&args.name)?;
-        let what = if cmd == uapi::CREATE_SESSION { "CREATE_SESSION" } else { "RETRIEVE_SESSION" };
+        let what = if cmd == uapi::CREATE_SESSION {
+            "CREATE_SESSION"
+        } else {
+            "RETRIEVE_SESSION"
+        };
         if !caller.can_install() {
             self.check_session_op(cmd, &name)?;
             return Err(refuse(caller, what));
@@ -574,7 +695,10 @@ impl Daemon {
             let sid = self.store.create_session(name.clone())?;
             self.store.release_session(sid)
         } else {
-            let found = self.store.sessions().find(|s| s.direction == Direction::Incoming && &s.name == name);
+            let found = self
+                .store
+                .sessions()
+                .find(|s| s.direction == Direction::Incoming && &s.name == name);
             match found {
                 None => Err(Errno::ENOENT),
                 Some(s) if s.retrieved => Err(Errno::EINVAL),
@@ -630,7 +754,13 @@ impl Daemon {
         }
     }
 
-    fn retrieve_fd(&mut self, sid: SessionId, arg: u64, d: &uapi::Decoded, caller: &Caller) -> Result<()> {
+    fn retrieve_fd(
+        &mut self,
+        sid: SessionId,
+        arg: u64,
+        d: &uapi::Decoded,
+        caller: &Caller,
+    ) -> Result<()> {
         let mut a: uapi::FdArgs = d.get();
         caller.write(arg, &d.buf[..d.respond_len()])?;
         let file = self.store.retrieve_fd(sid, a.token)?;
@@ -673,8 +803,16 @@ impl Daemon {
 
     fn wait_for_opener(&mut self) -> Result<()> {
         let mut fds = [
-            libc::pollfd { fd: self.chan.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.pool_event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: self.chan.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.pool_event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: fds is a valid array of two pollfds.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, 5000) } <= 0 {
@@ -700,7 +838,9 @@ impl Daemon {
     // ---- seccomp ----------------------------------------------------------
 
     fn on_notification(&mut self, token: u64) {
-        let Some(listener) = self.listeners.get(&token).cloned() else { return };
+        let Some(listener) = self.listeners.get(&token).cloned() else {
+            return;
+        };
         let notif = match listener.recv() {
             Ok(n) => n,
             Err(Errno::ENOENT) => return,
@@ -713,7 +853,11 @@ impl Daemon {
         };
         // Apply every close that happened before this call (see module docs).
         self.drain_fuse();
-        let caller = Caller::Seccomp { listener: listener.clone(), id: notif.id, tid: notif.pid as i32 };
+        let caller = Caller::Seccomp {
+            listener: listener.clone(),
+            id: notif.id,
+            tid: notif.pid as i32,
+        };
         let [fd, cmd, arg, ..] = notif.data.args;
         match self.trapped(&caller, fd as i32, cmd as u32, arg) {
             None => listener.continue_syscall(notif.id),
@@ -745,8 +889,12 @@ impl Daemon {
     // ---- control socket ---------------------------------------------------
 
     fn on_control(&mut self) {
-        let Some(listener) = &self.control else { return };
-        let Ok((stream, _)) = listener.accept() else { return };
+        let Some(listener) = &self.control else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
         let _ = stream.set_nonblocking(false);
         let response = match control::read_request(&stream) {
             Ok((req, fd)) => self.control_request(req, fd, &stream),
@@ -755,7 +903,12 @@ impl Daemon {
         let _ = control::write_response(&stream, &response);
     }
 
-    fn control_request(&mut self, req: CtlRequest, fd: Option<OwnedFd>, stream: &std::os::unix::net::UnixStream) -> Response {
+    fn control_request(
+        &mut self,
+        req: CtlRequest,
+        fd: Option<OwnedFd>,
+        stream: &std::os::unix::net::UnixStream,
+    ) -> Response {
         match req {
             CtlRequest::Status => self.status(),
             CtlRequest::Register => match fd {
@@ -774,7 +927,10 @@ impl Daemon {
         }
         self.listeners.insert(token, Rc::new(Listener::new(fd)));
         log::debug(format_args!("registered luo run tree of pid {pid}"));
-        Response { ok: true, ..Response::default() }
+        Response {
+            ok: true,
+            ..Response::default()
+        }
     }
 
     fn simulate_update(&mut self) -> Response {
@@ -790,7 +946,10 @@ impl Daemon {
         for slot in self.slots.values_mut() {
             *slot = None;
         }
-        log::info(format_args!("simulated update: now in epoch {}", self.store.epoch()));
+        log::info(format_args!(
+            "simulated update: now in epoch {}",
+            self.store.epoch()
+        ));
         self.status()
     }
 
@@ -850,7 +1009,10 @@ fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> 
         }),
         Ok(_) => Ok(false),
         Err(_) => {
-            let create = std::fs::OpenOptions::new().write(true).create_new(true).open(device);
+            let create = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(device);
             setup(|| format!("create {}", device.display()), create)?;
             Ok(true)
         }
@@ -881,7 +1043,9 @@ fn spawn_opener(
                 return;
             }
             for n in 0u64.. {
-                let Ok(fd) = sys::open_rdwr(&fs.join(format!("s{n}")), 0) else { return };
+                let Ok(fd) = sys::open_rdwr(&fs.join(format!("s{n}")), 0) else {
+                    return;
+                };
                 if pool.send((SLOT_BASE + n, fd)).is_err() {
                     return;
                 }

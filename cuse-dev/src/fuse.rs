@@ -87,9 +87,14 @@ pub fn parse(bytes: &[u8]) -> io::Result<Request> {
         IOCTL => Op::Ioctl(arg(body)?),
         GETXATTR => {
             let g: GetxattrIn = arg(body)?;
-            Op::Getxattr { size: g.size, name: cstr(&body[8..]) }
+            Op::Getxattr {
+                size: g.size,
+                name: cstr(&body[8..]),
+            }
         }
-        LISTXATTR => Op::Listxattr { size: arg::<GetxattrIn>(body)?.size },
+        LISTXATTR => Op::Listxattr {
+            size: arg::<GetxattrIn>(body)?.size,
+        },
         SETXATTR => Op::Setxattr,
         REMOVEXATTR => Op::Removexattr,
         STATFS => Op::Statfs,
@@ -118,7 +123,10 @@ impl Channel {
     /// Wraps an open `/dev/fuse` or `/dev/cuse` fd (which should be
     /// non-blocking so the daemon can drain it).
     pub fn new(fd: OwnedFd) -> Channel {
-        Channel { fd, buf: vec![0; BUFFER_SIZE] }
+        Channel {
+            fd,
+            buf: vec![0; BUFFER_SIZE],
+        }
     }
 
     /// The device fd, for polling and mount options.
@@ -130,10 +138,16 @@ impl Channel {
     ///
     /// # Errors
     /// `ENODEV` once the filesystem is unmounted; other read errors.
-    pub fn next(&mut self) -> io::Result<Option<Request>> {
+    pub fn next_request(&mut self) -> io::Result<Option<Request>> {
         loop {
             // SAFETY: buf is a writable buffer of buf.len() bytes.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                )
+            };
             if n >= 0 {
                 return parse(&self.buf[..n as usize]).map(Some);
             }
@@ -166,8 +180,14 @@ impl Channel {
         let body: usize = parts.iter().map(|p| p.len()).sum();
         let len = (std::mem::size_of::<OutHeader>() + body) as u32;
         let header = OutHeader { len, error, unique };
-        let mut iov = vec![libc::iovec { iov_base: header.as_bytes().as_ptr() as *mut _, iov_len: 16 }];
-        iov.extend(parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }));
+        let mut iov = vec![libc::iovec {
+            iov_base: header.as_bytes().as_ptr() as *mut _,
+            iov_len: 16,
+        }];
+        iov.extend(parts.iter().map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut _,
+            iov_len: p.len(),
+        }));
         // SAFETY: every iovec points at memory borrowed for the duration of the call.
         let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
@@ -185,7 +205,14 @@ mod tests {
     use super::*;
 
     fn request(opcode: u32, body: &[u8]) -> Vec<u8> {
-        let h = InHeader { len: (40 + body.len()) as u32, opcode, unique: 7, nodeid: 2, pid: 99, ..Default::default() };
+        let h = InHeader {
+            len: (40 + body.len()) as u32,
+            opcode,
+            unique: 7,
+            nodeid: 2,
+            pid: 99,
+            ..Default::default()
+        };
         let mut v = h.as_bytes().to_vec();
         v.extend_from_slice(body);
         v
@@ -193,10 +220,17 @@ mod tests {
 
     #[test]
     fn parses_ioctl() {
-        let io = IoctlIn { fh: 3, cmd: 0xba40, arg: 0x1000, ..Default::default() };
+        let io = IoctlIn {
+            fh: 3,
+            cmd: 0xba40,
+            arg: 0x1000,
+            ..Default::default()
+        };
         let r = parse(&request(opcode::IOCTL, io.as_bytes())).unwrap();
         assert_eq!(r.header.pid, 99);
-        let Op::Ioctl(got) = r.op else { panic!("not an ioctl: {:?}", r.op) };
+        let Op::Ioctl(got) = r.op else {
+            panic!("not an ioctl: {:?}", r.op)
+        };
         assert_eq!((got.fh, got.cmd, got.arg), (3, 0xba40, 0x1000));
     }
 
@@ -204,7 +238,12 @@ mod tests {
     fn parses_lookup_and_getxattr_names() {
         let r = parse(&request(opcode::LOOKUP, b"liveupdate\0")).unwrap();
         assert!(matches!(r.op, Op::Lookup { ref name } if name == b"liveupdate"));
-        let mut body = GetxattrIn { size: 64, padding: 0 }.as_bytes().to_vec();
+        let mut body = GetxattrIn {
+            size: 64,
+            padding: 0,
+        }
+        .as_bytes()
+        .to_vec();
         body.extend_from_slice(b"user.luo.control\0");
         let r = parse(&request(opcode::GETXATTR, &body)).unwrap();
         assert!(matches!(r.op, Op::Getxattr { size: 64, ref name } if name == b"user.luo.control"));
@@ -214,6 +253,9 @@ mod tests {
     fn short_requests_are_refused() {
         assert!(parse(&[0u8; 10]).is_err());
         assert!(parse(&request(opcode::IOCTL, &[0u8; 8])).is_err());
-        assert!(matches!(parse(&request(9999, &[])).unwrap().op, Op::Unknown(9999)));
+        assert!(matches!(
+            parse(&request(9999, &[])).unwrap().op,
+            Op::Unknown(9999)
+        ));
     }
 }

@@ -12,7 +12,11 @@ const DEFAULT_DEVICE: &str = "/dev/liveupdate";
 const DEFAULT_STATE_DIR: &str = "/run/luo";
 
 #[derive(Parser)]
-#[command(name = "luo", version, about = "A userspace /dev/liveupdate (Linux Live Update Orchestrator uAPI)")]
+#[command(
+    name = "luo",
+    version,
+    about = "A userspace /dev/liveupdate (Linux Live Update Orchestrator uAPI)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,7 +83,10 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Status { state_dir, json } => status(&state_dir, json),
-        Command::Update { simulate: _, state_dir } => update(&state_dir),
+        Command::Update {
+            simulate: _,
+            state_dir,
+        } => update(&state_dir),
         Command::Bench { device, calls } => match bench::run(&device, calls.max(1)) {
             Ok(rows) => {
                 bench::print(&rows, &device);
@@ -115,15 +122,34 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
         Err(code) => return code,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&resp).expect("status serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&resp).expect("status serializes")
+        );
         return ExitCode::SUCCESS;
     }
-    println!("device {}  epoch {}  sessions {}", resp.device.unwrap_or_default(), resp.epoch, resp.sessions.len());
+    println!(
+        "device {}  epoch {}  sessions {}",
+        resp.device.unwrap_or_default(),
+        resp.epoch,
+        resp.sessions.len()
+    );
     for s in &resp.sessions {
         let retrieved = if s.retrieved { " (retrieved)" } else { "" };
-        println!("  {} {}{}: {} files", s.direction, s.name, retrieved, s.files.len());
+        println!(
+            "  {} {}{}: {} files",
+            s.direction,
+            s.name,
+            retrieved,
+            s.files.len()
+        );
         for f in &s.files {
-            println!("    token {:#x} {}{}", f.token, f.handler, if f.retrieved { " retrieved" } else { "" });
+            println!(
+                "    token {:#x} {}{}",
+                f.token,
+                f.handler,
+                if f.retrieved { " retrieved" } else { "" }
+            );
         }
     }
     ExitCode::SUCCESS
@@ -132,7 +158,11 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
 fn update(state_dir: &std::path::Path) -> ExitCode {
     match ask(state_dir, &Request::Update) {
         Ok(r) if r.ok => {
-            println!("updated: epoch {}, {} incoming sessions", r.epoch, r.sessions.len());
+            println!(
+                "updated: epoch {}, {} incoming sessions",
+                r.epoch,
+                r.sessions.len()
+            );
             ExitCode::SUCCESS
         }
         Ok(r) => {

@@ -41,13 +41,20 @@ pub enum RunError {
 pub fn daemon_socket(device: &Path) -> Result<PathBuf, RunError> {
     sys::getxattr(device, control::SOCKET_XATTR)
         .map(PathBuf::from)
-        .map_err(|source| RunError::NoDaemon { device: device.to_owned(), source })
+        .map_err(|source| RunError::NoDaemon {
+            device: device.to_owned(),
+            source,
+        })
 }
 
 fn has_cap_sys_admin() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     // CAP_SYS_ADMIN is capability 21.
-    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap_or("0");
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or("0");
     u64::from_str_radix(eff, 16).is_ok_and(|caps| caps & (1 << 21) != 0)
 }
 
@@ -76,6 +83,11 @@ pub fn run(device: &Path, argv: &[String]) -> Result<i32, RunError> {
             Ok(())
         });
     }
-    let status = cmd.status().map_err(|source| RunError::Spawn { program: argv[0].clone(), source })?;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    let status = cmd.status().map_err(|source| RunError::Spawn {
+        program: argv[0].clone(),
+        source,
+    })?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }

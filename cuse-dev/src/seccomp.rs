@@ -91,7 +91,12 @@ const _: () = assert!(NOTIF_RECV == 0xc050_2100 && NOTIF_SEND == 0xc018_2101);
 const _: () = assert!(NOTIF_ID_VALID == 0x4008_2102 && NOTIF_ADDFD == 0x4018_2103);
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt: 0, jf: 0, k }
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
@@ -130,7 +135,10 @@ pub fn filter_program() -> Vec<libc::sock_filter> {
 /// The errno of `seccomp(2)`.
 pub fn install_filter() -> Result<OwnedFd> {
     let prog = filter_program();
-    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut _ };
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut _,
+    };
     let flags = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
     // SAFETY: fprog points at `prog`, alive for the call.
     let fd = unsafe { libc::syscall(libc::SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &fprog) };
@@ -202,18 +210,31 @@ impl Listener {
     /// Completes the call with a return value of 0 or an errno.
     pub fn respond(&self, id: u64, result: Result<()>) {
         let error = result.err().map_or(0, |e| -e.0);
-        self.send(NotifResp { id, val: 0, error, flags: 0 });
+        self.send(NotifResp {
+            id,
+            val: 0,
+            error,
+            flags: 0,
+        });
     }
 
     /// Lets the kernel run the call as if it had not been trapped.
     pub fn continue_syscall(&self, id: u64) {
-        self.send(NotifResp { id, val: 0, error: 0, flags: FLAG_CONTINUE });
+        self.send(NotifResp {
+            id,
+            val: 0,
+            error: 0,
+            flags: FLAG_CONTINUE,
+        });
     }
 
     fn send(&self, mut resp: NotifResp) {
         // ENOENT: the caller is gone; nothing to answer.
         if let Err(e) = ioctl(self.fd(), NOTIF_SEND, &mut resp) {
-            crate::log::debug(format_args!("seccomp response {} not delivered: {e}", resp.id));
+            crate::log::debug(format_args!(
+                "seccomp response {} not delivered: {e}",
+                resp.id
+            ));
         }
     }
 }
@@ -233,11 +254,20 @@ mod tests {
                 let ins = prog[pc];
                 match ins.code {
                     c if c == (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16 => {
-                        acc = match ins.k { 0 => nr, 4 => arch, 24 => cmd, _ => panic!() };
+                        acc = match ins.k {
+                            0 => nr,
+                            4 => arch,
+                            24 => cmd,
+                            _ => panic!(),
+                        };
                         pc += 1;
                     }
                     c if c == (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16 => {
-                        pc += 1 + if acc == ins.k { ins.jt as usize } else { ins.jf as usize };
+                        pc += 1 + if acc == ins.k {
+                            ins.jt as usize
+                        } else {
+                            ins.jf as usize
+                        };
                     }
                     _ => return ins.k,
                 }
@@ -247,10 +277,25 @@ mod tests {
         for cmd in FD_RETURNING {
             assert_eq!(run(AUDIT_ARCH, ioctl, cmd), SECCOMP_RET_USER_NOTIF);
         }
-        for cmd in [crate::uapi::PRESERVE_FD, crate::uapi::GET_NAME, crate::uapi::FINISH, 0x5401] {
+        for cmd in [
+            crate::uapi::PRESERVE_FD,
+            crate::uapi::GET_NAME,
+            crate::uapi::FINISH,
+            0x5401,
+        ] {
             assert_eq!(run(AUDIT_ARCH, ioctl, cmd), SECCOMP_RET_ALLOW);
         }
-        assert_eq!(run(AUDIT_ARCH, libc::SYS_read as u32, crate::uapi::CREATE_SESSION), SECCOMP_RET_ALLOW);
-        assert_eq!(run(0x4000_0003, ioctl, crate::uapi::CREATE_SESSION), SECCOMP_RET_ALLOW);
+        assert_eq!(
+            run(
+                AUDIT_ARCH,
+                libc::SYS_read as u32,
+                crate::uapi::CREATE_SESSION
+            ),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            run(0x4000_0003, ioctl, crate::uapi::CREATE_SESSION),
+            SECCOMP_RET_ALLOW
+        );
     }
 }

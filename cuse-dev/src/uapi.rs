@@ -109,16 +109,46 @@ pub struct OpDesc {
 
 /// Commands on `/dev/liveupdate` (base 0x00).
 pub const DEVICE_OPS: [OpDesc; 2] = [
-    OpDesc { cmd: CREATE_SESSION, size: 72, min_size: 72, kind: Kind::All },
-    OpDesc { cmd: RETRIEVE_SESSION, size: 72, min_size: 72, kind: Kind::All },
+    OpDesc {
+        cmd: CREATE_SESSION,
+        size: 72,
+        min_size: 72,
+        kind: Kind::All,
+    },
+    OpDesc {
+        cmd: RETRIEVE_SESSION,
+        size: 72,
+        min_size: 72,
+        kind: Kind::All,
+    },
 ];
 
 /// Commands on session fds (base 0x40).
 pub const SESSION_OPS: [OpDesc; 4] = [
-    OpDesc { cmd: PRESERVE_FD, size: 16, min_size: 16, kind: Kind::Outgoing },
-    OpDesc { cmd: RETRIEVE_FD, size: 16, min_size: 16, kind: Kind::Incoming },
-    OpDesc { cmd: FINISH, size: 8, min_size: 8, kind: Kind::Incoming },
-    OpDesc { cmd: GET_NAME, size: 72, min_size: 72, kind: Kind::All },
+    OpDesc {
+        cmd: PRESERVE_FD,
+        size: 16,
+        min_size: 16,
+        kind: Kind::Outgoing,
+    },
+    OpDesc {
+        cmd: RETRIEVE_FD,
+        size: 16,
+        min_size: 16,
+        kind: Kind::Incoming,
+    },
+    OpDesc {
+        cmd: FINISH,
+        size: 8,
+        min_size: 8,
+        kind: Kind::Incoming,
+    },
+    OpDesc {
+        cmd: GET_NAME,
+        size: 72,
+        min_size: 72,
+        kind: Kind::All,
+    },
 ];
 
 /// A decoded ioctl: which op, the caller's size and the kernel-sized struct.
@@ -135,7 +165,9 @@ pub struct Decoded {
 impl Decoded {
     /// The struct as `T`.
     pub fn get<T: FromBytes>(&self) -> T {
-        T::read_from_prefix(&self.buf).expect("buffer sized for the op").0
+        T::read_from_prefix(&self.buf)
+            .expect("buffer sized for the op")
+            .0
     }
 
     /// Bytes to copy back to the caller (`luo_ucmd_respond`).
@@ -165,7 +197,12 @@ fn kind_ok(kind: Kind, session: SessionKind) -> bool {
 ///
 /// # Errors
 /// The errno above.
-pub fn decode(cmd: u32, arg: u64, mem: &dyn CallerMem, session: Option<SessionKind>) -> Result<Decoded> {
+pub fn decode(
+    cmd: u32,
+    arg: u64,
+    mem: &dyn CallerMem,
+    session: Option<SessionKind>,
+) -> Result<Decoded> {
     let (table, base): (&[OpDesc], u32) = match session {
         None => (&DEVICE_OPS, 0x00),
         Some(_) => (&SESSION_OPS, 0x40),
@@ -196,7 +233,12 @@ pub fn decode(cmd: u32, arg: u64, mem: &dyn CallerMem, session: Option<SessionKi
 
 /// `copy_struct_from_user`: a tail past `ksize` must be zero (E2BIG), a short
 /// struct is zero-extended.
-fn copy_struct_from_user(mem: &dyn CallerMem, addr: u64, ksize: usize, usize_: usize) -> Result<Vec<u8>> {
+fn copy_struct_from_user(
+    mem: &dyn CallerMem,
+    addr: u64,
+    ksize: usize,
+    usize_: usize,
+) -> Result<Vec<u8>> {
     let size = ksize.min(usize_);
     if usize_ > ksize {
         check_zeroed(mem, addr.wrapping_add(size as u64), usize_ - size)?;
@@ -241,7 +283,9 @@ mod tests {
         fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
             let mut mem = self.0.borrow_mut();
             let start = addr.checked_sub(0x1000).ok_or(Errno::EFAULT)? as usize;
-            mem.get_mut(start..start + buf.len()).ok_or(Errno::EFAULT)?.copy_from_slice(buf);
+            mem.get_mut(start..start + buf.len())
+                .ok_or(Errno::EFAULT)?
+                .copy_from_slice(buf);
             Ok(())
         }
     }
@@ -258,15 +302,27 @@ mod tests {
     #[test]
     fn nr_out_of_range_is_einval_before_reading() {
         let m = Fake(RefCell::new(vec![]));
-        assert_eq!(decode(io(0xBA, 2), 0x1000, &m, None).unwrap_err(), Errno::EINVAL);
-        assert_eq!(decode(io(0xBA, 0x3f), 0x1000, &m, OUT).unwrap_err(), Errno::EINVAL);
-        assert_eq!(decode(io(0xBA, 0x44), 0x1000, &m, OUT).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            decode(io(0xBA, 2), 0x1000, &m, None).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            decode(io(0xBA, 0x3f), 0x1000, &m, OUT).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            decode(io(0xBA, 0x44), 0x1000, &m, OUT).unwrap_err(),
+            Errno::EINVAL
+        );
     }
 
     #[test]
     fn unreadable_size_is_efault() {
         let m = Fake(RefCell::new(vec![]));
-        assert_eq!(decode(CREATE_SESSION, 0x10, &m, None).unwrap_err(), Errno::EFAULT);
+        assert_eq!(
+            decode(CREATE_SESSION, 0x10, &m, None).unwrap_err(),
+            Errno::EFAULT
+        );
     }
 
     #[test]
@@ -274,34 +330,58 @@ mod tests {
         let m = mem_with(72, 72);
         let iowr = 0xc000_0000 | (72 << 16) | CREATE_SESSION;
         assert_eq!(decode(iowr, 0x1000, &m, None).unwrap_err(), Errno::ENOTTY);
-        assert_eq!(decode(io(0xBB, 0x00), 0x1000, &m, None).unwrap_err(), Errno::ENOTTY);
+        assert_eq!(
+            decode(io(0xBB, 0x00), 0x1000, &m, None).unwrap_err(),
+            Errno::ENOTTY
+        );
     }
 
     #[test]
     fn wrong_session_kind_is_einval_before_the_size_check() {
         let m = mem_with(0, 16);
-        assert_eq!(decode(RETRIEVE_FD, 0x1000, &m, OUT).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            decode(RETRIEVE_FD, 0x1000, &m, OUT).unwrap_err(),
+            Errno::EINVAL
+        );
         assert_eq!(decode(FINISH, 0x1000, &m, OUT).unwrap_err(), Errno::EINVAL);
-        assert_eq!(decode(PRESERVE_FD, 0x1000, &m, INC).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            decode(PRESERVE_FD, 0x1000, &m, INC).unwrap_err(),
+            Errno::EINVAL
+        );
         let unretrieved = Some((Direction::Incoming, false));
-        assert_eq!(decode(FINISH, 0x1000, &mem_with(8, 8), unretrieved).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            decode(FINISH, 0x1000, &mem_with(8, 8), unretrieved).unwrap_err(),
+            Errno::EINVAL
+        );
         assert!(decode(GET_NAME, 0x1000, &mem_with(72, 72), INC).is_ok());
     }
 
     #[test]
     fn size_rules() {
-        assert_eq!(decode(PRESERVE_FD, 0x1000, &mem_with(15, 16), OUT).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            decode(PRESERVE_FD, 0x1000, &mem_with(15, 16), OUT).unwrap_err(),
+            Errno::EINVAL
+        );
         // Larger with a zero tail: fine, and only 16 bytes go back.
         let d = decode(PRESERVE_FD, 0x1000, &mem_with(4096, 4096), OUT).unwrap();
         assert_eq!((d.buf.len(), d.respond_len()), (16, 16));
         // Larger with a non-zero tail: E2BIG.
         let m = mem_with(24, 24);
         m.0.borrow_mut()[20] = 1;
-        assert_eq!(decode(PRESERVE_FD, 0x1000, &m, OUT).unwrap_err(), Errno::E2BIG);
+        assert_eq!(
+            decode(PRESERVE_FD, 0x1000, &m, OUT).unwrap_err(),
+            Errno::E2BIG
+        );
         // Larger than the readable memory: EFAULT.
-        assert_eq!(decode(PRESERVE_FD, 0x1000, &mem_with(64, 32), OUT).unwrap_err(), Errno::EFAULT);
+        assert_eq!(
+            decode(PRESERVE_FD, 0x1000, &mem_with(64, 32), OUT).unwrap_err(),
+            Errno::EFAULT
+        );
         // Exact size but struct unreadable past the size word.
-        assert_eq!(decode(CREATE_SESSION, 0x1000, &mem_with(72, 8), None).unwrap_err(), Errno::EFAULT);
+        assert_eq!(
+            decode(CREATE_SESSION, 0x1000, &mem_with(72, 8), None).unwrap_err(),
+            Errno::EFAULT
+        );
     }
 
     #[test]

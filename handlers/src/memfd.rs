@@ -76,7 +76,11 @@ impl MemfdState {
         if u32_at(0) != STATE_VERSION {
             return Err(Errno::EINVAL);
         }
-        Ok(MemfdState { pos: u64_at(4), size: u64_at(12), seals: u32_at(20) })
+        Ok(MemfdState {
+            pos: u64_at(4),
+            size: u64_at(12),
+            seals: u32_at(20),
+        })
     }
 }
 
@@ -108,7 +112,11 @@ impl MemfdHandler {
         if size.div_ceil(4096) > u64::from(u32::MAX) {
             return Err(Errno::EFBIG);
         }
-        Ok(MemfdState { pos: sys::position(file)?, size, seals })
+        Ok(MemfdState {
+            pos: sys::position(file)?,
+            size,
+            seals,
+        })
     }
 }
 
@@ -121,7 +129,9 @@ impl FileHandler for MemfdHandler {
     }
 
     fn can_preserve(&self, file: BorrowedFd<'_>) -> bool {
-        let Ok(st) = sys::fstat(file) else { return false };
+        let Ok(st) = sys::fstat(file) else {
+            return false;
+        };
         st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_nlink == 0
             && sys::fs_magic(file).is_ok_and(|m| m == self.magic())
@@ -129,11 +139,16 @@ impl FileHandler for MemfdHandler {
 
     fn get_id(&self, file: BorrowedFd<'_>) -> Result<FileId> {
         let st = sys::fstat(file)?;
-        Ok(FileId { dev: st.st_dev, ino: st.st_ino })
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
     }
 
     fn preserve(&self, file: BorrowedFd<'_>) -> Result<Preserved> {
-        Ok(Preserved { data: Self::snapshot(file)?.encode() })
+        Ok(Preserved {
+            data: Self::snapshot(file)?.encode(),
+        })
     }
 
     fn unpreserve(&self, _state: &FileState<'_>) {}

@@ -56,7 +56,8 @@ pub fn seek_to(fd: BorrowedFd<'_>, pos: u64) -> Result<()> {
 /// Opens a new open file description of the same inode, read-write and
 /// close-on-exec, through `/proc/self/fd`.
 pub fn reopen_rdwr(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
-    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| Errno::EINVAL)?;
+    let path =
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| Errno::EINVAL)?;
     // SAFETY: path is a valid NUL-terminated string.
     let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     let raw = check(raw.into())? as i32;

@@ -51,8 +51,10 @@ fn memfd_round_trip_keeps_contents_size_position_and_seals() {
     let mut f = memfd("guest-ram", libc::MFD_ALLOW_SEALING).unwrap();
     let data: Vec<u8> = (0..3 * 4096 + 17).map(|i| (i % 251) as u8).collect();
     f.write_all(&data).unwrap();
+    let wanted = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
     // SAFETY: F_ADD_SEALS takes an integer argument.
-    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) }, 0);
+    let added = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, wanted) };
+    assert_eq!(added, 0);
     s.preserve_fd(id, 7, dup(&f)).unwrap();
     // The position moves after preserve; freeze records the new one.
     f.seek(SeekFrom::Start(100)).unwrap();
@@ -93,7 +95,11 @@ fn same_inode_through_another_open_is_ebusy() {
     let id = s.create_session(name("s")).unwrap();
     let f = memfd("x", 0).unwrap();
     s.preserve_fd(id, 1, dup(&f)).unwrap();
-    let reopened = File::options().read(true).write(true).open(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+    let reopened = File::options()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .unwrap();
     assert_eq!(s.preserve_fd(id, 2, Ok(reopened.into())), Err(Errno::EBUSY));
 }
 
@@ -106,7 +112,10 @@ fn size_change_after_preserve_refuses_the_freeze() {
     s.preserve_fd(id, 0x42, dup(&f)).unwrap();
     f.set_len(8192).unwrap();
     let err = s.freeze().unwrap_err();
-    assert_eq!((err.errno, err.token, err.compatible), (Errno::EPERM, 0x42, "memfd-v1"));
+    assert_eq!(
+        (err.errno, err.token, err.compatible),
+        (Errno::EPERM, 0x42, "memfd-v1")
+    );
     f.set_len(4096).unwrap();
     s.freeze().unwrap();
 }
@@ -119,11 +128,21 @@ fn unlinked_tmpfs_file_is_accepted_linked_one_is_not() {
     let shm = std::path::Path::new("/dev/shm");
     let base = if shm.is_dir() { shm } else { dir.as_path() };
     let path = base.join(format!("luo-handler-test-{}", std::process::id()));
-    let f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+    let f = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     let linked = s.preserve_fd(id, 1, dup(&f));
     std::fs::remove_file(&path).unwrap();
     if base == shm {
-        assert_eq!(linked, Err(Errno::ENOENT), "a tmpfs file with a link is refused");
+        assert_eq!(
+            linked,
+            Err(Errno::ENOENT),
+            "a tmpfs file with a link is refused"
+        );
         s.preserve_fd(id, 1, dup(&f)).unwrap();
     } else {
         eprintln!("SKIPPED: /dev/shm is not available to test tmpfs files");
@@ -152,7 +171,11 @@ fn hugetlb_memfd_is_preserved_when_huge_pages_exist() {
     let mut s = store();
     let id = s.create_session(name("s")).unwrap();
     s.preserve_fd(id, 1, dup(&f)).unwrap();
-    assert_eq!(s.session(id).unwrap().files[0].handler, 1, "hugetlb handler took it");
+    assert_eq!(
+        s.session(id).unwrap().files[0].handler,
+        1,
+        "hugetlb handler took it"
+    );
     update(&mut s);
     let inc = s.retrieve_session(&name("s")).unwrap();
     let got = File::from(s.retrieve_fd(inc, 1).unwrap().try_clone_to_owned().unwrap());
@@ -161,7 +184,11 @@ fn hugetlb_memfd_is_preserved_when_huge_pages_exist() {
 
 #[test]
 fn state_encoding_round_trips_and_rejects_garbage() {
-    let st = crate::MemfdState { pos: 5, size: 1 << 40, seals: 3 };
+    let st = crate::MemfdState {
+        pos: 5,
+        size: 1 << 40,
+        seals: 3,
+    };
     assert_eq!(crate::MemfdState::decode(&st.encode()), Ok(st));
     assert_eq!(crate::MemfdState::decode(&[1, 2, 3]), Err(Errno::EINVAL));
     let mut bad = st.encode();

@@ -45,10 +45,18 @@ impl FlbRegistry {
     /// # Errors
     /// `EEXIST` if one with the same compatible string is registered.
     pub fn register(&mut self, ops: Box<dyn Flb>) -> Result<FlbId> {
-        if self.slots.iter().any(|s| s.ops.compatible() == ops.compatible()) {
+        if self
+            .slots
+            .iter()
+            .any(|s| s.ops.compatible() == ops.compatible())
+        {
             return Err(Errno::EEXIST);
         }
-        self.slots.push(Slot { ops, outgoing: Side::default(), incoming: Side::default() });
+        self.slots.push(Slot {
+            ops,
+            outgoing: Side::default(),
+            incoming: Side::default(),
+        });
         Ok(FlbId(self.slots.len() - 1))
     }
 
@@ -179,7 +187,11 @@ impl FlbRegistry {
                 .iter_mut()
                 .find(|s| s.ops.compatible() == h.compatible)
                 .ok_or(Errno::ENOENT)?;
-            slot.incoming = Side { count: h.count, data: h.data.clone(), retrieve_status: 0 };
+            slot.incoming = Side {
+                count: h.count,
+                data: h.data.clone(),
+                retrieve_status: 0,
+            };
         }
         Ok(())
     }

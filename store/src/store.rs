@@ -58,7 +58,11 @@ impl Store {
     /// # Errors
     /// `EEXIST` for a duplicate compatible string.
     pub fn register_handler(&mut self, handler: Box<dyn FileHandler>) -> Result<usize> {
-        if self.handlers.iter().any(|h| h.compatible() == handler.compatible()) {
+        if self
+            .handlers
+            .iter()
+            .any(|h| h.compatible() == handler.compatible())
+        {
             return Err(Errno::EEXIST);
         }
         self.handlers.push(handler);
@@ -72,7 +76,9 @@ impl Store {
 
     /// Index of the handler with this compatible string.
     pub fn handler_index(&self, compatible: &str) -> Option<usize> {
-        self.handlers.iter().position(|h| h.compatible() == compatible)
+        self.handlers
+            .iter()
+            .position(|h| h.compatible() == compatible)
     }
 
     /// The current epoch (number of updates since the store was created).
@@ -109,7 +115,13 @@ impl Store {
         self.next_id += 1;
         let id = SessionId(self.next_id);
         self.names(direction).insert(name.clone(), id);
-        let session = Session { id, name, direction, retrieved: false, files: Vec::new() };
+        let session = Session {
+            id,
+            name,
+            direction,
+            retrieved: false,
+            files: Vec::new(),
+        };
         self.sessions.insert(id, session);
         Ok(id)
     }
@@ -153,7 +165,9 @@ impl Store {
     /// # Errors
     /// The finish failure of an incoming session.
     pub fn release_session(&mut self, id: SessionId) -> Result<()> {
-        let Some(session) = self.sessions.get(&id) else { return Ok(()) };
+        let Some(session) = self.sessions.get(&id) else {
+            return Ok(());
+        };
         match session.direction {
             Direction::Incoming => self.finish(id)?,
             Direction::Outgoing => self.unpreserve_all(id),
@@ -163,7 +177,9 @@ impl Store {
     }
 
     fn unpreserve_all(&mut self, id: SessionId) {
-        let Some(session) = self.sessions.get_mut(&id) else { return };
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
         while let Some(file) = session.files.pop() {
             let handler = &self.handlers[file.handler];
             handler.unpreserve(&file.state());
@@ -232,7 +248,11 @@ impl Store {
             carried: None,
             retrieve_status: RetrieveStatus::NotAttempted,
         };
-        self.sessions.get_mut(&id).ok_or(Errno::EBADF)?.files.push(luo_file);
+        self.sessions
+            .get_mut(&id)
+            .ok_or(Errno::EBADF)?
+            .files
+            .push(luo_file);
         Ok(())
     }
 

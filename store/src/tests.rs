@@ -48,7 +48,10 @@ impl FileHandler for PipeHandler {
     }
     fn get_id(&self, file: BorrowedFd<'_>) -> Result<FileId> {
         let st = fstat(file);
-        Ok(FileId { dev: st.st_dev, ino: st.st_ino })
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
     }
     fn preserve(&self, file: BorrowedFd<'_>) -> Result<Preserved> {
         let mut s = self.script.lock().unwrap();
@@ -56,10 +59,16 @@ impl FileHandler for PipeHandler {
         if let Some(e) = s.fail_preserve {
             return Err(e);
         }
-        Ok(Preserved { data: fstat(file).st_ino.to_le_bytes().to_vec() })
+        Ok(Preserved {
+            data: fstat(file).st_ino.to_le_bytes().to_vec(),
+        })
     }
     fn unpreserve(&self, state: &FileState<'_>) {
-        self.script.lock().unwrap().log.push(format!("unpreserve {}", token_of(state.data)));
+        self.script
+            .lock()
+            .unwrap()
+            .log
+            .push(format!("unpreserve {}", token_of(state.data)));
     }
     fn freeze(&self, state: &FileState<'_>, data: &mut Vec<u8>) -> Result<()> {
         let mut s = self.script.lock().unwrap();
@@ -72,16 +81,28 @@ impl FileHandler for PipeHandler {
         Ok(())
     }
     fn unfreeze(&self, state: &FileState<'_>) {
-        self.script.lock().unwrap().log.push(format!("unfreeze {}", token_of(state.data)));
+        self.script
+            .lock()
+            .unwrap()
+            .log
+            .push(format!("unfreeze {}", token_of(state.data)));
     }
     fn retrieve(&self, state: &FileState<'_>) -> Result<OwnedFd> {
         let mut s = self.script.lock().unwrap();
         s.log.push(format!("retrieve {}", token_of(state.data)));
-        assert_eq!(state.data.last(), Some(&0xf), "freeze's data reaches retrieve");
+        assert_eq!(
+            state.data.last(),
+            Some(&0xf),
+            "freeze's data reaches retrieve"
+        );
         if let Some(e) = s.fail_retrieve {
             return Err(e);
         }
-        Ok(state.carried.expect("carried fd").try_clone_to_owned().unwrap())
+        Ok(state
+            .carried
+            .expect("carried fd")
+            .try_clone_to_owned()
+            .unwrap())
     }
     fn can_finish(&self, _state: &FileState<'_>) -> bool {
         !self.script.lock().unwrap().refuse_finish
@@ -133,10 +154,20 @@ struct Fixture {
 fn fixture() -> Fixture {
     let script = Shared::default();
     let mut store = Store::new();
-    let flb = store.flbs.register(Box::new(TestFlb(script.clone()))).unwrap();
-    let handler = PipeHandler { script: script.clone(), flbs: vec![flb] };
+    let flb = store
+        .flbs
+        .register(Box::new(TestFlb(script.clone())))
+        .unwrap();
+    let handler = PipeHandler {
+        script: script.clone(),
+        flbs: vec![flb],
+    };
     store.register_handler(Box::new(handler)).unwrap();
-    Fixture { store, script, pipes: Rc::default() }
+    Fixture {
+        store,
+        script,
+        pipes: Rc::default(),
+    }
 }
 
 impl Fixture {
@@ -157,10 +188,13 @@ impl Fixture {
         std::mem::take(&mut self.script.lock().unwrap().log)
     }
     fn create(&mut self, name: &str) -> SessionId {
-        self.store.create_session(SessionName::new(name.as_bytes()).unwrap()).unwrap()
+        self.store
+            .create_session(SessionName::new(name.as_bytes()).unwrap())
+            .unwrap()
     }
     fn preserve(&mut self, id: SessionId, token: u64, fd: &OwnedFd) -> Result<()> {
-        self.store.preserve_fd(id, token, Ok(fd.try_clone().unwrap()))
+        self.store
+            .preserve_fd(id, token, Ok(fd.try_clone().unwrap()))
     }
     fn update(&mut self) {
         self.store.freeze().unwrap();
@@ -204,7 +238,11 @@ fn retrieve_unknown_is_enoent_and_twice_is_einval() {
     let mut f = fixture();
     assert_eq!(f.store.retrieve_session(&name("a")), Err(Errno::ENOENT));
     f.create("a");
-    assert_eq!(f.store.retrieve_session(&name("a")), Err(Errno::ENOENT), "outgoing is not incoming");
+    assert_eq!(
+        f.store.retrieve_session(&name("a")),
+        Err(Errno::ENOENT),
+        "outgoing is not incoming"
+    );
     f.update();
     f.store.retrieve_session(&name("a")).unwrap();
     assert_eq!(f.store.retrieve_session(&name("a")), Err(Errno::EINVAL));
@@ -217,11 +255,20 @@ fn preserve_errno_order() {
     let p = f.pipe();
     f.preserve(id, 1, &p).unwrap();
     // Token check comes before the fd check.
-    assert_eq!(f.store.preserve_fd(id, 1, Err(Errno::EBADF)), Err(Errno::EEXIST));
-    assert_eq!(f.store.preserve_fd(id, 2, Err(Errno::EBADF)), Err(Errno::EBADF));
+    assert_eq!(
+        f.store.preserve_fd(id, 1, Err(Errno::EBADF)),
+        Err(Errno::EEXIST)
+    );
+    assert_eq!(
+        f.store.preserve_fd(id, 2, Err(Errno::EBADF)),
+        Err(Errno::EBADF)
+    );
     // No handler for a regular file.
     let null = std::fs::File::open("/dev/null").unwrap();
-    assert_eq!(f.store.preserve_fd(id, 3, Ok(null.into())), Err(Errno::ENOENT));
+    assert_eq!(
+        f.store.preserve_fd(id, 3, Ok(null.into())),
+        Err(Errno::ENOENT)
+    );
     // Same object, other token or other session: EBUSY.
     assert_eq!(f.preserve(id, 4, &p), Err(Errno::EBUSY));
     let other = f.create("t");
@@ -235,7 +282,14 @@ fn handler_preserve_failure_leaves_nothing_behind() {
     let p = f.pipe();
     f.script.lock().unwrap().fail_preserve = Some(Errno::ENOSPC);
     assert_eq!(f.preserve(id, 1, &p), Err(Errno::ENOSPC));
-    assert_eq!(f.log(), ["flb preserve", &format!("preserve {}", Fixture::ino(&p)), "flb unpreserve"]);
+    assert_eq!(
+        f.log(),
+        [
+            "flb preserve",
+            &format!("preserve {}", Fixture::ino(&p)),
+            "flb unpreserve"
+        ]
+    );
     f.script.lock().unwrap().fail_preserve = None;
     f.preserve(id, 1, &p).unwrap();
     assert_eq!(f.store.session(id).unwrap().files.len(), 1);
@@ -260,7 +314,14 @@ fn release_outgoing_unpreserves_lifo_and_flb_last() {
     f.log();
     f.store.release_session(id).unwrap();
     let (ia, ib) = (Fixture::ino(&a), Fixture::ino(&b));
-    assert_eq!(f.log(), [format!("unpreserve {ib}"), format!("unpreserve {ia}"), "flb unpreserve".into()]);
+    assert_eq!(
+        f.log(),
+        [
+            format!("unpreserve {ib}"),
+            format!("unpreserve {ia}"),
+            "flb unpreserve".into()
+        ]
+    );
     assert!(f.store.session(id).is_none());
     // The files are free to be preserved again.
     let id = f.create("s");
@@ -285,7 +346,11 @@ fn flb_is_shared_across_sessions() {
 fn session_kind_rules() {
     let mut f = fixture();
     let out = f.create("o");
-    assert_eq!(f.store.finish(out), Ok(()), "finish on an empty set is a no-op in the store");
+    assert_eq!(
+        f.store.finish(out),
+        Ok(()),
+        "finish on an empty set is a no-op in the store"
+    );
     f.preserve(out, 1, &f.pipe()).unwrap();
     f.update();
     let inc = f.store.retrieve_session(&name("o")).unwrap();
@@ -309,8 +374,13 @@ fn freeze_failure_unfreezes_what_was_frozen_and_changes_nothing() {
     let (ia, ib, ic) = (Fixture::ino(&a), Fixture::ino(&b), Fixture::ino(&c));
     assert_eq!(
         f.log(),
-        [format!("freeze {ia}"), format!("freeze {ib}"), format!("freeze {ic}"),
-         format!("unfreeze {ia}"), format!("unfreeze {ib}")]
+        [
+            format!("freeze {ia}"),
+            format!("freeze {ib}"),
+            format!("freeze {ic}"),
+            format!("unfreeze {ia}"),
+            format!("unfreeze {ib}")
+        ]
     );
     assert!(!f.store.is_frozen());
     assert_eq!(f.store.flip_epoch(), Err(Errno::EINVAL));
@@ -345,7 +415,11 @@ fn retrieve_fd_semantics() {
     let again = fstat(f.store.retrieve_fd(inc, 20).unwrap()).st_ino;
     assert_eq!(first, Fixture::ino(&b));
     assert_eq!(first, again);
-    assert_eq!(f.log(), [format!("retrieve {}", Fixture::ino(&b))], "retrieve runs once");
+    assert_eq!(
+        f.log(),
+        [format!("retrieve {}", Fixture::ino(&b))],
+        "retrieve runs once"
+    );
 }
 
 #[test]
@@ -382,7 +456,11 @@ fn finish_is_atomic_and_covers_unretrieved_files() {
     let (ia, ib) = (Fixture::ino(&a), Fixture::ino(&b));
     assert_eq!(
         f.log(),
-        [format!("finish {ib} retrieved=false"), format!("finish {ia} retrieved=true"), "flb finish".into()]
+        [
+            format!("finish {ib} retrieved=false"),
+            format!("finish {ia} retrieved=true"),
+            "flb finish".into()
+        ]
     );
     // The session stays until its fd is closed.
     assert!(f.store.session(inc).is_some());
@@ -427,7 +505,10 @@ fn update_moves_outgoing_to_incoming_and_bumps_epoch() {
     assert_eq!(f.store.epoch(), 0);
     f.update();
     assert_eq!(f.store.epoch(), 1);
-    assert!(f.store.sessions().all(|s| s.direction == Direction::Incoming));
+    assert!(f
+        .store
+        .sessions()
+        .all(|s| s.direction == Direction::Incoming));
     // A new outgoing session with the same name is fine.
     f.create("a");
 }
@@ -435,14 +516,29 @@ fn update_moves_outgoing_to_incoming_and_bumps_epoch() {
 #[test]
 fn duplicate_handler_or_flb_is_eexist() {
     let mut f = fixture();
-    let h = PipeHandler { script: f.script.clone(), flbs: vec![] };
-    assert_eq!(f.store.register_handler(Box::new(h)).err(), Some(Errno::EEXIST));
-    assert_eq!(f.store.flbs.register(Box::new(TestFlb(f.script.clone()))).err(), Some(Errno::EEXIST));
+    let h = PipeHandler {
+        script: f.script.clone(),
+        flbs: vec![],
+    };
+    assert_eq!(
+        f.store.register_handler(Box::new(h)).err(),
+        Some(Errno::EEXIST)
+    );
+    assert_eq!(
+        f.store
+            .flbs
+            .register(Box::new(TestFlb(f.script.clone())))
+            .err(),
+        Some(Errno::EEXIST)
+    );
 }
 
 #[test]
 fn errno_formats_with_its_name() {
     assert_eq!(format!("{:?}", Errno::EBUSY), "EBUSY");
     assert!(Errno::EINVAL.to_string().starts_with("EINVAL ("));
-    assert_eq!(Errno::from(std::io::Error::from_raw_os_error(libc::EBADF)), Errno::EBADF);
+    assert_eq!(
+        Errno::from(std::io::Error::from_raw_os_error(libc::EBADF)),
+        Errno::EBADF
+    );
 }
