@@ -256,6 +256,103 @@ fn probe_errnos() {
 }
 
 #[test]
+#[ignore = "runs under `luo run`, started by incoming_sessions_follow_the_kernel"]
+fn probe_incoming() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let d = dev.as_raw_fd();
+    let s = create(d, "carried").unwrap();
+    let m = memfd();
+    // SAFETY: writes 5 bytes from a live buffer.
+    assert_eq!(
+        unsafe { libc::write(m.as_raw_fd(), b"guest".as_ptr().cast(), 5) },
+        5
+    );
+    ioctl(s.as_raw_fd(), PRESERVE, &mut fd_args(m.as_raw_fd(), 1)).unwrap();
+    simulate_update(&path);
+
+    let mut r = session_args(72, "carried");
+    ioctl(d, RETRIEVE, &mut r).unwrap();
+    // SAFETY: the ioctl returned a new fd that we now own.
+    let inc = unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(r[4..8].try_into().unwrap())) };
+    let i = inc.as_raw_fd();
+    assert_eq!(get_name(i).unwrap(), "carried");
+    assert_eq!(
+        ioctl(d, RETRIEVE, &mut session_args(72, "carried")),
+        Err(libc::EINVAL),
+        "retrieved twice"
+    );
+    assert_eq!(
+        ioctl(i, PRESERVE, &mut fd_args(m.as_raw_fd(), 9)),
+        Err(libc::EINVAL),
+        "preserve on incoming"
+    );
+    assert_eq!(
+        ioctl(i, RETRIEVE_FD, &mut fd_args(-1, 99)),
+        Err(libc::ENOENT),
+        "unknown token"
+    );
+    let mut a = fd_args(-1, 1);
+    ioctl(i, RETRIEVE_FD, &mut a).unwrap();
+    let mut b = fd_args(-1, 1);
+    ioctl(i, RETRIEVE_FD, &mut b).unwrap();
+    let fa = i32::from_ne_bytes(a[4..8].try_into().unwrap());
+    let fb = i32::from_ne_bytes(b[4..8].try_into().unwrap());
+    assert_ne!(fa, fb);
+    // A second retrieve returns the same open file: a seek on one moves the other.
+    // SAFETY: lseek takes no pointers.
+    let (sa, sb) = unsafe {
+        (
+            libc::lseek(fa, 2, libc::SEEK_SET),
+            libc::lseek(fb, 0, libc::SEEK_CUR),
+        )
+    };
+    assert_eq!((sa, sb), (2, 2));
+    let mut back = [0u8; 8];
+    // SAFETY: reads into a live buffer of its own length.
+    let n = unsafe { libc::pread(fa, back.as_mut_ptr().cast(), back.len(), 0) };
+    assert_eq!(&back[..n as usize], b"guest");
+    let mut fin = [8u8, 0, 0, 0, 1, 0, 0, 0];
+    assert_eq!(
+        ioctl(i, FINISH, &mut fin),
+        Err(libc::EINVAL),
+        "finish with reserved set"
+    );
+    fin[4] = 0;
+    assert!(ioctl(i, FINISH, &mut fin).is_ok());
+    drop(inc);
+    // A finished, closed incoming session is gone.
+    assert_eq!(
+        ioctl(d, RETRIEVE, &mut session_args(72, "carried")),
+        Err(libc::ENOENT)
+    );
+}
+
+/// Asks the daemon serving `device` for a simulated update, over the control
+/// socket the device names.
+fn simulate_update(device: &str) {
+    use std::io::{BufRead, Write};
+    let mut buf = vec![0u8; 4096];
+    let p = CString::new(device).unwrap();
+    // SAFETY: p and the name are C strings; buf is writable for its length.
+    let n = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c"user.luo.control".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "the device names its control socket");
+    buf.truncate(n as usize);
+    let mut s = std::os::unix::net::UnixStream::connect(String::from_utf8(buf).unwrap()).unwrap();
+    s.write_all(b"{\"op\":\"update\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "update failed: {line}");
+}
+
+#[test]
 #[ignore = "runs under `luo run`, started by session_fd_lifetime_follows_the_kernel"]
 fn probe_lifetime() {
     let Some(path) = probe_device() else { return };
@@ -403,6 +500,11 @@ fn run_probe(name: &str) {
 #[test]
 fn bad_input_gets_the_kernels_errno() {
     run_probe("probe_errnos");
+}
+
+#[test]
+fn incoming_sessions_follow_the_kernel() {
+    run_probe("probe_incoming");
 }
 
 #[test]
