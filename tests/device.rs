@@ -8,7 +8,7 @@
 mod common;
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 const CREATE: u64 = 0xBA00;
@@ -264,10 +264,8 @@ fn probe_incoming() {
     let s = create(d, "carried").unwrap();
     let m = memfd();
     // SAFETY: writes 5 bytes from a live buffer.
-    assert_eq!(
-        unsafe { libc::write(m.as_raw_fd(), b"guest".as_ptr().cast(), 5) },
-        5
-    );
+    let written = unsafe { libc::write(m.as_raw_fd(), b"guest".as_ptr().cast(), 5) };
+    assert_eq!(written, 5);
     ioctl(s.as_raw_fd(), PRESERVE, &mut fd_args(m.as_raw_fd(), 1)).unwrap();
     simulate_update(&path);
 
@@ -392,49 +390,19 @@ fn probe_lifetime() {
 }
 
 fn send_fd(sock: RawFd, fd: RawFd) {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u8; 64];
-    // SAFETY: msghdr is plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-    // SAFETY: the control buffer is large enough for one fd.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
-        assert_eq!(libc::sendmsg(sock, &msg, 0), 1);
-    }
+    // SAFETY: both fds stay open for the duration of the call.
+    let (sock, fd) = unsafe { (BorrowedFd::borrow_raw(sock), BorrowedFd::borrow_raw(fd)) };
+    luo_cuse_dev::sys::send_with_fd(sock, b"x", Some(fd)).unwrap();
 }
 
 fn recv_fd(sock: RawFd) -> OwnedFd {
+    // SAFETY: sock stays open for the duration of the call.
+    let sock = unsafe { BorrowedFd::borrow_raw(sock) };
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u8; 64];
-    // SAFETY: msghdr is plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = cbuf.len();
-    // SAFETY: buffers are valid; the received fd is read from SCM_RIGHTS data.
-    unsafe {
-        assert_eq!(libc::recvmsg(sock, &mut msg, 0), 1);
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()))
-    }
+    luo_cuse_dev::sys::recv_with_fd(sock, &mut byte)
+        .unwrap()
+        .1
+        .expect("an fd arrived")
 }
 
 #[test]

@@ -34,49 +34,55 @@ pub struct ProcessVm {
     pub tid: i32,
 }
 
-impl CallerMem for ProcessVm {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
-        if buf.is_empty() {
+type VmCall = unsafe extern "C" fn(
+    libc::pid_t,
+    *const libc::iovec,
+    libc::c_ulong,
+    *const libc::iovec,
+    libc::c_ulong,
+    libc::c_ulong,
+) -> isize;
+
+impl ProcessVm {
+    /// Moves `len` bytes between `local` and the caller's `addr` with
+    /// `process_vm_readv` or `process_vm_writev`; short transfers are EFAULT.
+    fn transfer(&self, call: VmCall, local: *mut u8, addr: u64, len: usize) -> Result<()> {
+        if len == 0 {
             return Ok(());
         }
         let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+            iov_base: local.cast(),
+            iov_len: len,
         };
         let remote = libc::iovec {
             iov_base: addr as usize as *mut _,
-            iov_len: buf.len(),
+            iov_len: len,
         };
-        // SAFETY: the local iovec covers `buf`, which we own mutably; the
-        // remote one is only interpreted in the other process.
-        let n = unsafe { libc::process_vm_readv(self.tid, &local, 1, &remote, 1, 0) };
-        if n == buf.len() as isize {
+        // SAFETY: the local iovec covers a buffer of `len` bytes borrowed by
+        // the caller of `transfer` (mutably for reads); the remote one is only
+        // interpreted in the other process.
+        let n = unsafe { call(self.tid, &local, 1, &remote, 1, 0) };
+        if n == len as isize {
             Ok(())
         } else {
             Err(Errno::EFAULT)
         }
     }
+}
+
+impl CallerMem for ProcessVm {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.transfer(libc::process_vm_readv, buf.as_mut_ptr(), addr, buf.len())
+    }
 
     fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let local = libc::iovec {
-            iov_base: buf.as_ptr() as *mut _,
-            iov_len: buf.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: addr as usize as *mut _,
-            iov_len: buf.len(),
-        };
-        // SAFETY: the local iovec covers `buf`, which is only read; the remote
-        // one is only interpreted in the other process.
-        let n = unsafe { libc::process_vm_writev(self.tid, &local, 1, &remote, 1, 0) };
-        if n == buf.len() as isize {
-            Ok(())
-        } else {
-            Err(Errno::EFAULT)
-        }
+        // process_vm_writev only reads the local buffer.
+        self.transfer(
+            libc::process_vm_writev,
+            buf.as_ptr() as *mut u8,
+            addr,
+            buf.len(),
+        )
     }
 }
 
