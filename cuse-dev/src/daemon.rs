@@ -23,7 +23,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 
@@ -181,7 +180,8 @@ pub struct Daemon {
     opener_rx: Receiver<OpenerMsg>,
     opener_tid: i32,
     spare: Vec<(u64, OwnedFd)>,
-    fs_dev: Option<u64>,
+    /// `st_dev` of our FUSE mount: identifies our device and session files.
+    fs_dev: u64,
     slots: HashMap<u64, Option<SessionId>>,
     device_holder: Option<u64>,
     next_fh: u64,
@@ -234,6 +234,11 @@ impl Daemon {
             || format!("mount FUSE at {}", fs.display()),
             sys::mount("luo", &fs, Some("fuse.luo"), flags, Some(&opts)),
         )?;
+        // The mount root is reached without a FUSE request (O_PATH, cached attributes).
+        let (fs_dev, _) = setup(
+            || format!("stat the FUSE mount at {}", fs.display()),
+            sys::path_dev_ino(&fs),
+        )?;
         let signals = setup(
             || "set up signal handling".into(),
             sys::termination_signalfd(),
@@ -270,7 +275,7 @@ impl Daemon {
             opener_rx,
             opener_tid: 0,
             spare: Vec::new(),
-            fs_dev: None,
+            fs_dev,
             slots: HashMap::new(),
             device_holder: None,
             next_fh: 1,
@@ -776,7 +781,7 @@ impl Daemon {
     /// since that would wait on this very thread.
     fn foreign(&mut self, file: OwnedFd) -> Result<OwnedFd> {
         let (dev, _) = sys::dev_ino(file.as_fd())?;
-        if Some(dev) == self.fs_dev || dev == self.ensure_fs_dev()? {
+        if dev == self.fs_dev {
             return Err(Errno::ENOENT);
         }
         Ok(file)
@@ -789,12 +794,7 @@ impl Daemon {
         }
         loop {
             match self.pool_rx.try_recv() {
-                Ok((ino, fd)) => {
-                    if self.fs_dev.is_none() {
-                        self.fs_dev = sys::dev_ino(fd.as_fd()).ok().map(|(dev, _)| dev);
-                    }
-                    return Ok((ino, fd));
-                }
+                Ok(slot) => return Ok(slot),
                 Err(TryRecvError::Disconnected) => return Err(Errno::EIO),
                 Err(TryRecvError::Empty) => self.wait_for_opener()?,
             }
@@ -823,16 +823,6 @@ impl Daemon {
             self.drain_fuse();
         }
         Ok(())
-    }
-
-    /// Makes sure the pool has produced at least one file (so `fs_dev` is known).
-    fn ensure_fs_dev(&mut self) -> Result<u64> {
-        if let Some(dev) = self.fs_dev {
-            return Ok(dev);
-        }
-        let slot = self.take_slot()?;
-        self.spare.push(slot);
-        self.fs_dev.ok_or(Errno::EIO)
     }
 
     // ---- seccomp ----------------------------------------------------------
@@ -876,11 +866,7 @@ impl Daemon {
             Ok(id) => id,
             Err(e) => return Some(Err(e.into())),
         };
-        let dev = match self.ensure_fs_dev() {
-            Ok(d) => d,
-            Err(e) => return Some(Err(e)),
-        };
-        if st_dev != dev {
+        if st_dev != self.fs_dev {
             return None;
         }
         Some(self.ioctl(st_ino, cmd, arg, caller))
@@ -1026,11 +1012,9 @@ fn spawn_opener(
     status: mpsc::Sender<OpenerMsg>,
     event: Arc<OwnedFd>,
 ) {
-    let tid = Arc::new(AtomicI32::new(0));
     std::thread::Builder::new()
         .name("luo-opener".into())
         .spawn(move || {
-            tid.store(sys::gettid(), Ordering::SeqCst);
             let notify = |msg| {
                 let _ = status.send(msg);
                 sys::eventfd_signal(event.as_fd());

@@ -71,22 +71,17 @@ pub fn getxattr(path: &Path, name: &str) -> io::Result<String> {
     String::from_utf8(buf).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
 
-/// Opens a path read-write, non-blocking, close-on-exec.
+/// Opens a path read-write and close-on-exec, plus `extra` flags.
 pub fn open_rdwr(path: &Path, extra: libc::c_int) -> io::Result<OwnedFd> {
-    let p = cstring(path)?;
-    // SAFETY: p is a valid C string.
-    let fd = check(unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | extra) })?;
-    // SAFETY: open returned a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    open_flags(path, libc::O_RDWR | libc::O_CLOEXEC | extra)
 }
 
-/// `fstat(2)`.
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    // SAFETY: all-zero is a valid stat to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is open; st is a valid out pointer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
+fn open_flags(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let p = cstring(path)?;
+    // SAFETY: p is a valid C string.
+    let fd = check(unsafe { libc::open(p.as_ptr(), flags) })?;
+    // SAFETY: open returned a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `st_dev` and `st_ino` of an fd from the cached inode
@@ -110,6 +105,12 @@ pub fn dev_ino(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
         libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         stx.stx_ino,
     ))
+}
+
+/// [`dev_ino`] of a path, opened `O_PATH` so that no filesystem `open` runs.
+pub fn path_dev_ino(path: &Path) -> io::Result<(u64, u64)> {
+    let fd = open_flags(path, libc::O_PATH | libc::O_CLOEXEC)?;
+    dev_ino(std::os::fd::AsFd::as_fd(&fd))
 }
 
 /// The caller's thread id.
