@@ -408,8 +408,9 @@ fn recv_fd(sock: RawFd) -> OwnedFd {
 #[test]
 #[ignore = "runs under `luo run`, started by killed_clients_lose_nothing_and_leak_nothing"]
 fn probe_killed_client() {
+    const ROUNDS: u64 = 60;
     let Some(path) = probe_device() else { return };
-    for round in 0..5 {
+    for round in 0..ROUNDS {
         // SAFETY: fork in a test process; the child only does ioctls and _exit.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
@@ -422,7 +423,7 @@ fn probe_killed_client() {
             }
             unreachable!();
         }
-        std::thread::sleep(Duration::from_millis(30 + 17 * round));
+        std::thread::sleep(Duration::from_micros(200 + 300 * (round % 10)));
         // SAFETY: signalling and reaping our own child.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -431,7 +432,7 @@ fn probe_killed_client() {
     }
     // Every session of the killed children is gone: the names are free again.
     let dev = open(&path).unwrap();
-    for round in 0..5 {
+    for round in 0..ROUNDS {
         for i in 0..50 {
             let s = create(dev.as_raw_fd(), &format!("k{round}-{i}"));
             assert!(s.is_ok(), "k{round}-{i} leaked: {s:?}");

@@ -18,7 +18,7 @@
 //! served in order, so a close followed at once by an open or a create of the
 //! same name sees the close first, as with the kernel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -180,6 +180,8 @@ pub struct Daemon {
     opener_rx: Receiver<OpenerMsg>,
     opener_tid: i32,
     spare: Vec<(u64, OwnedFd)>,
+    /// FUSE requests read ahead by [`Daemon::settle_releases`], in order.
+    backlog: VecDeque<fuse::Request>,
     /// `st_dev` of our FUSE mount: identifies our device and session files.
     fs_dev: u64,
     slots: HashMap<u64, Option<SessionId>>,
@@ -275,6 +277,7 @@ impl Daemon {
             opener_rx,
             opener_tid: 0,
             spare: Vec::new(),
+            backlog: VecDeque::new(),
             fs_dev,
             slots: HashMap::new(),
             device_holder: None,
@@ -291,6 +294,9 @@ impl Daemon {
 
     fn serve(&mut self) -> std::result::Result<(), DaemonError> {
         while !self.stop {
+            if !self.backlog.is_empty() {
+                self.drain_fuse();
+            }
             let events = setup(|| "wait for events".into(), self.epoll.wait(-1))?;
             for (token, _) in events {
                 match token {
@@ -379,19 +385,42 @@ impl Daemon {
 
     /// Serves every FUSE request that is pending right now.
     fn drain_fuse(&mut self) {
-        loop {
-            match self.chan.next_request() {
-                Ok(Some(req)) => self.dispatch(req),
-                Ok(None) => return,
-                Err(e) => {
-                    if e.raw_os_error() == Some(libc::ENODEV) {
-                        log::warn(format_args!("the FUSE filesystem was unmounted; stopping"));
-                    } else {
-                        log::warn(format_args!("reading FUSE requests failed: {e}; stopping"));
-                    }
-                    self.stop = true;
-                    return;
+        while let Some(req) = self.backlog.pop_front() {
+            self.dispatch(req);
+        }
+        while let Some(req) = self.read_request() {
+            self.dispatch(req);
+        }
+    }
+
+    fn read_request(&mut self) -> Option<fuse::Request> {
+        match self.chan.next_request() {
+            Ok(req) => req,
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ENODEV) {
+                    log::warn(format_args!("the FUSE filesystem was unmounted; stopping"));
+                } else {
+                    log::warn(format_args!("reading FUSE requests failed: {e}; stopping"));
                 }
+                self.stop = true;
+                None
+            }
+        }
+    }
+
+    /// Applies every `RELEASE` already queued behind the request being served,
+    /// keeping the other requests for later in their order. A release can be
+    /// queued behind an open or a create that it must precede when the last
+    /// reference was the daemon's own short-lived copy (taken to identify a
+    /// caller's fd) and the caller died meanwhile.
+    fn settle_releases(&mut self) {
+        while let Some(req) = self.read_request() {
+            match req.op {
+                Op::Release(r) => {
+                    self.release(req.header.nodeid, r.fh);
+                    self.chan.reply(req.header.unique, &[]);
+                }
+                _ => self.backlog.push_back(req),
             }
         }
     }
@@ -548,6 +577,9 @@ impl Daemon {
         let flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH | FOPEN_NONSEEKABLE;
         match h.nodeid {
             DEVICE_INO => {
+                if self.device_holder.is_some() {
+                    self.settle_releases();
+                }
                 if self.device_holder.is_some() {
                     return self.chan.reply_err(h.unique, Errno::EBUSY);
                 }
@@ -713,10 +745,21 @@ impl Daemon {
     }
 
     fn session_for(&mut self, cmd: u32, name: SessionName) -> Result<SessionId> {
+        match self.store_session_for(cmd, &name) {
+            // The session in the way may be released by a queued RELEASE.
+            Err(Errno::EEXIST) | Err(Errno::EINVAL) => {
+                self.settle_releases();
+                self.store_session_for(cmd, &name)
+            }
+            other => other,
+        }
+    }
+
+    fn store_session_for(&mut self, cmd: u32, name: &SessionName) -> Result<SessionId> {
         if cmd == uapi::CREATE_SESSION {
-            self.store.create_session(name)
+            self.store.create_session(name.clone())
         } else {
-            self.store.retrieve_session(&name)
+            self.store.retrieve_session(name)
         }
     }
 
@@ -858,13 +901,14 @@ impl Daemon {
     /// Handles a trapped ioctl, or returns None to let the kernel run it
     /// (the fd is not ours).
     fn trapped(&mut self, caller: &Caller, fd: i32, cmd: u32, arg: u64) -> Option<Result<()>> {
-        let file = match caller.get_fd(fd) {
-            Ok(f) => f,
-            Err(e) => return Some(Err(e)),
-        };
-        let (st_dev, st_ino) = match sys::dev_ino(file.as_fd()) {
+        // The copy only identifies the file; it is closed at once so that it
+        // is never the reference that keeps a dead caller's file open.
+        let identity = caller
+            .get_fd(fd)
+            .and_then(|file| Ok(sys::dev_ino(file.as_fd())?));
+        let (st_dev, st_ino) = match identity {
             Ok(id) => id,
-            Err(e) => return Some(Err(e.into())),
+            Err(e) => return Some(Err(e)),
         };
         if st_dev != self.fs_dev {
             return None;
