@@ -1,5 +1,9 @@
 //! `luo bench`: per-call latency of the LUO ioctls on any device path (the
 //! in-kernel one or ours), next to the floor of a no-op ioctl round trip.
+//!
+//! Each measured call is paired with a floor call made right before it, so a
+//! row's ratio compares the two under the same conditions (CPU placement and
+//! load drift a lot on small shared machines).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -20,12 +24,52 @@ pub struct Row {
     pub op: &'static str,
     /// Per-call latencies in microseconds, sorted.
     pub micros: Vec<f64>,
+    /// Latencies of the floor calls interleaved with them, sorted.
+    pub floor: Vec<f64>,
 }
 
-impl Row {
-    fn pct(&self, p: f64) -> f64 {
-        let i = ((self.micros.len() as f64 - 1.0) * p).round() as usize;
-        self.micros[i]
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Times calls of one ioctl, each preceded by a timed floor call on `dev`.
+struct Timer<'a> {
+    dev: &'a File,
+}
+
+impl Timer<'_> {
+    /// A no-op ioctl: a command number out of range, rejected before the
+    /// caller's memory is touched.
+    fn floor(&self) -> std::io::Result<f64> {
+        let mut size = 0u32;
+        let t = Instant::now();
+        match ioctl(self.dev, uapi::io(uapi::IOCTL_TYPE, 0x3f), &mut size) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(t.elapsed().as_secs_f64() * 1e6),
+            Err(e) => Err(e),
+            Ok(()) => Err(std::io::Error::other(
+                "the no-op ioctl unexpectedly succeeded",
+            )),
+        }
+    }
+
+    fn timed<F: FnMut() -> std::io::Result<()>>(
+        &self,
+        op: &'static str,
+        n: usize,
+        mut f: F,
+    ) -> std::io::Result<Row> {
+        let mut micros = Vec::with_capacity(n);
+        let mut floor = Vec::with_capacity(n);
+        for _ in 0..n {
+            floor.push(self.floor()?);
+            let t = Instant::now();
+            f()?;
+            micros.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        micros.sort_by(f64::total_cmp);
+        floor.sort_by(f64::total_cmp);
+        Ok(Row { op, micros, floor })
     }
 }
 
@@ -37,21 +81,6 @@ fn ioctl<T: IntoBytes>(fd: &File, cmd: u32, arg: &mut T) -> std::io::Result<()> 
     } else {
         Ok(())
     }
-}
-
-fn timed<F: FnMut() -> std::io::Result<()>>(
-    op: &'static str,
-    n: usize,
-    mut f: F,
-) -> std::io::Result<Row> {
-    let mut micros = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        f()?;
-        micros.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    micros.sort_by(f64::total_cmp);
-    Ok(Row { op, micros })
 }
 
 fn name_field(s: &str) -> [u8; 64] {
@@ -100,18 +129,11 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
     raise_nofile();
     let dev = File::options().read(true).write(true).open(device)?;
     let tag = std::process::id();
+    let timer = Timer { dev: &dev };
     let mut rows = Vec::new();
-    let floor_cmd = uapi::io(uapi::IOCTL_TYPE, 0x3f);
-    let mut size = 0u32;
-    rows.push(timed("no-op ioctl (floor)", n, || {
-        match ioctl(&dev, floor_cmd, &mut size) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-            other => other.map(|_| ()),
-        }
-    })?);
     let mut sessions = Vec::with_capacity(n);
     let mut i = 0;
-    rows.push(timed("CREATE_SESSION", n, || {
+    rows.push(timer.timed("CREATE_SESSION", n, || {
         i += 1;
         sessions.push(create(
             &dev,
@@ -123,7 +145,7 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
     let session = &sessions[0];
     let files: Vec<File> = (0..n).map(|_| memfd()).collect::<std::io::Result<_>>()?;
     let mut token = 0u64;
-    rows.push(timed("SESSION_PRESERVE_FD", n, || {
+    rows.push(timer.timed("SESSION_PRESERVE_FD", n, || {
         let mut a = FdArgs {
             size: 16,
             fd: files[token as usize].as_raw_fd(),
@@ -132,7 +154,7 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
         token += 1;
         ioctl(session, uapi::PRESERVE_FD, &mut a)
     })?);
-    rows.push(timed("SESSION_GET_NAME", n, || {
+    rows.push(timer.timed("SESSION_GET_NAME", n, || {
         let mut a = GetNameArgs {
             size: 72,
             reserved: 0,
@@ -140,14 +162,19 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
         };
         ioctl(session, uapi::GET_NAME, &mut a)
     })?);
-    if let Some(row) = retrieve_rows(device, &dev, &format!("bench-{tag}-1"), n)? {
+    if let Some(row) = retrieve_rows(device, &timer, &format!("bench-{tag}-1"), n)? {
         rows.push(row);
     }
     Ok(rows)
 }
 
 /// RETRIEVE_FD needs an update; only our daemon can simulate one.
-fn retrieve_rows(device: &Path, dev: &File, name: &str, n: usize) -> std::io::Result<Option<Row>> {
+fn retrieve_rows(
+    device: &Path,
+    timer: &Timer<'_>,
+    name: &str,
+    n: usize,
+) -> std::io::Result<Option<Row>> {
     let Ok(socket) = daemon_socket(device) else {
         eprintln!(
             "note: {} is not a luo daemon; RETRIEVE_FD needs a kexec there and is skipped",
@@ -159,10 +186,10 @@ fn retrieve_rows(device: &Path, dev: &File, name: &str, n: usize) -> std::io::Re
     if !resp.ok {
         return Err(std::io::Error::other(resp.error.unwrap_or_default()));
     }
-    let incoming = create(dev, name, uapi::RETRIEVE_SESSION)?;
+    let incoming = create(timer.dev, name, uapi::RETRIEVE_SESSION)?;
     let mut token = 0u64;
     let mut kept = Vec::with_capacity(n);
-    let row = timed("SESSION_RETRIEVE_FD", n, || {
+    let row = timer.timed("SESSION_RETRIEVE_FD", n, || {
         let mut a = FdArgs {
             size: 16,
             fd: -1,
@@ -182,23 +209,20 @@ fn retrieve_rows(device: &Path, dev: &File, name: &str, n: usize) -> std::io::Re
     Ok(Some(row))
 }
 
-/// Prints rows as a Markdown table with the ratio to the floor.
+/// Prints rows as a Markdown table with each row's ratio to its own floor.
 pub fn print(rows: &[Row], device: &Path) {
-    let floor = rows[0].pct(0.5);
-    println!(
-        "device: {}   calls per row: {}",
-        device.display(),
-        rows[0].micros.len()
-    );
-    println!("| ioctl | p50 (µs) | p99 (µs) | p50 / floor |");
-    println!("|---|---:|---:|---:|");
+    let calls = rows.first().map_or(0, |r| r.micros.len());
+    println!("device: {}   calls per row: {calls}", device.display());
+    println!("| ioctl | p50 (µs) | p99 (µs) | floor p50 (µs) | floor p99 (µs) | p50 / floor p50 |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in rows {
+        let (p50, floor50) = (pct(&r.micros, 0.5), pct(&r.floor, 0.5));
         println!(
-            "| {} | {:.1} | {:.1} | {:.2} |",
+            "| {} | {p50:.1} | {:.1} | {floor50:.1} | {:.1} | {:.2} |",
             r.op,
-            r.pct(0.5),
-            r.pct(0.99),
-            r.pct(0.5) / floor
+            pct(&r.micros, 0.99),
+            pct(&r.floor, 0.99),
+            p50 / floor50
         );
     }
 }
