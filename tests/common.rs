@@ -90,6 +90,15 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `luo update --simulate`.
+    pub fn update(&self) -> std::process::Output {
+        Command::new(LUO)
+            .args(["update", "--simulate", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .unwrap()
+    }
+
     /// `luo run --device D -- argv`.
     pub fn run(&self, argv: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut c = Command::new(LUO);
@@ -111,6 +120,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // End the workloads this daemon's tests left behind (holders that a
+        // failed update kept alive).
+        if let Some(root) = luo_kexec_helper::cgroup2_mount() {
+            let name = self.state.to_string_lossy().trim_matches('/').replace('/', "_");
+            let base = root.join("luo").join(name);
+            for epoch in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                let _ = std::fs::write(epoch.path().join("cgroup.kill"), "1");
+            }
+        }
         // SAFETY: kill takes no pointers.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();

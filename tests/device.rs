@@ -255,19 +255,60 @@ fn probe_errnos() {
     );
 }
 
+/// Forks a child that keeps `fds` open until the update ends it, as the
+/// kernel's two-stage selftests do, and returns in the parent.
+fn hold_until_update(fds: Vec<OwnedFd>) {
+    // SAFETY: the child only closes its stdio and sleeps.
+    if unsafe { libc::fork() } == 0 {
+        let _keep = fds;
+        // Let whoever reads our output see its end, as a daemon would.
+        // SAFETY: closing the standard fds, which this child does not use again.
+        unsafe {
+            libc::setsid();
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+}
+
 #[test]
 #[ignore = "runs under `luo run`, started by incoming_sessions_follow_the_kernel"]
-fn probe_incoming() {
+fn probe_incoming_stage1() {
     let Some(path) = probe_device() else { return };
     let dev = open(&path).unwrap();
-    let d = dev.as_raw_fd();
-    let s = create(d, "carried").unwrap();
+    let s = create(dev.as_raw_fd(), "carried").unwrap();
     let m = memfd();
     // SAFETY: writes 5 bytes from a live buffer.
     let written = unsafe { libc::write(m.as_raw_fd(), b"guest".as_ptr().cast(), 5) };
     assert_eq!(written, 5);
     ioctl(s.as_raw_fd(), PRESERVE, &mut fd_args(m.as_raw_fd(), 1)).unwrap();
-    simulate_update(&path);
+    hold_until_update(vec![s]);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a refused freeze test"]
+fn probe_resized_stage1() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let s = create(dev.as_raw_fd(), "resized").unwrap();
+    let m = memfd();
+    ioctl(s.as_raw_fd(), PRESERVE, &mut fd_args(m.as_raw_fd(), 0x77)).unwrap();
+    // The kernel would refuse this with EPERM; here the freeze refuses it.
+    // SAFETY: ftruncate takes no pointers.
+    assert_eq!(unsafe { libc::ftruncate(m.as_raw_fd(), 4096) }, 0);
+    hold_until_update(vec![s, m]);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by incoming_sessions_follow_the_kernel"]
+fn probe_incoming_stage2() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let d = dev.as_raw_fd();
 
     let mut r = session_args(72, "carried");
     ioctl(d, RETRIEVE, &mut r).unwrap();
@@ -281,7 +322,7 @@ fn probe_incoming() {
         "retrieved twice"
     );
     assert_eq!(
-        ioctl(i, PRESERVE, &mut fd_args(m.as_raw_fd(), 9)),
+        ioctl(i, PRESERVE, &mut fd_args(memfd().as_raw_fd(), 9)),
         Err(libc::EINVAL),
         "preserve on incoming"
     );
@@ -324,30 +365,6 @@ fn probe_incoming() {
         ioctl(d, RETRIEVE, &mut session_args(72, "carried")),
         Err(libc::ENOENT)
     );
-}
-
-/// Asks the daemon serving `device` for a simulated update, over the control
-/// socket the device names.
-fn simulate_update(device: &str) {
-    use std::io::{BufRead, Write};
-    let mut buf = vec![0u8; 4096];
-    let p = CString::new(device).unwrap();
-    // SAFETY: p and the name are C strings; buf is writable for its length.
-    let n = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            c"user.luo.control".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    assert!(n > 0, "the device names its control socket");
-    buf.truncate(n as usize);
-    let mut s = std::os::unix::net::UnixStream::connect(String::from_utf8(buf).unwrap()).unwrap();
-    s.write_all(b"{\"op\":\"update\"}\n").unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
-    assert!(line.contains("\"ok\":true"), "update failed: {line}");
 }
 
 #[test]
@@ -443,6 +460,10 @@ fn probe_killed_client() {
 fn run_probe(name: &str) {
     skip_unless_capable!();
     let mut daemon = common::Daemon::start();
+    run_probe_on(&mut daemon, name);
+}
+
+fn run_probe_on(daemon: &mut common::Daemon, name: &str) {
     let exe = std::env::current_exe().unwrap();
     let out = daemon.run(
         &[
@@ -473,7 +494,41 @@ fn bad_input_gets_the_kernels_errno() {
 
 #[test]
 fn incoming_sessions_follow_the_kernel() {
-    run_probe("probe_incoming");
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    run_probe_on(&mut daemon, "probe_incoming_stage1");
+    let update = daemon.update();
+    assert!(
+        update.status.success(),
+        "update failed: {}",
+        String::from_utf8_lossy(&update.stderr)
+    );
+    assert!(String::from_utf8_lossy(&update.stdout).contains("1 processes of the old epoch ended"));
+    run_probe_on(&mut daemon, "probe_incoming_stage2");
+}
+
+#[test]
+fn a_refused_freeze_changes_nothing() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    run_probe_on(&mut daemon, "probe_resized_stage1");
+    let update = daemon.update();
+    assert!(!update.status.success());
+    let err = String::from_utf8_lossy(&update.stderr);
+    assert!(err.contains("update aborted, nothing changed"), "{err}");
+    assert!(err.contains("token 0x77") && err.contains("EPERM"), "{err}");
+    let status = daemon.status_json();
+    assert_eq!(status["epoch"], 0);
+    let sessions = status["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["direction"], "outgoing");
+    assert_eq!(sessions[0]["files"].as_array().unwrap().len(), 1);
+    // The holder was thawed, not killed: its session is still alive after a while.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        daemon.status_json()["sessions"].as_array().unwrap().len(),
+        1
+    );
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct Response {
     /// Why not, as a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What a successful request did, as a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Status: the device path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,

@@ -193,6 +193,8 @@ pub struct Daemon {
     listeners: HashMap<u64, Rc<Listener>>,
     next_listener: u64,
     created_device: bool,
+    /// The cgroup of the current epoch's `luo run` trees.
+    workload: Option<luo_kexec_helper::Workload>,
     stop: bool,
 }
 
@@ -264,6 +266,7 @@ impl Daemon {
         ] {
             setup(|| "watch the daemon's fds".into(), epoll.add(fd, token))?;
         }
+        let workload = workload_tracker(&cfg.state_dir, 0);
         let mut store = Store::new();
         luo_handlers::register_all(&mut store).expect("built-in handlers register once");
         Ok(Daemon {
@@ -287,6 +290,7 @@ impl Daemon {
             control: None,
             listeners: HashMap::new(),
             next_listener: TOKEN_LISTENER_BASE,
+            workload,
             created_device,
             stop: false,
         })
@@ -324,6 +328,9 @@ impl Daemon {
             let _ = std::fs::remove_file(&self.cfg.device);
         }
         let _ = sys::umount_detach(&self.cfg.fs_dir());
+        if let Some(w) = &self.workload {
+            w.remove_if_empty();
+        }
         let n: usize = self.store.sessions().map(|s| s.files.len()).sum();
         if n > 0 {
             log::warn(format_args!(
@@ -955,6 +962,12 @@ impl Daemon {
         if let Err(e) = self.epoll.add(fd.as_raw_fd(), token) {
             return Response::error(format!("cannot watch the listener: {e}"));
         }
+        if let Some(workload) = &self.workload {
+            if let Err(e) = workload.add(pid) {
+                self.epoll.delete(fd.as_raw_fd());
+                return Response::error(error_chain(&e));
+            }
+        }
         self.listeners.insert(token, Rc::new(Listener::new(fd)));
         log::debug(format_args!("registered luo run tree of pid {pid}"));
         Response {
@@ -964,23 +977,29 @@ impl Daemon {
     }
 
     fn simulate_update(&mut self) -> Response {
-        self.drain_fuse();
-        if let Err(f) = self.store.freeze() {
-            return Response::error(format!("update aborted, nothing changed: {f}"));
+        let mut workload = self.workload.take();
+        let result = luo_kexec_helper::simulate(self, workload.as_mut());
+        self.workload = workload;
+        match result {
+            Ok(report) => {
+                let message = format!(
+                    "updated to epoch {} in {:.1} ms; {} processes of the old epoch ended",
+                    report.epoch,
+                    report.took.as_secs_f64() * 1e3,
+                    report.ended
+                );
+                log::info(format_args!("{message}"));
+                Response {
+                    message: Some(message),
+                    ..self.status()
+                }
+            }
+            Err(e) => {
+                let text = error_chain(&e);
+                log::warn(format_args!("{text}"));
+                Response::error(text)
+            }
         }
-        if let Err(e) = self.store.flip_epoch() {
-            self.store.unfreeze();
-            return Response::error(format!("update aborted: {e}"));
-        }
-        // Session fds of the old epoch no longer name sessions.
-        for slot in self.slots.values_mut() {
-            *slot = None;
-        }
-        log::info(format_args!(
-            "simulated update: now in epoch {}",
-            self.store.epoch()
-        ));
-        self.status()
     }
 
     fn status(&mut self) -> Response {
@@ -1012,6 +1031,71 @@ impl Daemon {
             epoch: self.store.epoch(),
             sessions,
             ..Response::default()
+        }
+    }
+}
+
+impl luo_kexec_helper::Updatable for Daemon {
+    fn serve(&mut self) {
+        self.drain_fuse();
+    }
+
+    fn freeze_sessions(&mut self) -> std::result::Result<(), String> {
+        self.drain_fuse();
+        self.store.freeze().map_err(|f| f.to_string())
+    }
+
+    fn flip(&mut self) -> u64 {
+        self.store
+            .flip_epoch()
+            .expect("sessions were frozen just before");
+        // Session fds of the old epoch no longer name sessions.
+        for slot in self.slots.values_mut() {
+            *slot = None;
+        }
+        self.store.epoch()
+    }
+}
+
+/// An error and its causes as one sentence.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+/// Where the workload of `luo run` trees is tracked: a cgroup v2 directory
+/// named after the state dir, or none (with a warning) if cgroup v2 is not
+/// available.
+fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Workload> {
+    let root = luo_kexec_helper::cgroup2_mount().or_else(|| {
+        let own = state_dir.join("cgroup");
+        std::fs::create_dir_all(&own).ok()?;
+        sys::mount("cgroup2", &own, Some("cgroup2"), 0, None).ok()?;
+        Some(own)
+    });
+    let Some(root) = root else {
+        log::warn(format_args!(
+            "no cgroup v2: updates will not end the processes of `luo run`"
+        ));
+        return None;
+    };
+    let name = state_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
+    match luo_kexec_helper::Workload::new(&root.join("luo").join(name), epoch) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn(format_args!(
+                "{}; updates will not end the processes of `luo run`",
+                error_chain(&e)
+            ));
+            None
         }
     }
 }

@@ -158,10 +158,14 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
 fn update(state_dir: &std::path::Path) -> ExitCode {
     match ask(state_dir, &Request::Update) {
         Ok(r) if r.ok => {
+            let incoming = r
+                .sessions
+                .iter()
+                .filter(|s| s.direction == "incoming")
+                .count();
             println!(
-                "updated: epoch {}, {} incoming sessions",
-                r.epoch,
-                r.sessions.len()
+                "{}; {incoming} incoming sessions",
+                r.message.unwrap_or_default()
             );
             ExitCode::SUCCESS
         }

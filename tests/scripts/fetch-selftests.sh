@@ -7,6 +7,9 @@ set -euo pipefail
 CACHE=${LUO_TEST_CACHE:-/var/cache/luo-test}
 APT=$CACHE/apt
 mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/dl"
+# One fetch at a time; tests run in parallel.
+exec 9> "$CACHE/.lock"
+flock 9
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" > "$APT/sources.list"
 O=(-o Dir::Etc::SourceList="$APT/sources.list" -o Dir::Etc::SourceParts=/dev/null
    -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" -o APT::Sandbox::User=root)

@@ -1,13 +1,18 @@
 #!/bin/bash
-# Runs the kernel's `liveupdate` selftest, unmodified, against `luo daemon`.
+# Runs the kernel's LUO selftests, unmodified, against `luo daemon`.
 #
-# Usage: run-selftest.sh LUO_BINARY SELFTEST_DIR [RUNS]
+# Usage: run-selftest.sh LUO_BINARY SELFTEST_DIR single [RUNS]
+#        run-selftest.sh LUO_BINARY SELFTEST_DIR two-stage TEST
+#
+# `single` runs `liveupdate` RUNS times; `two-stage` runs TEST's stage 1 under
+# `luo run`, a simulated update (`luo update --simulate`, in place of
+# do_kexec.sh), and stage 2 under `luo run`.
 #
 # Everything happens in a private mount namespace whose /dev is a fresh tmpfs
 # holding only the nodes the test needs, so a real /dev/liveupdate (or the
 # host's /dev) is never touched.
 set -euo pipefail
-LUO=$(realpath "$1"); BIN=$(realpath "$2"); RUNS=${3:-1}
+LUO=$(realpath "$1"); BIN=$(realpath "$2"); MODE=$3
 if [ -z "${LUO_IN_NS:-}" ]; then
   exec env LUO_IN_NS=1 unshare --mount --propagation private "$0" "$@"
 fi
@@ -25,6 +30,15 @@ trap 'kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null; cat "$STATE.log" >&2; 
 for _ in $(seq 100); do "$LUO" status --state-dir "$STATE" >/dev/null 2>&1 && break; sleep 0.05; done
 "$LUO" status --state-dir "$STATE" >/dev/null
 cd "$BIN"
+if [ "$MODE" = two-stage ]; then
+  TEST=$4
+  "$LUO" run --device /dev/liveupdate -- "./$TEST" --stage 1 || { echo "$TEST stage 1 FAILED"; exit 1; }
+  "$LUO" update --simulate --state-dir "$STATE" || { echo "$TEST update FAILED"; exit 1; }
+  "$LUO" run --device /dev/liveupdate -- "./$TEST" --stage 2 || { echo "$TEST stage 2 FAILED"; exit 1; }
+  echo "$TEST: stage 1, simulated update, stage 2 passed"
+  exit 0
+fi
+RUNS=${4:-1}
 pass=0
 for i in $(seq "$RUNS"); do
   out=$("$LUO" run --device /dev/liveupdate -- ./liveupdate 2>&1) || { echo "$out"; echo "run $i of $RUNS FAILED"; exit 1; }
