@@ -123,7 +123,11 @@ impl Drop for Daemon {
         // End the workloads this daemon's tests left behind (holders that a
         // failed update kept alive).
         if let Some(root) = luo_kexec_helper::cgroup2_mount() {
-            let name = self.state.to_string_lossy().trim_matches('/').replace('/', "_");
+            let name = self
+                .state
+                .to_string_lossy()
+                .trim_matches('/')
+                .replace('/', "_");
             let base = root.join("luo").join(name);
             for epoch in std::fs::read_dir(&base).into_iter().flatten().flatten() {
                 let _ = std::fs::write(epoch.path().join("cgroup.kill"), "1");

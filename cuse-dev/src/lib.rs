@@ -16,6 +16,7 @@ pub mod bench;
 pub mod caller;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod fuse;
 pub mod fuse_abi;
 pub mod log;

@@ -1,0 +1,672 @@
+//! `luo demo`: a VMM-like workload live-updated through the device.
+//!
+//! The driver starts a private daemon, runs the "VMM" under `luo run`: it
+//! fills guest RAM in a memfd from a vCPU thread that keeps dirtying it, pauses
+//! the vCPU, records a checksum per page, preserves RAM and its own state and
+//! holds them like a VMM waiting for the update. The driver then runs a
+//! simulated update (which ends the old VMM), and a new VMM retrieves
+//! everything in the new epoch and verifies every page. Reported: the blackout
+//! (vCPU pause → first retrieve), the update itself, and the totals.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::control::{self, Request};
+use crate::uapi;
+
+const PAGE: usize = 4096;
+const SESSION: &str = "demo-vm";
+const RAM_TOKEN: u64 = 1;
+const STATE_TOKEN: u64 = 2;
+const STATE_MAGIC: u64 = 0x4c55_4f44_454d_4f31; // "LUODEMO1"
+
+/// Why the demo failed.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    /// A step failed.
+    #[error("{step} failed")]
+    Step {
+        /// The step.
+        step: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest RAM came back different.
+    #[error("guest RAM check failed: {0}")]
+    Mismatch(String),
+}
+
+fn step<T>(step: &str, r: std::io::Result<T>) -> Result<T, DemoError> {
+    r.map_err(|source| DemoError::Step {
+        step: step.to_owned(),
+        source,
+    })
+}
+
+fn errno(what: &str) -> std::io::Error {
+    let e = std::io::Error::last_os_error();
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Memory backing the guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backing {
+    /// shmem memfd.
+    Shmem,
+    /// hugetlb memfd (2 MiB pages).
+    Hugetlb,
+}
+
+/// What the demo runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Guest RAM in MiB (shmem).
+    pub size_mib: u64,
+    /// Guest RAM in MiB for the hugetlb run (0: none).
+    pub hugetlb_mib: u64,
+    /// Sessions preserved besides the VM's (each with one small memfd).
+    pub extra_sessions: usize,
+}
+
+// ---- the driver -----------------------------------------------------------
+
+struct DemoDaemon {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl DemoDaemon {
+    fn start(exe: &Path) -> Result<DemoDaemon, DemoError> {
+        let dir = std::env::temp_dir().join(format!("luo-demo-{}", std::process::id()));
+        step("creating the demo directory", std::fs::create_dir_all(&dir))?;
+        let log = step(
+            "creating the daemon log",
+            File::create(dir.join("daemon.log")),
+        )?;
+        let child = Command::new(exe)
+            .args(["daemon", "--device"])
+            .arg(dir.join("liveupdate"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stderr(log)
+            .spawn();
+        let daemon = DemoDaemon {
+            child: step("starting luo daemon", child)?,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control::call(&daemon.socket(), &Request::Status, None).is_err() {
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(daemon.dir.join("daemon.log")).unwrap_or_default();
+                return Err(DemoError::Step {
+                    step: "waiting for the daemon".into(),
+                    source: std::io::Error::other(format!("not ready after 10 s; its log:\n{log}")),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    fn device(&self) -> PathBuf {
+        self.dir.join("liveupdate")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("state").join("control.sock")
+    }
+}
+
+impl Drop for DemoDaemon {
+    fn drop(&mut self) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the whole demo and prints its report.
+///
+/// # Errors
+/// The first failing step, or a page that came back different.
+pub fn run(opts: &Options) -> Result<(), DemoError> {
+    let exe = step("finding the luo binary", std::env::current_exe())?;
+    let daemon = DemoDaemon::start(&exe)?;
+    println!(
+        "luo demo: daemon serving {} (a FUSE device with a private state dir)",
+        daemon.device().display()
+    );
+    run_one(&exe, &daemon, opts, Backing::Shmem, opts.size_mib)?;
+    if opts.hugetlb_mib > 0 {
+        match free_huge_mib() {
+            Some(free) if free >= opts.hugetlb_mib => {
+                run_one(&exe, &daemon, opts, Backing::Hugetlb, opts.hugetlb_mib)?
+            }
+            free => println!(
+                "\nhugetlb: skipped, {} MiB of free 2 MiB huge pages, {} MiB needed \
+                 (as root: echo {} > /proc/sys/vm/nr_hugepages)",
+                free.unwrap_or(0),
+                opts.hugetlb_mib,
+                opts.hugetlb_mib / 2 + 8
+            ),
+        }
+    }
+    println!("\nluo demo: verified");
+    Ok(())
+}
+
+fn run_one(
+    exe: &Path,
+    daemon: &DemoDaemon,
+    opts: &Options,
+    backing: Backing,
+    mib: u64,
+) -> Result<(), DemoError> {
+    println!(
+        "\n== {mib} MiB of {backing:?} guest RAM, {} extra sessions ==",
+        opts.extra_sessions
+    );
+    vmm_stage(exe, daemon, 1, backing, mib, opts.extra_sessions)?;
+    let resp = step(
+        "the simulated update",
+        control::call(&daemon.socket(), &Request::Update, None),
+    )?;
+    if !resp.ok {
+        return Err(DemoError::Step {
+            step: "the simulated update".into(),
+            source: std::io::Error::other(resp.error.unwrap_or_default()),
+        });
+    }
+    println!("update: {}", resp.message.unwrap_or_default());
+    vmm_stage(exe, daemon, 2, backing, mib, opts.extra_sessions)
+}
+
+fn vmm_stage(
+    exe: &Path,
+    d: &DemoDaemon,
+    stage: u32,
+    backing: Backing,
+    mib: u64,
+    extra: usize,
+) -> Result<(), DemoError> {
+    let device = d.device();
+    let status = Command::new(exe)
+        .arg("run")
+        .arg("--device")
+        .arg(&device)
+        .args(["--", &exe.to_string_lossy(), "demo-vmm", "--device"])
+        .arg(&device)
+        .args([
+            "--stage",
+            &stage.to_string(),
+            "--size-mib",
+            &mib.to_string(),
+        ])
+        .args(["--extra-sessions", &extra.to_string()])
+        .args([
+            "--backing",
+            if backing == Backing::Shmem {
+                "shmem"
+            } else {
+                "hugetlb"
+            },
+        ])
+        .stdin(Stdio::null())
+        .status();
+    let status = step(&format!("starting VMM stage {stage}"), status)?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(DemoError::Step {
+            step: format!("VMM stage {stage}"),
+            source: std::io::Error::other(format!("exited with {status}")),
+        })
+    }
+}
+
+fn free_huge_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    Some(field("HugePages_Free:")? * field("Hugepagesize:")? / 1024)
+}
+
+// ---- the VMM ---------------------------------------------------------------
+
+fn ioctl(fd: RawFd, cmd: u32, buf: &mut [u8], what: &str) -> std::io::Result<()> {
+    // SAFETY: buf is a live struct of the size the command expects.
+    if unsafe { libc::ioctl(fd, cmd as _, buf.as_mut_ptr()) } < 0 {
+        return Err(errno(what));
+    }
+    Ok(())
+}
+
+fn session_ioctl(dev: RawFd, cmd: u32, name: &str) -> std::io::Result<OwnedFd> {
+    let mut a = [0u8; 72];
+    a[..4].copy_from_slice(&72u32.to_ne_bytes());
+    a[8..8 + name.len()].copy_from_slice(name.as_bytes());
+    ioctl(dev, cmd, &mut a, &format!("session {name}"))?;
+    // SAFETY: the ioctl returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes([a[4], a[5], a[6], a[7]])) })
+}
+
+fn fd_args(fd: RawFd, token: u64) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&16u32.to_ne_bytes());
+    a[4..8].copy_from_slice(&fd.to_ne_bytes());
+    a[8..].copy_from_slice(&token.to_ne_bytes());
+    a
+}
+
+fn preserve(session: RawFd, fd: RawFd, token: u64) -> std::io::Result<()> {
+    ioctl(
+        session,
+        uapi::PRESERVE_FD,
+        &mut fd_args(fd, token),
+        &format!("preserving token {token}"),
+    )
+}
+
+fn retrieve(session: RawFd, token: u64) -> std::io::Result<File> {
+    let mut a = fd_args(-1, token);
+    ioctl(
+        session,
+        uapi::RETRIEVE_FD,
+        &mut a,
+        &format!("retrieving token {token}"),
+    )?;
+    // SAFETY: the ioctl returned a new fd that we now own.
+    Ok(File::from(unsafe {
+        OwnedFd::from_raw_fd(i32::from_ne_bytes([a[4], a[5], a[6], a[7]]))
+    }))
+}
+
+fn memfd(name: &str, flags: libc::c_uint, len: u64) -> std::io::Result<File> {
+    let c = CString::new(name).expect("no NUL");
+    // SAFETY: c is a valid C string.
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), flags | libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno("memfd_create"));
+    }
+    // SAFETY: fresh fd we own.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(len)?;
+    Ok(f)
+}
+
+/// A shared mapping of a whole memfd.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: RawFd, len: usize) -> std::io::Result<Mapping> {
+        // SAFETY: a fresh shared mapping of `len` bytes of an fd we hold.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(errno("mmap guest RAM"));
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    fn pages(&self) -> usize {
+        self.len / PAGE
+    }
+
+    /// Page `i` as u64 words.
+    ///
+    /// # Safety
+    /// No other thread may write page `i` while the slice lives.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "pages are handed out under the caller's exclusivity contract"
+    )]
+    unsafe fn page(&self, i: usize) -> &mut [u64] {
+        // SAFETY: i < pages() keeps the page inside the mapping; the caller
+        // guarantees exclusive access to it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * PAGE).cast(), PAGE / 8) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// SAFETY: the mapping is plain shared memory; access discipline is per page.
+unsafe impl Sync for Mapping {}
+
+fn fill(page: &mut [u64], index: u64, generation: u64) {
+    page[0] = index;
+    page[1] = generation;
+    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ generation.rotate_left(17) ^ 1;
+    for w in &mut page[2..] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+}
+
+fn hash(page: &[u64]) -> u64 {
+    page.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
+        (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(5)
+    })
+}
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: a zeroed timespec is valid; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: ts is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+struct Progress {
+    what: &'static str,
+    start: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new(what: &'static str) -> Progress {
+        Progress {
+            what,
+            start: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn update(&mut self, done: usize, total: usize) {
+        if self.start.elapsed() > Duration::from_secs(1) && (done % 4096 == 0 || done == total) {
+            print!("\r  {}: {:3}%", self.what, done * 100 / total.max(1));
+            let _ = std::io::stdout().flush();
+            self.shown = true;
+        }
+    }
+
+    fn done(self) -> Duration {
+        if self.shown {
+            println!("\r  {}: done      ", self.what);
+        }
+        self.start.elapsed()
+    }
+}
+
+/// One stage of the demo VMM (runs under `luo run`).
+///
+/// # Errors
+/// Device, memory or verification failures.
+pub fn vmm(
+    device: &Path,
+    stage: u32,
+    backing: Backing,
+    mib: u64,
+    extra: usize,
+) -> Result<(), DemoError> {
+    let dev = step(
+        "opening the device",
+        File::options().read(true).write(true).open(device),
+    )?;
+    match stage {
+        1 => vmm_stage1(dev, backing, mib, extra),
+        _ => vmm_stage2(dev, extra),
+    }
+}
+
+fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(), DemoError> {
+    let len = mib * 1024 * 1024;
+    let flags = if backing == Backing::Hugetlb {
+        libc::MFD_HUGETLB
+    } else {
+        0
+    };
+    let ram = step("allocating guest RAM", memfd("guest-ram", flags, len))?;
+    let map = step(
+        "mapping guest RAM",
+        Mapping::new(ram.as_raw_fd(), len as usize),
+    )?;
+    let written = run_vcpu(&map);
+    println!(
+        "stage 1: vCPU wrote {written} pages ({} MiB of RAM), paused",
+        mib
+    );
+    let mut progress = Progress::new("checksumming guest RAM");
+    let mut sums = Vec::with_capacity(map.pages());
+    for i in 0..map.pages() {
+        // SAFETY: the vCPU thread has stopped; we are the only accessor.
+        sums.push(hash(unsafe { map.page(i) }));
+        progress.update(i + 1, map.pages());
+    }
+    progress.done();
+    let d = dev.as_raw_fd();
+    let session = step(
+        "creating the session",
+        session_ioctl(d, uapi::CREATE_SESSION, SESSION),
+    )?;
+    // The blackout starts here: a real VMM stops its vCPUs right before it
+    // hands guest RAM to LUO (the checksums above only serve the check).
+    let paused_ns = monotonic_ns();
+    let state = step("writing VMM state", vmm_state(len, paused_ns, &sums))?;
+    let s = session.as_raw_fd();
+    step(
+        "preserving guest RAM",
+        preserve(s, ram.as_raw_fd(), RAM_TOKEN),
+    )?;
+    step(
+        "preserving VMM state",
+        preserve(s, state.as_raw_fd(), STATE_TOKEN),
+    )?;
+    let mut held = vec![session];
+    for i in 0..extra {
+        let name = format!("{SESSION}-{i}");
+        let extra_session = step(
+            "creating an extra session",
+            session_ioctl(d, uapi::CREATE_SESSION, &name),
+        )?;
+        let small = step("creating a small memfd", memfd("extra", 0, 8))?;
+        step(
+            "writing a small memfd",
+            std::os::unix::fs::FileExt::write_all_at(&small, &(i as u64).to_le_bytes(), 0),
+        )?;
+        step(
+            "preserving a small memfd",
+            preserve(extra_session.as_raw_fd(), small.as_raw_fd(), 1),
+        )?;
+        held.push(extra_session);
+    }
+    println!("stage 1: preserved guest RAM and VMM state in session {SESSION:?} (+{extra} sessions); holding them for the update");
+    drop(dev);
+    hold(held);
+    Ok(())
+}
+
+/// Fills every page once, then keeps dirtying pages for a second.
+fn run_vcpu(map: &Mapping) -> u64 {
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let pages = map.pages() as u64;
+            let mut n = 0u64;
+            while n < pages || !stop.load(Ordering::Relaxed) {
+                let i = (n % pages) as usize;
+                // SAFETY: only this thread touches the mapping while it runs.
+                fill(unsafe { map.page(i) }, i as u64, n / pages);
+                n += 1;
+                written.store(n, Ordering::Relaxed);
+            }
+        });
+        let mut progress = Progress::new("vCPU filling guest RAM");
+        let pages = map.pages();
+        while (written.load(Ordering::Relaxed) as usize) < pages {
+            progress.update(
+                written.load(Ordering::Relaxed) as usize / 4096 * 4096,
+                pages,
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        progress.done();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+    });
+    written.into_inner()
+}
+
+fn vmm_state(len: u64, paused_ns: u64, sums: &[u64]) -> std::io::Result<File> {
+    let mut bytes = Vec::with_capacity(32 + sums.len() * 8);
+    for v in [STATE_MAGIC, len, paused_ns, sums.len() as u64] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    for s in sums {
+        bytes.extend_from_slice(&s.to_le_bytes());
+    }
+    let f = memfd("vmm-state", 0, bytes.len() as u64)?;
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0)?;
+    Ok(f)
+}
+
+/// Keeps the session fds in a detached child until the update ends it, as
+/// a VMM waiting for the update would; returns in the parent.
+fn hold(fds: Vec<OwnedFd>) {
+    // SAFETY: the child only detaches and sleeps.
+    if unsafe { libc::fork() } == 0 {
+        let _keep = fds;
+        // SAFETY: detaching from the terminal and the driver's pipes.
+        unsafe {
+            libc::setsid();
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+fn vmm_stage2(dev: File, extra: usize) -> Result<(), DemoError> {
+    let d = dev.as_raw_fd();
+    let session = step(
+        "retrieving the session",
+        session_ioctl(d, uapi::RETRIEVE_SESSION, SESSION),
+    )?;
+    let s = session.as_raw_fd();
+    let ram = step("retrieving guest RAM", retrieve(s, RAM_TOKEN))?;
+    let first_ns = monotonic_ns();
+    let state = step("retrieving VMM state", retrieve(s, STATE_TOKEN))?;
+    let (len, paused_ns, sums) = read_state(&state)?;
+    let t = Instant::now();
+    for i in 0..extra {
+        let name = format!("{SESSION}-{i}");
+        let es = step(
+            "retrieving an extra session",
+            session_ioctl(d, uapi::RETRIEVE_SESSION, &name),
+        )?;
+        let small = step("retrieving a small memfd", retrieve(es.as_raw_fd(), 1))?;
+        let mut v = [0u8; 8];
+        step(
+            "reading a small memfd",
+            std::os::unix::fs::FileExt::read_exact_at(&small, &mut v, 0),
+        )?;
+        if u64::from_le_bytes(v) != i as u64 {
+            return Err(DemoError::Mismatch(format!("session {name} holds {v:?}")));
+        }
+        step("finishing an extra session", finish(es.as_raw_fd()))?;
+    }
+    let extra_time = t.elapsed();
+    let map = step(
+        "mapping guest RAM",
+        Mapping::new(ram.as_raw_fd(), len as usize),
+    )?;
+    let mut progress = Progress::new("verifying guest RAM");
+    for (i, want) in sums.iter().enumerate() {
+        // SAFETY: nothing else maps this memfd in this process.
+        let page = unsafe { map.page(i) };
+        if page[0] != i as u64 || hash(page) != *want {
+            return Err(DemoError::Mismatch(format!(
+                "page {i} differs from what stage 1 recorded"
+            )));
+        }
+        progress.update(i + 1, sums.len());
+    }
+    let verify_time = progress.done();
+    step("finishing the session", finish(s))?;
+    let blackout = Duration::from_nanos(first_ns.saturating_sub(paused_ns));
+    println!(
+        "stage 2: retrieved guest RAM; all {} pages ({} MiB) match their stage-1 checksums",
+        sums.len(),
+        len >> 20
+    );
+    println!(
+        "  blackout (preserve started -> guest RAM retrieved in the new epoch): {:.1} ms",
+        blackout.as_secs_f64() * 1e3
+    );
+    if extra > 0 {
+        println!(
+            "  {extra} extra sessions retrieved, checked and finished in {:.1} ms",
+            extra_time.as_secs_f64() * 1e3
+        );
+    }
+    println!("  verification: {:.1} ms", verify_time.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+fn finish(session: RawFd) -> std::io::Result<()> {
+    let mut a = [8u8, 0, 0, 0, 0, 0, 0, 0];
+    ioctl(session, uapi::FINISH, &mut a, "finish")
+}
+
+fn read_state(f: &File) -> Result<(u64, u64, Vec<u64>), DemoError> {
+    let mut bytes = vec![0u8; step("sizing VMM state", f.metadata())?.len() as usize];
+    step(
+        "reading VMM state",
+        std::os::unix::fs::FileExt::read_exact_at(f, &mut bytes, 0),
+    )?;
+    let word = |i: usize| {
+        bytes
+            .get(i * 8..i * 8 + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if word(0) != Some(STATE_MAGIC) {
+        return Err(DemoError::Mismatch(
+            "the VMM state memfd came back corrupted".into(),
+        ));
+    }
+    let (len, paused, n) = (
+        word(1).unwrap_or(0),
+        word(2).unwrap_or(0),
+        word(3).unwrap_or(0) as usize,
+    );
+    let sums: Option<Vec<u64>> = (0..n).map(|i| word(4 + i)).collect();
+    let sums =
+        sums.ok_or_else(|| DemoError::Mismatch("the VMM state memfd is truncated".into()))?;
+    Ok((len, paused, sums))
+}
