@@ -29,7 +29,7 @@ pub struct FlbRegistry {
 }
 
 /// Serialized FLB state carried across an update.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlbHandover {
     /// Compatible string of the FLB.
     pub compatible: String,
@@ -156,15 +156,44 @@ impl FlbRegistry {
 
     /// Serializes every FLB that outgoing files use.
     pub fn handover(&self) -> Vec<FlbHandover> {
+        self.side_handover(|s| &s.outgoing)
+    }
+
+    /// Serializes every FLB that incoming files use (for a daemon restart).
+    pub fn incoming_handover(&self) -> Vec<FlbHandover> {
+        self.side_handover(|s| &s.incoming)
+    }
+
+    fn side_handover(&self, side: impl Fn(&Slot) -> &Side) -> Vec<FlbHandover> {
         self.slots
             .iter()
-            .filter(|s| s.outgoing.count > 0)
+            .filter(|s| side(s).count > 0)
             .map(|s| FlbHandover {
                 compatible: s.ops.compatible().to_owned(),
-                count: s.outgoing.count,
-                data: s.outgoing.data.clone(),
+                count: side(s).count,
+                data: side(s).data.clone(),
             })
             .collect()
+    }
+
+    /// Loads outgoing FLB state after a daemon restart.
+    ///
+    /// # Errors
+    /// `ENOENT` if an FLB in the handover is not registered.
+    pub fn load_outgoing(&mut self, handover: &[FlbHandover]) -> Result<()> {
+        for h in handover {
+            let slot = self
+                .slots
+                .iter_mut()
+                .find(|s| s.ops.compatible() == h.compatible)
+                .ok_or(Errno::ENOENT)?;
+            slot.outgoing = Side {
+                count: h.count,
+                data: h.data.clone(),
+                retrieve_status: 0,
+            };
+        }
+        Ok(())
     }
 
     /// Starts a new epoch: the outgoing state becomes the incoming state.

@@ -15,6 +15,7 @@
 mod errno;
 mod flb;
 mod handler;
+mod image;
 mod name;
 mod session;
 mod store;
@@ -22,6 +23,10 @@ mod store;
 pub use errno::{Errno, Result};
 pub use flb::{FlbHandover, FlbId, FlbRegistry};
 pub use handler::{FileHandler, FileId, FileState, Flb, Preserved, RetrieveStatus};
+pub use image::{
+    decode_file, decode_image, encode_file, encode_image, FileImage, ImageError, SessionImage,
+    StoreImage,
+};
 pub use name::{SessionName, SESSION_NAME_LENGTH};
 pub use session::{Direction, LuoFile, Session, SessionId};
 pub use store::{FreezeFailure, Store};

@@ -409,6 +409,29 @@ impl Store {
 }
 
 impl Store {
+    /// The last session id handed out.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Installs sessions rebuilt from an image.
+    pub(crate) fn restore(&mut self, epoch: u64, next_id: u64, sessions: Vec<Session>) {
+        self.epoch = epoch;
+        self.next_id = next_id;
+        for session in sessions {
+            for file in &session.files {
+                if let Some(f) = &file.file {
+                    if let Ok(fid) = self.handlers[file.handler].get_id(f.as_fd()) {
+                        self.preserved.insert(fid, session.id);
+                    }
+                }
+            }
+            self.names(session.direction)
+                .insert(session.name.clone(), session.id);
+            self.sessions.insert(session.id, session);
+        }
+    }
+
     /// Undoes [`Store::retrieve_session`] when the session fd could not be
     /// handed out.
     pub fn unretrieve_session(&mut self, id: SessionId) {

@@ -542,3 +542,90 @@ fn errno_formats_with_its_name() {
         Errno::EBADF
     );
 }
+
+#[test]
+fn state_file_refuses_corruption_truncation_and_other_versions() {
+    let payload = b"{\"epoch\":3}";
+    let file = encode_file(payload);
+    assert_eq!(decode_file(&file), Ok(&payload[..]));
+    let mut flipped = file.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    assert_eq!(decode_file(&flipped), Err(ImageError::Checksum));
+    assert!(matches!(
+        decode_file(&file[..file.len() - 1]),
+        Err(ImageError::Truncated { .. })
+    ));
+    let mut v2 = file.clone();
+    v2[8] = 2;
+    assert_eq!(
+        decode_file(&v2),
+        Err(ImageError::UnknownVersion { found: 2 })
+    );
+    assert_eq!(
+        decode_file(b"not a state file at all, no"),
+        Err(ImageError::BadMagic)
+    );
+    assert!(matches!(decode_image(b"{"), Err(ImageError::Payload(_))));
+}
+
+#[test]
+fn image_round_trips_sessions_files_and_flbs() {
+    let mut f = fixture();
+    let out = f.create("out");
+    let (a, b) = (f.pipe(), f.pipe());
+    f.preserve(out, 1, &a).unwrap();
+    f.update();
+    let inc = f.store.retrieve_session(&name("out")).unwrap();
+    f.store.retrieve_fd(inc, 1).unwrap();
+    let out2 = f.create("out");
+    f.preserve(out2, 2, &b).unwrap();
+
+    let (image, fds) = f.store.to_image();
+    let mut kept: std::collections::HashMap<String, OwnedFd> = fds
+        .into_iter()
+        .map(|(k, fd)| (k, fd.try_clone_to_owned().unwrap()))
+        .collect();
+    let image = decode_image(&encode_image(&image)).unwrap();
+
+    let mut g = fixture();
+    g.store.load_image(&image, &mut |k| kept.remove(k)).unwrap();
+    assert!(kept.is_empty(), "every fd was claimed");
+    assert_eq!(g.store.epoch(), 1);
+    assert_eq!(g.store.flbs.outgoing_count(FlbId(0)), 1);
+    assert_eq!(g.store.flbs.incoming_count(FlbId(0)), 1);
+    // Same ids, names, directions; the preserved index is rebuilt.
+    assert_eq!(g.store.direction(inc).unwrap(), (Direction::Incoming, true));
+    assert_eq!(
+        g.store.direction(out2).unwrap(),
+        (Direction::Outgoing, false)
+    );
+    assert_eq!(g.preserve(out2, 3, &b), Err(Errno::EBUSY));
+    assert_eq!(g.store.create_session(name("out")), Err(Errno::EEXIST));
+    assert_eq!(g.store.retrieve_session(&name("out")), Err(Errno::EINVAL));
+    let again = fstat(g.store.retrieve_fd(inc, 1).unwrap()).st_ino;
+    assert_eq!(again, Fixture::ino(&a));
+    // New sessions do not reuse ids.
+    let fresh = g.create("fresh");
+    assert!(fresh.0 > out2.0);
+}
+
+#[test]
+fn image_with_a_missing_fd_or_handler_is_refused() {
+    let mut f = fixture();
+    let id = f.create("s");
+    f.preserve(id, 1, &f.pipe()).unwrap();
+    let (image, _) = f.store.to_image();
+    let mut g = fixture();
+    assert!(matches!(
+        g.store.load_image(&image, &mut |_| None),
+        Err(ImageError::MissingFd(_))
+    ));
+    assert_eq!(g.store.sessions().count(), 0, "nothing half-loaded");
+    let mut bad = image.clone();
+    bad.sessions[0].files[0].handler = "nope-v9".into();
+    let mut h = fixture();
+    assert_eq!(
+        h.store.load_image(&bad, &mut |_| None),
+        Err(ImageError::UnknownHandler("nope-v9".into()))
+    );
+}
