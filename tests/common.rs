@@ -133,8 +133,10 @@ impl Drop for Daemon {
                 let _ = std::fs::write(epoch.path().join("cgroup.kill"), "1");
             }
         }
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = Command::new(LUO)
+            .args(["shutdown", "--state-dir"])
+            .arg(&self.state)
+            .status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -4,12 +4,13 @@
 //! One request per connection: a JSON line (with an fd attached for
 //! `register`), answered by one JSON line.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::sys;
@@ -28,6 +29,8 @@ pub enum Request {
     Register,
     /// Freeze every outgoing session and flip the epoch (simulated reboot).
     Update,
+    /// Unmount the device, release every preserved file, end the keeper.
+    Shutdown,
 }
 
 /// A file in a status report.
@@ -87,46 +90,65 @@ impl Response {
     }
 }
 
-/// Sends a request (with an optional fd) and waits for the answer.
+/// Sends one JSON line, with an optional fd attached.
+///
+/// # Errors
+/// Write failures.
+pub fn send_line<T: Serialize>(
+    stream: &UnixStream,
+    msg: &T,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    sys::send_with_fd(stream.as_fd(), &line[..1], fd)?;
+    (&*stream).write_all(&line[1..])
+}
+
+/// Receives one JSON line and the fd that came with it, if any.
+///
+/// # Errors
+/// Timeouts, a peer that closes early, malformed JSON.
+pub fn recv_line<T: DeserializeOwned>(stream: &UnixStream) -> io::Result<(T, Option<OwnedFd>)> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut fd = None;
+    while buf.last() != Some(&b'\n') {
+        let (n, got) = sys::recv_with_fd(stream.as_fd(), &mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            ));
+        }
+        fd = fd.or(got);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let msg =
+        serde_json::from_slice(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((msg, fd))
+}
+
+/// Connects, sends one request (with an optional fd) and waits for the
+/// answer (and the fd that came with it).
+///
+/// # Errors
+/// Connection or protocol failures.
+pub fn exchange<Q: Serialize, R: DeserializeOwned>(
+    socket: &Path,
+    req: &Q,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<(R, Option<OwnedFd>)> {
+    let stream = UnixStream::connect(socket)?;
+    send_line(&stream, req, fd)?;
+    recv_line(&stream)
+}
+
+/// Sends a request to the daemon and waits for its answer.
 ///
 /// # Errors
 /// Connection or protocol failures.
 pub fn call(socket: &Path, req: &Request, fd: Option<BorrowedFd<'_>>) -> io::Result<Response> {
-    let stream = UnixStream::connect(socket)?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    sys::send_with_fd(stream.as_fd(), &line, fd)?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// Reads one request on the daemon side.
-///
-/// # Errors
-/// Timeouts, disconnects and malformed JSON.
-pub fn read_request(stream: &UnixStream) -> io::Result<(Request, Option<OwnedFd>)> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = vec![0u8; 4096];
-    let (mut n, fd) = sys::recv_with_fd(stream.as_fd(), &mut buf)?;
-    while n > 0 && buf[n - 1] != b'\n' && n < buf.len() {
-        let (more, _) = sys::recv_with_fd(stream.as_fd(), &mut buf[n..])?;
-        if more == 0 {
-            break;
-        }
-        n += more;
-    }
-    let req = serde_json::from_slice(&buf[..n])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok((req, fd))
-}
-
-/// Writes the answer on the daemon side.
-///
-/// # Errors
-/// Write failures.
-pub fn write_response(mut stream: &UnixStream, resp: &Response) -> io::Result<()> {
-    let mut line = serde_json::to_vec(resp)?;
-    line.push(b'\n');
-    stream.write_all(&line)
+    exchange(socket, req, fd).map(|(r, _)| r)
 }

@@ -34,6 +34,8 @@ use crate::caller::{self, CallerMem, ProcessVm};
 use crate::control::{self, FileStatus, Request as CtlRequest, Response, SessionStatus};
 use crate::fuse::{self, Channel, Op};
 use crate::fuse_abi::*;
+use crate::keeper::Keeper;
+use crate::persist::{self, Header, Journal, KeptFds, Loaded, Record, SessionRecord};
 use crate::seccomp::Listener;
 use crate::{log, sys, uapi};
 
@@ -66,11 +68,24 @@ impl Config {
     pub fn socket(&self) -> PathBuf {
         self.state_dir.join("control.sock")
     }
+
+    /// The keeper's socket path.
+    pub fn keeper_socket(&self) -> PathBuf {
+        self.state_dir.join("keeper.sock")
+    }
+
+    /// The state image path.
+    pub fn image(&self) -> PathBuf {
+        self.state_dir.join("state.img")
+    }
 }
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, Error)]
 pub enum DaemonError {
+    /// The state image of the previous daemon was refused.
+    #[error(transparent)]
+    Image(#[from] persist::LoadError),
     /// A setup step failed.
     #[error("cannot {what}")]
     Setup {
@@ -195,19 +210,38 @@ pub struct Daemon {
     created_device: bool,
     /// The cgroup of the current epoch's `luo run` trees.
     workload: Option<luo_kexec_helper::Workload>,
+    /// The fds the keeper holds for us.
+    kept: KeptFds,
+    /// Next session-file number the opener will use.
+    next_slot: u64,
+    /// Something changed since the image was last written.
+    dirty: bool,
+    /// The state journal (from the end of start-up on).
+    journal: Option<Journal>,
+    /// Write a full snapshot next (after a failed commit).
+    needs_snapshot: bool,
+    /// The session file of each session that has one open.
+    session_slot: HashMap<SessionId, u64>,
     stop: bool,
+    /// Stop for good: unmount, release everything, end the keeper.
+    teardown: bool,
 }
 
 impl Daemon {
-    /// Mounts the device and starts serving it in the foreground until
-    /// SIGTERM/SIGINT, then unmounts.
+    /// Serves the device in the foreground until SIGTERM/SIGINT (the state
+    /// stays with the keeper for the next daemon) or `luo shutdown` (the
+    /// device is unmounted and everything released).
+    ///
+    /// A daemon started while a keeper holds the state of a previous one
+    /// resumes it: same mount, same sessions, same session fds in clients.
     ///
     /// # Errors
-    /// Setup failures, as sentences naming what could not be done.
+    /// Setup failures, as sentences naming what could not be done; a state
+    /// image that cannot be trusted.
     pub fn run(cfg: Config) -> std::result::Result<(), DaemonError> {
         let mut daemon = Daemon::start(cfg)?;
         let result = daemon.serve();
-        daemon.shutdown();
+        daemon.stop_serving();
         result
     }
 
@@ -217,8 +251,34 @@ impl Daemon {
             || format!("create the state dir {}", state.display()),
             std::fs::create_dir_all(&state),
         )?;
+        setup(
+            || format!("restrict the state dir {}", state.display()),
+            std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)),
+        )?;
+        let image_exists = cfg.image().exists();
+        match Keeper::connect(&cfg.keeper_socket()) {
+            Some(keeper) if image_exists => Daemon::resume(cfg, keeper),
+            Some(keeper) => {
+                // A daemon that died before it saved anything: start over.
+                let _ = keeper.exit();
+                Daemon::fresh(cfg)
+            }
+            None if image_exists => Err(DaemonError::Setup {
+                what: format!(
+                    "resume from {}: no keeper holds the fds it names (was the machine rebooted?); \
+                     move the file away to start with no sessions",
+                    cfg.image().display()
+                ),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            }),
+            None => Daemon::fresh(cfg),
+        }
+    }
+
+    /// A first start: mount, bind the device, start a keeper.
+    fn fresh(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
         let fs = cfg.fs_dir();
-        // A stale mount from a killed daemon would make the mkdir fail.
+        // A stale mount from a daemon whose keeper is gone would make the mkdir fail.
         let _ = sys::umount_detach(&fs);
         setup(
             || format!("create {}", fs.display()),
@@ -238,6 +298,112 @@ impl Daemon {
             || format!("mount FUSE at {}", fs.display()),
             sys::mount("luo", &fs, Some("fuse.luo"), flags, Some(&opts)),
         )?;
+        let keeper = setup(
+            || "start the fd keeper".into(),
+            Keeper::spawn(&cfg.keeper_socket()),
+        )?;
+        let mut kept = setup(|| "ask the fd keeper".into(), KeptFds::new(keeper))?;
+        setup(
+            || "hand the FUSE connection to the keeper".into(),
+            kept.add_missing(&[(persist::FUSE_KEY.to_owned(), fuse_fd.as_fd())]),
+        )?;
+        let header = Header {
+            next_fh: 1,
+            device_mode: 0o600,
+            next_listener: TOKEN_LISTENER_BASE,
+            created_device,
+            ..Header::default()
+        };
+        let mut daemon = Daemon::assemble(cfg, fuse_fd, kept, &header, true)?;
+        let path = daemon.cfg.image();
+        setup(
+            || format!("write the state journal {}", path.display()),
+            daemon.snapshot(),
+        )?;
+        Ok(daemon)
+    }
+
+    /// Takes over from a daemon that stopped or died: the keeper still holds
+    /// the FUSE connection and every fd; the image says what they are.
+    fn resume(cfg: Config, keeper: Keeper) -> std::result::Result<Daemon, DaemonError> {
+        let loaded = persist::read(&cfg.image())?;
+        let kept = setup(|| "ask the fd keeper".into(), KeptFds::new(keeper))?;
+        let fuse_fd = setup(
+            || "take the FUSE connection back from the keeper".into(),
+            kept.keeper.get(persist::FUSE_KEY),
+        )?;
+        setup(
+            || "make the FUSE connection non-blocking".into(),
+            sys::set_nonblocking(fuse_fd.as_fd()),
+        )?;
+        let mut daemon = Daemon::assemble(cfg, fuse_fd, kept, &loaded.header, false)?;
+        daemon.load(&loaded)?;
+        // Replies the previous daemon decided on may not have been delivered.
+        for (unique, msg) in &loaded.replies {
+            daemon.chan.resend(*unique, msg);
+        }
+        let path = daemon.cfg.image();
+        setup(
+            || format!("rewrite the state journal {}", path.display()),
+            daemon.snapshot(),
+        )?;
+        if let Err(e) = daemon.chan.notify_resend() {
+            log::warn(format_args!(
+                "cannot ask the kernel to resend unanswered requests: {e}"
+            ));
+        }
+        if let Some(w) = &daemon.workload {
+            // A daemon killed in the middle of an update may have left it frozen.
+            w.thaw();
+        }
+        let n = daemon.store.sessions().count();
+        log::info(format_args!(
+            "resumed epoch {} with {n} sessions from {}",
+            daemon.store.epoch(),
+            daemon.cfg.image().display()
+        ));
+        Ok(daemon)
+    }
+
+    fn load(&mut self, loaded: &Loaded) -> std::result::Result<(), DaemonError> {
+        let keeper = &self.kept.keeper;
+        let refused = |reason| persist::LoadError::Refused {
+            path: self.cfg.image(),
+            reason,
+        };
+        self.store
+            .load_image(&loaded.store_image(), &mut |key| keeper.get(key).ok())
+            .map_err(refused)?;
+        for token in &loaded.header.listeners {
+            let key = persist::listener_key(*token);
+            let fd = keeper
+                .get(&key)
+                .map_err(|_| refused(luo_store::ImageError::MissingFd(key)))?;
+            setup(
+                || "watch a luo run listener".into(),
+                self.epoll.add(fd.as_raw_fd(), *token),
+            )?;
+            self.listeners.insert(*token, Rc::new(Listener::new(fd)));
+        }
+        for r in loaded.sessions.values() {
+            if let Some(ino) = r.slot {
+                self.slots.insert(ino, Some(SessionId(r.session.id)));
+                self.session_slot.insert(SessionId(r.session.id), ino);
+            }
+        }
+        self.device_holder = loaded.header.device_holder;
+        self.store.take_changes();
+        Ok(())
+    }
+
+    fn assemble(
+        cfg: Config,
+        fuse_fd: OwnedFd,
+        kept: KeptFds,
+        image: &Header,
+        bind: bool,
+    ) -> std::result::Result<Daemon, DaemonError> {
+        let fs = cfg.fs_dir();
         // The mount root is reached without a FUSE request (O_PATH, cached attributes).
         let (fs_dev, _) = setup(
             || format!("stat the FUSE mount at {}", fs.display()),
@@ -251,13 +417,13 @@ impl Daemon {
         let pool_event = Arc::new(setup(|| "create an eventfd".into(), sys::eventfd())?);
         let (pool_tx, pool_rx) = mpsc::sync_channel(POOL_SIZE);
         let (opener_tx, opener_rx) = mpsc::channel();
-        spawn_opener(
+        let opener = Opener {
             fs,
-            cfg.device.clone(),
-            pool_tx,
-            opener_tx,
-            pool_event.clone(),
-        );
+            device: cfg.device.clone(),
+            bind,
+            first_slot: image.next_slot,
+        };
+        spawn_opener(opener, pool_tx, opener_tx, pool_event.clone());
         let chan = Channel::new(fuse_fd);
         for (fd, token) in [
             (chan.fd().as_raw_fd(), TOKEN_FUSE),
@@ -266,7 +432,7 @@ impl Daemon {
         ] {
             setup(|| "watch the daemon's fds".into(), epoll.add(fd, token))?;
         }
-        let workload = workload_tracker(&cfg.state_dir, 0);
+        let workload = workload_tracker(&cfg.state_dir, image.store.epoch);
         let mut store = Store::new();
         luo_handlers::register_all(&mut store).expect("built-in handlers register once");
         Ok(Daemon {
@@ -284,16 +450,127 @@ impl Daemon {
             fs_dev,
             slots: HashMap::new(),
             device_holder: None,
-            next_fh: 1,
-            device_mode: 0o600,
-            device_owner: (0, 0),
+            next_fh: image.next_fh,
+            device_mode: image.device_mode,
+            device_owner: image.device_owner,
             control: None,
             listeners: HashMap::new(),
-            next_listener: TOKEN_LISTENER_BASE,
+            next_listener: image.next_listener,
             workload,
-            created_device,
+            created_device: image.created_device,
+            kept,
+            next_slot: image.next_slot,
+            dirty: false,
+            journal: None,
+            needs_snapshot: false,
+            session_slot: HashMap::new(),
             stop: false,
+            teardown: false,
         })
+    }
+
+    /// Saves what changed (and gives the keeper any new fds). Called before
+    /// replies that report changes leave the daemon.
+    fn commit(&mut self) {
+        let (changed, removed) = self.store.take_changes();
+        if !self.dirty && changed.is_empty() && removed.is_empty() {
+            return;
+        }
+        let compact =
+            self.needs_snapshot || self.journal.as_ref().is_none_or(Journal::wants_compaction);
+        let result = if compact {
+            self.snapshot()
+        } else {
+            self.append(&changed, &removed)
+        };
+        match result {
+            Ok(()) => self.dirty = false,
+            Err(e) => {
+                log::warn(format_args!(
+                    "saving the state to {} failed: {e}",
+                    self.cfg.image().display()
+                ));
+                self.needs_snapshot = true;
+            }
+        }
+    }
+
+    fn header(&self) -> Header {
+        Header {
+            store: self.store.header_image(),
+            next_slot: self.next_slot,
+            device_holder: self.device_holder,
+            next_fh: self.next_fh,
+            device_mode: self.device_mode,
+            device_owner: self.device_owner,
+            listeners: self.listeners.keys().copied().collect(),
+            next_listener: self.next_listener,
+            created_device: self.created_device,
+        }
+    }
+
+    fn append(&mut self, changed: &[SessionId], removed: &[SessionId]) -> std::io::Result<()> {
+        let header = self.header();
+        let mut fds = own_fds(&self.chan, &self.listeners);
+        let mut sessions = Vec::with_capacity(changed.len());
+        for id in changed {
+            if let Some((session, f)) = self.store.session_image(*id) {
+                fds.extend(f);
+                sessions.push(SessionRecord {
+                    session,
+                    slot: self.session_slot.get(id).copied(),
+                });
+            }
+        }
+        self.kept.add_missing(&fds)?;
+        let record = Record {
+            full: false,
+            header,
+            sessions,
+            removed: removed.iter().map(|id| id.0).collect(),
+            replies: self.chan.batch(),
+        };
+        self.journal
+            .as_mut()
+            .expect("journal exists after start-up")
+            .append(&record)?;
+        let mut prefixes: Vec<String> = changed
+            .iter()
+            .chain(removed)
+            .map(|id| format!("s{}/", id.0))
+            .collect();
+        prefixes.push("listener/".into());
+        let wanted = fds.iter().map(|(k, _)| k.as_str()).collect();
+        self.kept.drop_unwanted(&prefixes, &wanted)
+    }
+
+    /// Rewrites the journal as one full snapshot.
+    fn snapshot(&mut self) -> std::io::Result<()> {
+        let header = self.header();
+        let (store, mut fds) = self.store.to_image();
+        fds.extend(own_fds(&self.chan, &self.listeners));
+        self.kept.add_missing(&fds)?;
+        let sessions = store
+            .sessions
+            .into_iter()
+            .map(|session| {
+                let slot = self.session_slot.get(&SessionId(session.id)).copied();
+                SessionRecord { session, slot }
+            })
+            .collect();
+        let record = Record {
+            full: true,
+            header,
+            sessions,
+            removed: Vec::new(),
+            replies: self.chan.batch(),
+        };
+        self.journal = Some(Journal::create(&self.cfg.image(), &record)?);
+        let wanted = fds.iter().map(|(k, _)| k.as_str()).collect();
+        self.kept
+            .drop_unwanted(&["s".into(), "listener/".into()], &wanted)?;
+        self.needs_snapshot = false;
+        Ok(())
     }
 
     fn serve(&mut self) -> std::result::Result<(), DaemonError> {
@@ -321,22 +598,29 @@ impl Daemon {
         Ok(())
     }
 
-    fn shutdown(&mut self) {
+    fn stop_serving(&mut self) {
         let _ = std::fs::remove_file(self.cfg.socket());
+        if !self.teardown {
+            self.dirty = true;
+            self.commit();
+            let n = self.store.sessions().count();
+            log::info(format_args!(
+                "stopped; {n} sessions and their files stay with the keeper until the next `luo daemon`"
+            ));
+            return;
+        }
         let _ = sys::umount_detach(&self.cfg.device);
         if self.created_device {
             let _ = std::fs::remove_file(&self.cfg.device);
         }
         let _ = sys::umount_detach(&self.cfg.fs_dir());
+        let _ = self.kept.keeper.exit();
+        let _ = std::fs::remove_file(self.cfg.image());
         if let Some(w) = &self.workload {
             w.remove_if_empty();
         }
         let n: usize = self.store.sessions().map(|s| s.files.len()).sum();
-        if n > 0 {
-            log::warn(format_args!(
-                "stopping with {n} preserved files; they are released with the daemon"
-            ));
-        }
+        log::info(format_args!("shut down; {n} preserved files released"));
     }
 
     /// The opener announces its thread id before its first FUSE request.
@@ -391,12 +675,19 @@ impl Daemon {
     // ---- FUSE ----------------------------------------------------------
 
     /// Serves every FUSE request that is pending right now.
+    /// Serves every pending FUSE request as one batch: the replies leave
+    /// only after the state they report is saved.
     fn drain_fuse(&mut self) {
+        let outermost = self.chan.begin_batch();
         while let Some(req) = self.backlog.pop_front() {
             self.dispatch(req);
         }
         while let Some(req) = self.read_request() {
             self.dispatch(req);
+        }
+        if outermost {
+            self.commit();
+            self.chan.end_batch();
         }
     }
 
@@ -406,6 +697,7 @@ impl Daemon {
             Err(e) => {
                 if e.raw_os_error() == Some(libc::ENODEV) {
                     log::warn(format_args!("the FUSE filesystem was unmounted; stopping"));
+                    self.teardown = true;
                 } else {
                     log::warn(format_args!("reading FUSE requests failed: {e}; stopping"));
                 }
@@ -438,6 +730,9 @@ impl Daemon {
             return;
         }
         let u = h.unique;
+        if changes_state(&req.op) {
+            self.dirty = true;
+        }
         match req.op {
             Op::Init(init) => self.reply_init(u, init),
             Op::Lookup { name } => {
@@ -551,6 +846,7 @@ impl Daemon {
         match slot {
             Some(n) if h.pid as i32 == self.opener_tid && n < SLOT_BASE => {
                 self.slots.entry(SLOT_BASE + n).or_insert(None);
+                self.next_slot = self.next_slot.max(n + 1);
                 self.entry(h.unique, SLOT_BASE + n);
             }
             _ => self.chan.reply_err(h.unique, Errno::ENOENT),
@@ -624,6 +920,7 @@ impl Daemon {
             return;
         }
         if let Some(Some(sid)) = self.slots.remove(&ino) {
+            self.session_slot.remove(&sid);
             let name = self
                 .store
                 .session(sid)
@@ -718,6 +1015,7 @@ impl Daemon {
             }
         };
         self.slots.insert(ino, Some(sid));
+        self.session_slot.insert(sid, ino);
         let installed = caller.install(file.as_fd());
         match installed {
             Ok(fd) => {
@@ -727,6 +1025,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.slots.insert(ino, None);
+                self.session_slot.remove(&sid);
                 self.undo_session(cmd, sid);
                 self.spare.push((ino, file));
                 Err(e)
@@ -901,7 +1200,11 @@ impl Daemon {
         let [fd, cmd, arg, ..] = notif.data.args;
         match self.trapped(&caller, fd as i32, cmd as u32, arg) {
             None => listener.continue_syscall(notif.id),
-            Some(result) => listener.respond(notif.id, result),
+            Some(result) => {
+                self.dirty = true;
+                self.commit();
+                listener.respond(notif.id, result);
+            }
         }
     }
 
@@ -933,11 +1236,11 @@ impl Daemon {
             return;
         };
         let _ = stream.set_nonblocking(false);
-        let response = match control::read_request(&stream) {
+        let response = match control::recv_line(&stream) {
             Ok((req, fd)) => self.control_request(req, fd, &stream),
             Err(e) => Response::error(format!("unreadable request: {e}")),
         };
-        let _ = control::write_response(&stream, &response);
+        let _ = control::send_line(&stream, &response, None);
     }
 
     fn control_request(
@@ -953,6 +1256,15 @@ impl Daemon {
                 None => Response::error("register needs a seccomp listener fd attached"),
             },
             CtlRequest::Update => self.simulate_update(),
+            CtlRequest::Shutdown => {
+                self.stop = true;
+                self.teardown = true;
+                Response {
+                    ok: true,
+                    message: Some("shutting down".into()),
+                    ..Response::default()
+                }
+            }
         }
     }
 
@@ -970,6 +1282,8 @@ impl Daemon {
         }
         self.listeners.insert(token, Rc::new(Listener::new(fd)));
         log::debug(format_args!("registered luo run tree of pid {pid}"));
+        self.dirty = true;
+        self.commit();
         Response {
             ok: true,
             ..Response::default()
@@ -1053,6 +1367,11 @@ impl luo_kexec_helper::Updatable for Daemon {
         for slot in self.slots.values_mut() {
             *slot = None;
         }
+        self.session_slot.clear();
+        // Saved before the old workload is killed: its closing session fds
+        // must find the sessions already incoming, in this daemon or the next.
+        self.dirty = true;
+        self.commit();
         self.store.epoch()
     }
 }
@@ -1100,6 +1419,28 @@ fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Wo
     }
 }
 
+/// The fds of the connection and the listeners, by key.
+fn own_fds<'a>(
+    chan: &'a Channel,
+    listeners: &'a HashMap<u64, Rc<Listener>>,
+) -> Vec<(String, BorrowedFd<'a>)> {
+    let mut fds = vec![(persist::FUSE_KEY.to_owned(), chan.fd())];
+    fds.extend(
+        listeners
+            .iter()
+            .map(|(t, l)| (persist::listener_key(*t), l.fd())),
+    );
+    fds
+}
+
+/// Whether serving this request may change what the image records.
+fn changes_state(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Lookup { .. } | Op::Setattr(_) | Op::Open(_) | Op::Release(_) | Op::Ioctl(_)
+    )
+}
+
 /// The answer to an fd-returning ioctl from a caller we cannot give fds to.
 fn refuse(caller: &Caller, what: &str) -> Errno {
     let tid = caller.tid();
@@ -1133,9 +1474,17 @@ fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> 
     }
 }
 
-fn spawn_opener(
+/// What the session-file opener thread does.
+struct Opener {
     fs: PathBuf,
     device: PathBuf,
+    /// Bind the device first (a fresh start; a resumed daemon finds it bound).
+    bind: bool,
+    first_slot: u64,
+}
+
+fn spawn_opener(
+    opener: Opener,
     pool: SyncSender<(u64, OwnedFd)>,
     status: mpsc::Sender<OpenerMsg>,
     event: Arc<OwnedFd>,
@@ -1148,14 +1497,18 @@ fn spawn_opener(
                 sys::eventfd_signal(event.as_fd());
             };
             notify(OpenerMsg::Ready { tid: sys::gettid() });
-            let bound = sys::bind(&fs.join("liveupdate"), &device);
+            let bound = if opener.bind {
+                sys::bind(&opener.fs.join("liveupdate"), &opener.device)
+            } else {
+                Ok(())
+            };
             let ok = bound.is_ok();
             notify(OpenerMsg::Bound(bound));
             if !ok {
                 return;
             }
-            for n in 0u64.. {
-                let Ok(fd) = sys::open_rdwr(&fs.join(format!("s{n}")), 0) else {
+            for n in opener.first_slot.. {
+                let Ok(fd) = sys::open_rdwr(&opener.fs.join(format!("s{n}")), 0) else {
                     return;
                 };
                 if pool.send((SLOT_BASE + n, fd)).is_err() {

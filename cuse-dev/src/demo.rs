@@ -129,8 +129,7 @@ impl DemoDaemon {
 
 impl Drop for DemoDaemon {
     fn drop(&mut self) {
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = control::call(&self.socket(), &Request::Shutdown, None);
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -113,10 +113,16 @@ pub fn is_noreply(op: &Op) -> bool {
     matches!(op, Op::Forget | Op::BatchForget | Op::Interrupt(_))
 }
 
+/// A reply message and the request it answers.
+pub type Reply = (u64, Vec<u8>);
+
 /// A connection to the kernel's FUSE (or CUSE) device.
 pub struct Channel {
     fd: OwnedFd,
     buf: Vec<u8>,
+    /// While a batch is open, replies are held here (unique, message) until
+    /// [`Channel::end_batch`].
+    batch: std::cell::RefCell<Option<Vec<Reply>>>,
 }
 
 impl Channel {
@@ -126,6 +132,7 @@ impl Channel {
         Channel {
             fd,
             buf: vec![0; BUFFER_SIZE],
+            batch: std::cell::RefCell::new(None),
         }
     }
 
@@ -176,10 +183,80 @@ impl Channel {
         self.send(unique, 0, &[value.as_bytes()]);
     }
 
+    /// Starts holding replies back; returns false if a batch is already open.
+    pub fn begin_batch(&self) -> bool {
+        let mut b = self.batch.borrow_mut();
+        if b.is_some() {
+            return false;
+        }
+        *b = Some(Vec::new());
+        true
+    }
+
+    /// The replies held back so far.
+    pub fn batch(&self) -> Vec<(u64, Vec<u8>)> {
+        self.batch.borrow().clone().unwrap_or_default()
+    }
+
+    /// Sends the replies held back and stops holding them.
+    pub fn end_batch(&self) {
+        let held = self.batch.borrow_mut().take().unwrap_or_default();
+        for (unique, msg) in held {
+            self.write_message(unique, &msg);
+        }
+    }
+
+    /// Sends a whole message again (a reply saved before a restart); a reply
+    /// to a request that was already answered is refused by the kernel and
+    /// ignored here.
+    pub fn resend(&self, unique: u64, msg: &[u8]) {
+        self.write_message(unique, msg);
+    }
+
+    /// Asks the kernel to queue again every request this connection's server
+    /// had read but not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9).
+    ///
+    /// # Errors
+    /// The kernel's refusal (older kernels: EINVAL).
+    pub fn notify_resend(&self) -> io::Result<()> {
+        const FUSE_NOTIFY_RESEND: i32 = 7;
+        let header = OutHeader {
+            len: 16,
+            error: FUSE_NOTIFY_RESEND,
+            unique: 0,
+        };
+        // SAFETY: writes 16 bytes from a live header.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), header.as_bytes().as_ptr().cast(), 16) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn write_message(&self, unique: u64, msg: &[u8]) {
+        // SAFETY: writes msg.len() bytes from a live buffer.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        if n < 0 {
+            // ENOENT: the caller was interrupted or already answered; nothing to do.
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                crate::log::warn(format_args!("FUSE reply to request {unique} failed: {err}"));
+            }
+        }
+    }
+
     fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
         let body: usize = parts.iter().map(|p| p.len()).sum();
         let len = (std::mem::size_of::<OutHeader>() + body) as u32;
         let header = OutHeader { len, error, unique };
+        if let Some(batch) = self.batch.borrow_mut().as_mut() {
+            let mut msg = header.as_bytes().to_vec();
+            for p in parts {
+                msg.extend_from_slice(p);
+            }
+            batch.push((unique, msg));
+            return;
+        }
         let mut iov = vec![libc::iovec {
             iov_base: header.as_bytes().as_ptr() as *mut _,
             iov_len: 16,

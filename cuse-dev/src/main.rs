@@ -74,6 +74,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         extra_sessions: usize,
     },
+    /// Stop the daemon for good: unmount the device, release every preserved
+    /// file, end the keeper. (SIGTERM stops it but keeps everything.)
+    Shutdown {
+        /// The daemon's state dir.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// The fd keeper (started by the daemon).
+    #[command(hide = true)]
+    Keeper {
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// One stage of the demo's VMM (started by `luo demo` under `luo run`).
     #[command(hide = true)]
     DemoVmm {
@@ -115,6 +128,11 @@ fn main() -> ExitCode {
             simulate: _,
             state_dir,
         } => update(&state_dir),
+        Command::Shutdown { state_dir } => shutdown(&state_dir),
+        Command::Keeper { socket } => match luo_cuse_dev::keeper::serve(&socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Demo {
             size_mib,
             hugetlb_mib,
@@ -206,6 +224,27 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn shutdown(state_dir: &std::path::Path) -> ExitCode {
+    match ask(state_dir, &Request::Shutdown) {
+        Ok(r) if r.ok => {
+            // Wait until the daemon has let go of the device.
+            let socket = state_dir.join("control.sock");
+            for _ in 0..500 {
+                if !socket.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("luo: {}", r.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
 }
 
 fn update(state_dir: &std::path::Path) -> ExitCode {

@@ -113,6 +113,15 @@ pub fn path_dev_ino(path: &Path) -> io::Result<(u64, u64)> {
     dev_ino(std::os::fd::AsFd::as_fd(&fd))
 }
 
+/// Sets `O_NONBLOCK` on an open file description.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL take integer arguments.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
 /// The caller's thread id.
 pub fn gettid() -> i32 {
     // SAFETY: gettid cannot fail.
@@ -295,6 +304,15 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
 
 /// The peer's pid on a unix socket (`SO_PEERCRED`).
 pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<i32> {
+    peer_cred(sock).map(|c| c.pid)
+}
+
+/// The peer's uid on a unix socket (`SO_PEERCRED`).
+pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    peer_cred(sock).map(|c| c.uid)
+}
+
+fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<libc::ucred> {
     // SAFETY: ucred is plain data.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -308,5 +326,5 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<i32> {
             &mut len,
         )
     })?;
-    Ok(cred.pid)
+    Ok(cred)
 }

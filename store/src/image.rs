@@ -1,16 +1,19 @@
 //! The store's serialized image: what a restarted daemon needs to rebuild
 //! every session, plus the codec of the state file that carries it.
 //!
-//! File layout (little-endian):
+//! The state file is a journal (little-endian):
 //!
 //! ```text
-//! "LUOSTATE" | version u32 | reserved u32 | payload length u64 | FNV-1a-64 of payload | payload
+//! "LUOSTATE" | version u32 | reserved u32 | record*
+//! record = payload length u64 | FNV-1a-64 of payload | payload
 //! ```
 //!
-//! The payload of version 1 is JSON. A file with another magic, version,
-//! length or checksum is refused whole; nothing is half-loaded.
+//! Records are appended; the reader applies them in order. A record cut short
+//! at the very end of the file is a write that never completed and is
+//! ignored; a record that fails its checksum with data after it, a wrong
+//! magic or another version refuses the whole file: nothing is half-loaded.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -23,9 +26,10 @@ use crate::store::Store;
 use crate::Errno;
 
 const MAGIC: &[u8; 8] = b"LUOSTATE";
-/// The image version this build writes and reads.
+/// The journal version this build writes and reads.
 pub const VERSION: u32 = 1;
-const HEADER: usize = 8 + 4 + 4 + 8 + 8;
+const HEADER: usize = 8 + 4 + 4;
+const RECORD_HEADER: usize = 8 + 8;
 
 /// Why a state file was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -67,45 +71,67 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Wraps a payload in the versioned, checksummed file format.
-pub fn encode_file(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + payload.len());
+/// The bytes a new journal starts with.
+pub fn journal_header() -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    out
+}
+
+/// One journal record around `payload`.
+pub fn journal_record(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&fnv1a(payload).to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
 
-/// Checks a state file and returns its payload.
+/// Checks a journal and returns its complete records' payloads, in order.
 ///
 /// # Errors
-/// Bad magic, unknown version, truncation or a checksum mismatch.
-pub fn decode_file(bytes: &[u8]) -> Result<&[u8], ImageError> {
+/// Bad magic, unknown version, or a corrupted record before the end.
+pub fn read_journal(bytes: &[u8]) -> Result<Vec<&[u8]>, ImageError> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(ImageError::BadMagic);
     }
-    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
-    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
-    let version = u32_at(8);
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
         return Err(ImageError::UnknownVersion { found: version });
     }
-    let len = u64_at(16) as usize;
-    let want = HEADER.saturating_add(len);
-    if bytes.len() != want {
+    let mut records: Vec<&[u8]> = Vec::new();
+    let mut at = HEADER;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < RECORD_HEADER {
+            break; // a record header cut short: the last write never completed
+        }
+        let len = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
+        let sum = u64::from_le_bytes(rest[8..16].try_into().expect("8 bytes"));
+        let end = RECORD_HEADER.saturating_add(len);
+        if rest.len() < end {
+            break; // cut short at the end of the file
+        }
+        let payload = &rest[RECORD_HEADER..end];
+        if fnv1a(payload) != sum {
+            if rest.len() == end && !records.is_empty() {
+                break; // the last record, torn
+            }
+            return Err(ImageError::Checksum);
+        }
+        records.push(payload);
+        at += end;
+    }
+    if records.is_empty() {
+        // A journal starts with a full snapshot written in one piece.
         return Err(ImageError::Truncated {
             have: bytes.len(),
-            want,
+            want: HEADER + RECORD_HEADER,
         });
     }
-    let payload = &bytes[HEADER..];
-    if fnv1a(payload) != u64_at(24) {
-        return Err(ImageError::Checksum);
-    }
-    Ok(payload)
+    Ok(records)
 }
 
 /// A preserved file in the image; its fds travel separately, by key.
@@ -184,45 +210,63 @@ fn status_of(code: i32) -> RetrieveStatus {
 }
 
 impl Store {
-    /// The image of the store, and the fds that go with it, by key.
-    pub fn to_image(&self) -> (StoreImage, Vec<(String, std::os::fd::BorrowedFd<'_>)>) {
+    /// The image of one session, and the fds that go with it, by key.
+    pub fn session_image(
+        &self,
+        id: SessionId,
+    ) -> Option<(SessionImage, Vec<(String, BorrowedFd<'_>)>)> {
+        let s = self.session(id)?;
         let mut fds = Vec::new();
-        let sessions = self
-            .sessions()
-            .map(|s| SessionImage {
-                id: s.id.0,
-                name: s.name.as_bytes().to_vec(),
-                incoming: s.direction == Direction::Incoming,
-                retrieved: s.retrieved,
-                files: s
-                    .files
-                    .iter()
-                    .map(|f| {
-                        if let Some(file) = &f.file {
-                            fds.push((FileImage::file_key(s.id.0, f.token), file.as_fd()));
-                        }
-                        if let Some(c) = &f.carried {
-                            fds.push((FileImage::carried_key(s.id.0, f.token), c.as_fd()));
-                        }
-                        FileImage {
-                            handler: self.handler_compatible(f.handler).to_owned(),
-                            token: f.token,
-                            data: f.data.clone(),
-                            has_file: f.file.is_some(),
-                            has_carried: f.carried.is_some(),
-                            retrieve_status: status_code(f.retrieve_status),
-                        }
-                    })
-                    .collect(),
+        let files = s
+            .files
+            .iter()
+            .map(|f| {
+                if let Some(file) = &f.file {
+                    fds.push((FileImage::file_key(s.id.0, f.token), file.as_fd()));
+                }
+                if let Some(c) = &f.carried {
+                    fds.push((FileImage::carried_key(s.id.0, f.token), c.as_fd()));
+                }
+                FileImage {
+                    handler: self.handler_compatible(f.handler).to_owned(),
+                    token: f.token,
+                    data: f.data.clone(),
+                    has_file: f.file.is_some(),
+                    has_carried: f.carried.is_some(),
+                    retrieve_status: status_code(f.retrieve_status),
+                }
             })
             .collect();
-        let image = StoreImage {
+        let image = SessionImage {
+            id: s.id.0,
+            name: s.name.as_bytes().to_vec(),
+            incoming: s.direction == Direction::Incoming,
+            retrieved: s.retrieved,
+            files,
+        };
+        Some((image, fds))
+    }
+
+    /// The image of the store without its sessions.
+    pub fn header_image(&self) -> StoreImage {
+        StoreImage {
             epoch: self.epoch(),
             next_id: self.next_id(),
-            sessions,
+            sessions: Vec::new(),
             flb_outgoing: self.flbs.handover(),
             flb_incoming: self.flbs.incoming_handover(),
-        };
+        }
+    }
+
+    /// The image of the whole store, and the fds that go with it, by key.
+    pub fn to_image(&self) -> (StoreImage, Vec<(String, BorrowedFd<'_>)>) {
+        let mut image = self.header_image();
+        let mut fds = Vec::new();
+        for s in self.sessions() {
+            let (si, f) = self.session_image(s.id).expect("listed session exists");
+            image.sessions.push(si);
+            fds.extend(f);
+        }
         (image, fds)
     }
 

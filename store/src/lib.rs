@@ -24,8 +24,8 @@ pub use errno::{Errno, Result};
 pub use flb::{FlbHandover, FlbId, FlbRegistry};
 pub use handler::{FileHandler, FileId, FileState, Flb, Preserved, RetrieveStatus};
 pub use image::{
-    decode_file, decode_image, encode_file, encode_image, FileImage, ImageError, SessionImage,
-    StoreImage,
+    decode_image, encode_image, journal_header, journal_record, read_journal, FileImage,
+    ImageError, SessionImage, StoreImage,
 };
 pub use name::{SessionName, SESSION_NAME_LENGTH};
 pub use session::{Direction, LuoFile, Session, SessionId};

@@ -1,6 +1,6 @@
 //! The store: both session lists, the preserved-file index, handlers and FLBs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::errno::{Errno, Result};
@@ -45,6 +45,10 @@ pub struct Store {
     next_id: u64,
     epoch: u64,
     frozen: bool,
+    /// Sessions changed since the last [`Store::take_changes`].
+    changed: BTreeSet<SessionId>,
+    /// Sessions gone since the last [`Store::take_changes`].
+    removed: BTreeSet<SessionId>,
 }
 
 impl Store {
@@ -123,10 +127,13 @@ impl Store {
             files: Vec::new(),
         };
         self.sessions.insert(id, session);
+        self.changed.insert(id);
         Ok(id)
     }
 
     fn remove(&mut self, id: SessionId) {
+        self.changed.remove(&id);
+        self.removed.insert(id);
         if let Some(session) = self.sessions.remove(&id) {
             self.names(session.direction).remove(&session.name);
         }
@@ -149,6 +156,7 @@ impl Store {
     /// `ENOENT` for an unknown name, `EINVAL` if already retrieved.
     pub fn retrieve_session(&mut self, name: &SessionName) -> Result<SessionId> {
         let id = *self.incoming.get(name).ok_or(Errno::ENOENT)?;
+        self.changed.insert(id);
         let session = self.sessions.get_mut(&id).ok_or(Errno::ENOENT)?;
         if session.retrieved {
             return Err(Errno::EINVAL);
@@ -209,6 +217,7 @@ impl Store {
     /// `EEXIST` token used, `EBADF` bad fd, `ENOENT` no handler, `EBUSY`
     /// already preserved, `EBUSY` while frozen, or the handler's/FLB's errno.
     pub fn preserve_fd(&mut self, id: SessionId, token: u64, file: Result<OwnedFd>) -> Result<()> {
+        self.touch(id);
         if self.frozen {
             return Err(Errno::EBUSY);
         }
@@ -263,6 +272,7 @@ impl Store {
     /// # Errors
     /// `ENOENT` unknown token, or the handler's (remembered) retrieve errno.
     pub fn retrieve_fd(&mut self, id: SessionId, token: u64) -> Result<BorrowedFd<'_>> {
+        self.touch(id);
         let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
         let file = session.file_mut(token).ok_or(Errno::ENOENT)?;
         match file.retrieve_status {
@@ -295,6 +305,7 @@ impl Store {
     /// # Errors
     /// `EBUSY` if a file cannot finish; nothing is finished then.
     pub fn finish(&mut self, id: SessionId) -> Result<()> {
+        self.touch(id);
         let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
         for file in &session.files {
             if !self.handlers[file.handler].can_finish(&file.state()) {
@@ -322,6 +333,7 @@ impl Store {
     /// Which file refused and why.
     pub fn freeze(&mut self) -> std::result::Result<(), FreezeFailure> {
         let ids: Vec<SessionId> = self.outgoing_ids();
+        self.changed.extend(ids.iter().copied());
         let mut done: Vec<(SessionId, usize)> = Vec::new();
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("outgoing session exists");
@@ -390,7 +402,10 @@ impl Store {
         let stale: Vec<SessionId> = self.incoming.values().copied().collect();
         for id in stale {
             self.sessions.remove(&id);
+            self.changed.remove(&id);
+            self.removed.insert(id);
         }
+        self.changed.extend(self.sessions.keys().copied());
         self.incoming = std::mem::take(&mut self.outgoing);
         self.preserved.clear();
         for session in self.sessions.values_mut() {
@@ -409,6 +424,20 @@ impl Store {
 }
 
 impl Store {
+    fn touch(&mut self, id: SessionId) {
+        if self.sessions.contains_key(&id) {
+            self.changed.insert(id);
+        }
+    }
+
+    /// Sessions changed and sessions gone since the last call, so that a
+    /// caller can save only what changed.
+    pub fn take_changes(&mut self) -> (Vec<SessionId>, Vec<SessionId>) {
+        let changed = std::mem::take(&mut self.changed).into_iter().collect();
+        let removed = std::mem::take(&mut self.removed).into_iter().collect();
+        (changed, removed)
+    }
+
     /// The last session id handed out.
     pub fn next_id(&self) -> u64 {
         self.next_id
@@ -435,6 +464,7 @@ impl Store {
     /// Undoes [`Store::retrieve_session`] when the session fd could not be
     /// handed out.
     pub fn unretrieve_session(&mut self, id: SessionId) {
+        self.touch(id);
         if let Some(s) = self.sessions.get_mut(&id) {
             if s.direction == Direction::Incoming {
                 s.retrieved = false;

@@ -544,28 +544,54 @@ fn errno_formats_with_its_name() {
 }
 
 #[test]
-fn state_file_refuses_corruption_truncation_and_other_versions() {
-    let payload = b"{\"epoch\":3}";
-    let file = encode_file(payload);
-    assert_eq!(decode_file(&file), Ok(&payload[..]));
-    let mut flipped = file.clone();
-    *flipped.last_mut().unwrap() ^= 1;
-    assert_eq!(decode_file(&flipped), Err(ImageError::Checksum));
-    assert!(matches!(
-        decode_file(&file[..file.len() - 1]),
-        Err(ImageError::Truncated { .. })
-    ));
+fn journal_refuses_corruption_and_other_versions_but_drops_a_torn_tail() {
+    let mut file = journal_header();
+    file.extend(journal_record(b"one"));
+    file.extend(journal_record(b"two"));
+    assert_eq!(read_journal(&file), Ok(vec![&b"one"[..], &b"two"[..]]));
+    // A torn last record (cut short, or garbled at the very end) is dropped.
+    assert_eq!(read_journal(&file[..file.len() - 1]), Ok(vec![&b"one"[..]]));
+    let mut torn = file.clone();
+    *torn.last_mut().unwrap() ^= 1;
+    assert_eq!(read_journal(&torn), Ok(vec![&b"one"[..]]));
+    // A garbled record with data after it is corruption.
+    let mut bad = file.clone();
+    bad[16 + 16] ^= 1;
+    assert_eq!(read_journal(&bad), Err(ImageError::Checksum));
     let mut v2 = file.clone();
     v2[8] = 2;
     assert_eq!(
-        decode_file(&v2),
+        read_journal(&v2),
         Err(ImageError::UnknownVersion { found: 2 })
     );
     assert_eq!(
-        decode_file(b"not a state file at all, no"),
+        read_journal(b"not a state file at all, no"),
         Err(ImageError::BadMagic)
     );
+    // The first record (the snapshot) is never taken for a torn tail.
+    let mut only = journal_header();
+    only.extend(journal_record(b"snapshot"));
+    *only.last_mut().unwrap() ^= 1;
+    assert_eq!(read_journal(&only), Err(ImageError::Checksum));
+    assert!(
+        read_journal(&journal_header()).is_err(),
+        "an empty journal is refused"
+    );
     assert!(matches!(decode_image(b"{"), Err(ImageError::Payload(_))));
+}
+
+#[test]
+fn changes_are_tracked_per_session() {
+    let mut f = fixture();
+    let a = f.create("a");
+    let b = f.create("b");
+    assert_eq!(f.store.take_changes(), (vec![a, b], vec![]));
+    f.preserve(a, 1, &f.pipe()).unwrap();
+    f.store.release_session(b).unwrap();
+    assert_eq!(f.store.take_changes(), (vec![a], vec![b]));
+    assert_eq!(f.store.take_changes(), (vec![], vec![]));
+    f.update();
+    assert_eq!(f.store.take_changes(), (vec![a], vec![]));
 }
 
 #[test]

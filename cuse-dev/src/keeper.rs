@@ -1,0 +1,234 @@
+//! The keeper: a small process that holds every fd the LUO state depends on
+//! while no daemon runs, so that stopping, upgrading or killing the daemon
+//! loses nothing.
+//!
+//! It holds the FUSE connection (so the mounted device and every session fd
+//! in every client stay valid), the seccomp listeners of `luo run` trees, and
+//! every preserved or carried file. It knows nothing of LUO: fds by key, put,
+//! get, drop, list. It is started by the first daemon, detached into its own
+//! session, and ends only when told to (`luo shutdown`).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control;
+
+/// A request to the keeper.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum KeeperRequest {
+    /// Keep the attached fd under `key` (replacing any other).
+    Put {
+        /// Key.
+        key: String,
+    },
+    /// Hand back a copy of the fd under `key`.
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// Close the fds under these keys.
+    Drop {
+        /// Keys.
+        keys: Vec<String>,
+    },
+    /// Every key held.
+    List,
+    /// Close everything and exit.
+    Exit,
+}
+
+/// The keeper's answer.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct KeeperResponse {
+    /// Success.
+    pub ok: bool,
+    /// Keys (for `List`).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Its pid.
+    #[serde(default)]
+    pub pid: u32,
+}
+
+/// Serves the keeper protocol on `socket` until told to exit.
+///
+/// # Errors
+/// If the socket cannot be bound.
+pub fn serve(socket: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    let mut fds: HashMap<String, OwnedFd> = HashMap::new();
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        // Only our own user may take fds (the socket is also in a 0700 dir).
+        if crate::sys::peer_uid(stream.as_fd()).ok() != Some(me) {
+            continue;
+        }
+        let Ok((req, fd)) = control::recv_line::<KeeperRequest>(&stream) else {
+            continue;
+        };
+        let exit = matches!(req, KeeperRequest::Exit);
+        answer(&stream, req, fd, &mut fds);
+        if exit {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+fn answer(
+    stream: &UnixStream,
+    req: KeeperRequest,
+    fd: Option<OwnedFd>,
+    fds: &mut HashMap<String, OwnedFd>,
+) {
+    let mut resp = KeeperResponse {
+        ok: true,
+        pid: std::process::id(),
+        ..Default::default()
+    };
+    let mut out = None;
+    match req {
+        KeeperRequest::Put { key } => match fd {
+            Some(fd) => {
+                fds.insert(key, fd);
+            }
+            None => resp.ok = false,
+        },
+        KeeperRequest::Get { key } => match fds.get(&key) {
+            Some(fd) => out = Some(fd.as_fd()),
+            None => resp.ok = false,
+        },
+        KeeperRequest::Drop { keys } => {
+            for k in keys {
+                fds.remove(&k);
+            }
+        }
+        KeeperRequest::List => resp.keys = fds.keys().cloned().collect(),
+        KeeperRequest::Exit => fds.clear(),
+    }
+    let _ = control::send_line(stream, &resp, out);
+}
+
+/// The daemon's handle on its keeper.
+#[derive(Debug)]
+pub struct Keeper {
+    socket: PathBuf,
+}
+
+fn refused(what: &str) -> std::io::Error {
+    std::io::Error::other(format!("the keeper refused to {what}"))
+}
+
+impl Keeper {
+    /// The keeper listening on `socket`, if one answers.
+    pub fn connect(socket: &Path) -> Option<Keeper> {
+        let k = Keeper {
+            socket: socket.to_owned(),
+        };
+        k.list().ok().map(|_| k)
+    }
+
+    /// Starts a keeper (detached, in its own session) and waits for it.
+    ///
+    /// # Errors
+    /// If it cannot be started or does not answer within 5 s.
+    pub fn spawn(socket: &Path) -> std::io::Result<Keeper> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("keeper").arg("--socket").arg(socket);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(k) = Keeper::connect(socket) {
+                return Ok(k);
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("the keeper did not start within 5 s"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn call(
+        &self,
+        req: &KeeperRequest,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> std::io::Result<(KeeperResponse, Option<OwnedFd>)> {
+        control::exchange(&self.socket, req, fd)
+    }
+
+    /// Keeps `fd` under `key`.
+    ///
+    /// # Errors
+    /// Connection failures or a refusal.
+    pub fn put(&self, key: &str, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        let (r, _) = self.call(
+            &KeeperRequest::Put {
+                key: key.to_owned(),
+            },
+            Some(fd),
+        )?;
+        r.ok.then_some(()).ok_or_else(|| refused("keep an fd"))
+    }
+
+    /// A copy of the fd under `key`.
+    ///
+    /// # Errors
+    /// Connection failures, or no such key.
+    pub fn get(&self, key: &str) -> std::io::Result<OwnedFd> {
+        let (r, fd) = self.call(
+            &KeeperRequest::Get {
+                key: key.to_owned(),
+            },
+            None,
+        )?;
+        fd.filter(|_| r.ok)
+            .ok_or_else(|| refused(&format!("hand back {key}")))
+    }
+
+    /// Closes the fds under `keys`.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn drop_keys(&self, keys: Vec<String>) -> std::io::Result<()> {
+        self.call(&KeeperRequest::Drop { keys }, None).map(|_| ())
+    }
+
+    /// Every key held, and the keeper's pid.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn list(&self) -> std::io::Result<(Vec<String>, u32)> {
+        self.call(&KeeperRequest::List, None)
+            .map(|(r, _)| (r.keys, r.pid))
+    }
+
+    /// Tells the keeper to close everything and exit.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn exit(&self) -> std::io::Result<()> {
+        self.call(&KeeperRequest::Exit, None).map(|_| ())
+    }
+}

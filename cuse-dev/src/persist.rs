@@ -1,0 +1,274 @@
+//! What a daemon leaves for the next one: the state image on disk and the
+//! fds in the keeper.
+//!
+//! The image is written before any reply that reports a change leaves the
+//! daemon (replies are grouped per batch of requests and the batch's replies
+//! are part of the image), so a daemon killed at any point is followed by one
+//! that knows every change a caller was told about. FUSE requests the killed
+//! daemon had read but not answered are asked for again with
+//! `FUSE_NOTIFY_RESEND`; replies it had decided but maybe not delivered are
+//! sent again from the image (a reply to an already answered request is
+//! ignored by the kernel).
+
+use std::collections::HashSet;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+
+use std::collections::BTreeMap;
+
+use luo_store::{
+    journal_header, journal_record, read_journal, ImageError, SessionImage, StoreImage,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::keeper::Keeper;
+
+/// Key of the FUSE connection in the keeper.
+pub const FUSE_KEY: &str = "fuse";
+
+/// Key of a `luo run` listener in the keeper.
+pub fn listener_key(token: u64) -> String {
+    format!("listener/{token}")
+}
+
+/// The daemon's own state besides the sessions (small; in every record).
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct Header {
+    /// The store without its sessions (epoch, ids, FLBs).
+    pub store: StoreImage,
+    /// Next session-file number to open.
+    pub next_slot: u64,
+    /// Open handle of the current device opener.
+    pub device_holder: Option<u64>,
+    /// Next device open handle.
+    pub next_fh: u64,
+    /// Device permission bits.
+    pub device_mode: u32,
+    /// Device owner (uid, gid).
+    pub device_owner: (u32, u32),
+    /// Tokens of the `luo run` listeners.
+    pub listeners: Vec<u64>,
+    /// Next listener token.
+    pub next_listener: u64,
+    /// Whether the daemon created the device path (and removes it at shutdown).
+    pub created_device: bool,
+}
+
+/// A session and the session file that stands for it in clients.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SessionRecord {
+    /// The session.
+    pub session: SessionImage,
+    /// Inode of its session file, while one is open.
+    pub slot: Option<u64>,
+}
+
+/// One journal record: what changed in one commit.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Record {
+    /// A full snapshot: forget everything before.
+    pub full: bool,
+    /// The daemon's state after the commit.
+    pub header: Header,
+    /// Sessions created or changed.
+    pub sessions: Vec<SessionRecord>,
+    /// Sessions gone.
+    pub removed: Vec<u64>,
+    /// Replies of the batch being answered: (unique, whole message).
+    pub replies: Vec<crate::fuse::Reply>,
+}
+
+/// What a journal adds up to.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The latest header.
+    pub header: Header,
+    /// Every live session, by id.
+    pub sessions: BTreeMap<u64, SessionRecord>,
+    /// Replies of the last commit (maybe never delivered).
+    pub replies: Vec<crate::fuse::Reply>,
+}
+
+impl Loaded {
+    /// The store image the sessions add up to.
+    pub fn store_image(&self) -> StoreImage {
+        let mut image = self.header.store.clone();
+        image.sessions = self.sessions.values().map(|r| r.session.clone()).collect();
+        image
+    }
+}
+
+/// Why a state image was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Unreadable.
+    #[error("cannot read the state image {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Corrupted, another version, or inconsistent with the keeper.
+    #[error("refusing the state image {path}: {reason}; the preserved fds stay with the keeper")]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: ImageError,
+    },
+}
+
+/// Reads, checks and replays a journal.
+///
+/// # Errors
+/// See [`LoadError`].
+pub fn read(path: &Path) -> Result<Loaded, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let refused = |reason| LoadError::Refused {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut loaded = Loaded::default();
+    for payload in read_journal(&bytes).map_err(refused)? {
+        let record: Record = serde_json::from_slice(payload)
+            .map_err(|e| refused(ImageError::Payload(e.to_string())))?;
+        if record.full {
+            loaded.sessions.clear();
+        }
+        for id in record.removed {
+            loaded.sessions.remove(&id);
+        }
+        for r in record.sessions {
+            loaded.sessions.insert(r.session.id, r);
+        }
+        loaded.header = record.header;
+        loaded.replies = record.replies;
+    }
+    Ok(loaded)
+}
+
+/// The journal being written.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+    /// Size right after the last full snapshot.
+    base: u64,
+}
+
+impl Journal {
+    /// Starts a new journal at `path` holding one full snapshot.
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn create(path: &Path, snapshot: &Record) -> std::io::Result<Journal> {
+        let mut bytes = journal_header();
+        bytes.extend(journal_record(
+            &serde_json::to_vec(snapshot).expect("the record serializes"),
+        ));
+        // Written aside and renamed: a crash leaves the old journal or the new.
+        // No fsync: the journal only has to outlive the daemon, not the
+        // machine (after a machine crash the keeper's fds are gone anyway).
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, path)?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(Journal {
+            path: path.to_owned(),
+            file,
+            size: bytes.len() as u64,
+            base: bytes.len() as u64,
+        })
+    }
+
+    /// Appends one record.
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
+        use std::io::Write;
+        let bytes = journal_record(&serde_json::to_vec(record).expect("the record serializes"));
+        self.file.write_all(&bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Whether the journal has grown enough to be rewritten as a snapshot.
+    pub fn wants_compaction(&self) -> bool {
+        self.size > (4 * self.base).max(1 << 20)
+    }
+
+    /// The journal's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Mirrors the set of fds the keeper holds.
+#[derive(Debug)]
+pub struct KeptFds {
+    /// The keeper.
+    pub keeper: Keeper,
+    held: HashSet<String>,
+}
+
+impl KeptFds {
+    /// Tracks what `keeper` already holds.
+    ///
+    /// # Errors
+    /// If the keeper cannot be asked.
+    pub fn new(keeper: Keeper) -> std::io::Result<KeptFds> {
+        let (keys, _) = keeper.list()?;
+        Ok(KeptFds {
+            keeper,
+            held: keys.into_iter().collect(),
+        })
+    }
+
+    /// Gives the keeper every fd in `fds` it does not hold yet.
+    ///
+    /// # Errors
+    /// If the keeper cannot take one.
+    pub fn add_missing(&mut self, fds: &[(String, BorrowedFd<'_>)]) -> std::io::Result<()> {
+        for (key, fd) in fds {
+            if !self.held.contains(key) {
+                self.keeper.put(key, *fd)?;
+                self.held.insert(key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the keeper close the fds of the given key prefixes that are not in
+    /// `wanted` (the fds of changed or removed sessions, of gone listeners).
+    ///
+    /// # Errors
+    /// If the keeper cannot be asked.
+    pub fn drop_unwanted(
+        &mut self,
+        prefixes: &[String],
+        wanted: &HashSet<&str>,
+    ) -> std::io::Result<()> {
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|k| {
+                prefixes.iter().any(|p| k.starts_with(p.as_str())) && !wanted.contains(k.as_str())
+            })
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for k in &gone {
+            self.held.remove(k);
+        }
+        self.keeper.drop_keys(gone)
+    }
+}
