@@ -81,3 +81,47 @@ fn luo_stress_sessions_passes_across_a_simulated_update() {
 fn luo_stress_files_passes_across_a_simulated_update() {
     two_stage("luo_stress_files");
 }
+
+fn two_stage_with_restart(
+    test: &str,
+    sessions: usize,
+    signal: &str,
+    new_binary: Option<&std::path::Path>,
+) {
+    skip_unless_capable!();
+    let mut args = vec!["two-stage", test, signal];
+    let new = new_binary.map(|p| p.to_string_lossy().into_owned());
+    if let Some(n) = &new {
+        args.push(n);
+    }
+    let stdout = run_selftest(&args);
+    assert!(stdout.contains(&format!("daemon restarted after SIG{signal}")));
+    assert!(
+        stdout.contains("epoch 0  sessions 2"),
+        "the restarted daemon has both sessions:\n{stdout}"
+    );
+    assert!(stdout.contains(&format!(
+        "{test}: stage 1, simulated update, stage 2 passed"
+    )));
+}
+
+#[test]
+fn sessions_and_files_survive_a_daemon_stopped_with_sigterm() {
+    two_stage_with_restart("luo_stress_files", 2, "TERM", None);
+}
+
+#[test]
+fn sessions_and_files_survive_a_daemon_killed_with_sigkill() {
+    two_stage_with_restart("luo_stress_files", 2, "KILL", None);
+}
+
+#[test]
+fn sessions_and_files_survive_an_upgrade_to_another_binary() {
+    // Another executable file standing for a rebuilt binary.
+    let dir = std::env::temp_dir().join(format!("luo-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let upgraded = dir.join("luo-upgraded");
+    std::fs::copy(common::LUO, &upgraded).unwrap();
+    two_stage_with_restart("luo_multi_session", 5, "TERM", Some(&upgraded));
+    let _ = std::fs::remove_dir_all(&dir);
+}

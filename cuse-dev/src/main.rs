@@ -113,6 +113,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools, end quietly when the reader of our output
+    // goes away (`luo status | head`).
+    // SAFETY: setting a signal disposition to its default has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     log::set_debug(std::env::var_os("LUO_DEBUG").is_some_and(|v| v != "0"));
     match Cli::parse().command {
         Command::Daemon { device, state_dir } => match Daemon::run(Config { device, state_dir }) {

@@ -2,11 +2,13 @@
 # Runs the kernel's LUO selftests, unmodified, against `luo daemon`.
 #
 # Usage: run-selftest.sh LUO_BINARY SELFTEST_DIR single [RUNS]
-#        run-selftest.sh LUO_BINARY SELFTEST_DIR two-stage TEST
+#        run-selftest.sh LUO_BINARY SELFTEST_DIR two-stage TEST [SIGNAL [NEW_LUO]]
 #
 # `single` runs `liveupdate` RUNS times; `two-stage` runs TEST's stage 1 under
 # `luo run`, a simulated update (`luo update --simulate`, in place of
-# do_kexec.sh), and stage 2 under `luo run`.
+# do_kexec.sh), and stage 2 under `luo run`. With SIGNAL, the daemon is
+# killed with it after stage 1 and started again (from NEW_LUO if given, an
+# upgrade) before the update.
 #
 # Everything happens in a private mount namespace whose /dev is a fresh tmpfs
 # holding only the nodes the test needs, so a real /dev/liveupdate (or the
@@ -33,6 +35,15 @@ cd "$BIN"
 if [ "$MODE" = two-stage ]; then
   TEST=$4
   "$LUO" run --device /dev/liveupdate -- "./$TEST" --stage 1 || { echo "$TEST stage 1 FAILED"; exit 1; }
+  if [ -n "${5:-}" ]; then
+    kill -"$5" $DAEMON; wait $DAEMON || true
+    LUO=$(realpath "${6:-$LUO}")
+    "$LUO" daemon --device /dev/liveupdate --state-dir "$STATE" 2>> "$STATE.log" &
+    DAEMON=$!
+    for _ in $(seq 100); do "$LUO" status --state-dir "$STATE" >/dev/null 2>&1 && break; sleep 0.05; done
+    "$LUO" status --state-dir "$STATE"
+    echo "daemon restarted after SIG$5"
+  fi
   "$LUO" update --simulate --state-dir "$STATE" || { echo "$TEST update FAILED"; exit 1; }
   "$LUO" run --device /dev/liveupdate -- "./$TEST" --stage 2 || { echo "$TEST stage 2 FAILED"; exit 1; }
   echo "$TEST: stage 1, simulated update, stage 2 passed"
