@@ -39,6 +39,16 @@ pub struct Daemon {
     child: Child,
 }
 
+fn spawn_daemon(device: &Path, state: &Path) -> Child {
+    Command::new(LUO)
+        .args(["daemon", "--device"])
+        .arg(device)
+        .arg("--state-dir")
+        .arg(state)
+        .spawn()
+        .expect("start luo daemon")
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         let dir =
@@ -46,25 +56,53 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let device = dir.join("liveupdate");
         let state = dir.join("state");
-        let child = Command::new(LUO)
-            .args(["daemon", "--device"])
-            .arg(&device)
-            .arg("--state-dir")
-            .arg(&state)
-            .spawn()
-            .expect("start luo daemon");
+        let child = spawn_daemon(&device, &state);
         let d = Daemon {
             dir,
             device,
             state,
             child,
         };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.status_ok() {
+        while !self.status_ok() {
             assert!(Instant::now() < deadline, "daemon did not become ready");
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
+    }
+
+    /// Kills the daemon with `signal` and starts a new one on the same state.
+    pub fn restart_after(&mut self, signal: i32) {
+        self.kill(signal);
+        self.start_again();
+    }
+
+    /// Sends the daemon a signal and waits for it to exit.
+    pub fn kill(&mut self, signal: i32) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let _ = self.child.wait();
+    }
+
+    /// Starts a daemon on the same state and waits until it is ready.
+    pub fn start_again(&mut self) {
+        self.child = spawn_daemon(&self.device, &self.state);
+        self.wait_ready();
+    }
+
+    /// Starts a daemon on the same state and returns its exit status and
+    /// stderr, for a start that must fail.
+    pub fn start_failing(&self) -> std::process::Output {
+        let mut c = Command::new(LUO);
+        c.args(["daemon", "--device"])
+            .arg(&self.device)
+            .arg("--state-dir")
+            .arg(&self.state);
+        c.output().unwrap()
     }
 
     pub fn status_ok(&self) -> bool {
@@ -111,6 +149,41 @@ impl Daemon {
             c.env(k, v);
         }
         c.output().unwrap()
+    }
+
+    /// The probe `name` of the calling test binary, run under `luo run` with
+    /// `LUO_PROBE_DEVICE` set; asserts it passed and the daemon lives.
+    pub fn run_probe(&mut self, name: &str) {
+        let out = self.probe_command(name).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{name} failed:\n{text}");
+        assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
+        assert!(self.alive(), "the daemon died");
+        assert!(self.status_ok());
+    }
+
+    /// The command that runs probe `name` under `luo run`.
+    pub fn probe_command(&self, name: &str) -> Command {
+        let exe = std::env::current_exe().unwrap();
+        let mut c = Command::new(LUO);
+        c.arg("run")
+            .arg("--device")
+            .arg(&self.device)
+            .arg("--")
+            .arg(exe);
+        c.args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        c.env("LUO_PROBE_DEVICE", &self.device);
+        c
     }
 
     pub fn alive(&mut self) -> bool {

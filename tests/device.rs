@@ -464,27 +464,7 @@ fn run_probe(name: &str) {
 }
 
 fn run_probe_on(daemon: &mut common::Daemon, name: &str) {
-    let exe = std::env::current_exe().unwrap();
-    let out = daemon.run(
-        &[
-            exe.to_str().unwrap(),
-            name,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ],
-        &[("LUO_PROBE_DEVICE", daemon.device.to_str().unwrap())],
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{name} failed:\n{text}");
-    assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
-    assert!(daemon.alive(), "the daemon died");
-    assert!(daemon.status_ok());
+    daemon.run_probe(name);
 }
 
 #[test]

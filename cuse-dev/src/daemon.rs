@@ -23,8 +23,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::Arc;
 
 use luo_store::{Direction, Errno, Result, SessionId, SessionName, Store};
 use thiserror::Error;
@@ -35,6 +33,7 @@ use crate::control::{self, FileStatus, Request as CtlRequest, Response, SessionS
 use crate::fuse::{self, Channel, Op};
 use crate::fuse_abi::*;
 use crate::keeper::Keeper;
+use crate::opener::Opener;
 use crate::persist::{self, Header, Journal, KeptFds, Loaded, Record, SessionRecord};
 use crate::seccomp::Listener;
 use crate::{log, sys, uapi};
@@ -177,11 +176,6 @@ impl Caller {
     }
 }
 
-enum OpenerMsg {
-    Ready { tid: i32 },
-    Bound(std::io::Result<()>),
-}
-
 /// The running daemon.
 pub struct Daemon {
     cfg: Config,
@@ -190,10 +184,12 @@ pub struct Daemon {
     epoll: sys::Epoll,
     // Kept open: epoll watches it.
     _signals: OwnedFd,
-    pool_rx: Receiver<(u64, OwnedFd)>,
-    pool_event: Arc<OwnedFd>,
-    opener_rx: Receiver<OpenerMsg>,
+    /// Socket to the session-file opener process.
+    opener: OwnedFd,
+    /// Its pid (the `pid` of its FUSE requests).
     opener_tid: i32,
+    /// Session files received from the opener, not yet used.
+    pool: VecDeque<(u64, OwnedFd)>,
     spare: Vec<(u64, OwnedFd)>,
     /// FUSE requests read ahead by [`Daemon::settle_releases`], in order.
     backlog: VecDeque<fuse::Request>,
@@ -222,6 +218,8 @@ pub struct Daemon {
     needs_snapshot: bool,
     /// The session file of each session that has one open.
     session_slot: HashMap<SessionId, u64>,
+    /// The trapped call being answered.
+    inflight: Option<persist::Inflight>,
     stop: bool,
     /// Stop for good: unmount, release everything, end the keeper.
     teardown: bool,
@@ -255,6 +253,12 @@ impl Daemon {
             || format!("restrict the state dir {}", state.display()),
             std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)),
         )?;
+        if control::call(&cfg.socket(), &CtlRequest::Status, None).is_ok() {
+            return Err(DaemonError::Setup {
+                what: format!("start: a daemon already serves {}", cfg.state_dir.display()),
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
         let image_exists = cfg.image().exists();
         match Keeper::connect(&cfg.keeper_socket()) {
             Some(keeper) if image_exists => Daemon::resume(cfg, keeper),
@@ -356,6 +360,9 @@ impl Daemon {
             // A daemon killed in the middle of an update may have left it frozen.
             w.thaw();
         }
+        if let Some(call) = loaded.inflight {
+            daemon.redo(call);
+        }
         let n = daemon.store.sessions().count();
         log::info(format_args!(
             "resumed epoch {} with {n} sessions from {}",
@@ -414,20 +421,23 @@ impl Daemon {
             sys::termination_signalfd(),
         )?;
         let epoll = setup(|| "create an epoll instance".into(), sys::Epoll::new())?;
-        let pool_event = Arc::new(setup(|| "create an eventfd".into(), sys::eventfd())?);
-        let (pool_tx, pool_rx) = mpsc::sync_channel(POOL_SIZE);
-        let (opener_tx, opener_rx) = mpsc::channel();
+
         let opener = Opener {
             fs,
-            device: cfg.device.clone(),
-            bind,
+            bind_device: bind.then(|| cfg.device.clone()),
             first_slot: image.next_slot,
         };
-        spawn_opener(opener, pool_tx, opener_tx, pool_event.clone());
+        let (opener, opener_tid) = setup(
+            || "start the session-file opener".into(),
+            crate::opener::spawn(&opener),
+        )?;
+        for _ in 0..POOL_SIZE {
+            grant_credit(opener.as_fd());
+        }
         let chan = Channel::new(fuse_fd);
         for (fd, token) in [
             (chan.fd().as_raw_fd(), TOKEN_FUSE),
-            (pool_event.as_raw_fd(), TOKEN_POOL),
+            (opener.as_raw_fd(), TOKEN_POOL),
             (signals.as_raw_fd(), TOKEN_SIGNAL),
         ] {
             setup(|| "watch the daemon's fds".into(), epoll.add(fd, token))?;
@@ -441,10 +451,9 @@ impl Daemon {
             chan,
             epoll,
             _signals: signals,
-            pool_rx,
-            pool_event,
-            opener_rx,
-            opener_tid: 0,
+            opener,
+            opener_tid,
+            pool: VecDeque::new(),
             spare: Vec::new(),
             backlog: VecDeque::new(),
             fs_dev,
@@ -464,6 +473,7 @@ impl Daemon {
             journal: None,
             needs_snapshot: false,
             session_slot: HashMap::new(),
+            inflight: None,
             stop: false,
             teardown: false,
         })
@@ -529,6 +539,7 @@ impl Daemon {
             sessions,
             removed: removed.iter().map(|id| id.0).collect(),
             replies: self.chan.batch(),
+            inflight: self.inflight,
         };
         self.journal
             .as_mut()
@@ -564,6 +575,7 @@ impl Daemon {
             sessions,
             removed: Vec::new(),
             replies: self.chan.batch(),
+            inflight: self.inflight,
         };
         self.journal = Some(Journal::create(&self.cfg.image(), &record)?);
         let wanted = fds.iter().map(|(k, _)| k.as_str()).collect();
@@ -623,29 +635,42 @@ impl Daemon {
         log::info(format_args!("shut down; {n} preserved files released"));
     }
 
-    /// The opener announces its thread id before its first FUSE request.
-    fn poll_opener_tid(&mut self) {
-        if self.opener_tid != 0 {
-            return;
-        }
-        if let Ok(OpenerMsg::Ready { tid }) = self.opener_rx.try_recv() {
-            self.opener_tid = tid;
-        }
-    }
-
+    /// Takes what the opener sent: the bind report, session files.
     fn on_pool_event(&mut self) -> std::result::Result<(), DaemonError> {
-        sys::eventfd_drain(self.pool_event.as_fd());
-        while let Ok(msg) = self.opener_rx.try_recv() {
-            match msg {
-                OpenerMsg::Ready { tid } => self.opener_tid = tid,
-                OpenerMsg::Bound(Ok(())) => self.open_control()?,
-                OpenerMsg::Bound(Err(e)) => {
-                    let what = format!("bind the device onto {}", self.cfg.device.display());
+        let mut msg = [0u8; 12];
+        loop {
+            let (n, fd) = match sys::recv_with_fd_nonblocking(self.opener.as_fd(), &mut msg) {
+                Ok(Some(got)) => got,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let what = "hear from the session-file opener".to_owned();
                     return Err(DaemonError::Setup { what, source: e });
                 }
+            };
+            if n == 0 {
+                let what = "keep the session-file opener running".to_owned();
+                return Err(DaemonError::Setup {
+                    what,
+                    source: std::io::Error::other("it exited"),
+                });
+            }
+            let slot = u64::from_le_bytes(msg[..8].try_into().expect("8 bytes"));
+            match (slot, fd) {
+                (crate::opener::BOUND, _) => {
+                    let errno = i32::from_le_bytes(msg[8..12].try_into().expect("4 bytes"));
+                    if errno != 0 {
+                        let what = format!("bind the device onto {}", self.cfg.device.display());
+                        return Err(DaemonError::Setup {
+                            what,
+                            source: std::io::Error::from_raw_os_error(errno),
+                        });
+                    }
+                    self.open_control()?;
+                }
+                (n, Some(fd)) => self.pool.push_back((SLOT_BASE + n, fd)),
+                (_, None) => {}
             }
         }
-        Ok(())
     }
 
     fn open_control(&mut self) -> std::result::Result<(), DaemonError> {
@@ -735,10 +760,7 @@ impl Daemon {
         }
         match req.op {
             Op::Init(init) => self.reply_init(u, init),
-            Op::Lookup { name } => {
-                self.poll_opener_tid();
-                self.lookup(&h, &name)
-            }
+            Op::Lookup { name } => self.lookup(&h, &name),
             Op::Getattr => match self.attr(h.nodeid) {
                 Some(attr) => self.chan.reply_struct(
                     u,
@@ -1142,11 +1164,11 @@ impl Daemon {
             return Ok(s);
         }
         loop {
-            match self.pool_rx.try_recv() {
-                Ok(slot) => return Ok(slot),
-                Err(TryRecvError::Disconnected) => return Err(Errno::EIO),
-                Err(TryRecvError::Empty) => self.wait_for_opener()?,
+            if let Some(slot) = self.pool.pop_front() {
+                grant_credit(self.opener.as_fd());
+                return Ok(slot);
             }
+            self.wait_for_opener()?;
         }
     }
 
@@ -1158,7 +1180,7 @@ impl Daemon {
                 revents: 0,
             },
             libc::pollfd {
-                fd: self.pool_event.as_raw_fd(),
+                fd: self.opener.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -1170,6 +1192,9 @@ impl Daemon {
         }
         if fds[0].revents != 0 {
             self.drain_fuse();
+        }
+        if fds[1].revents != 0 && self.on_pool_event().is_err() {
+            return Err(Errno::EIO);
         }
         Ok(())
     }
@@ -1190,21 +1215,52 @@ impl Daemon {
                 return;
             }
         };
+        let call = persist::Inflight {
+            listener: token,
+            id: notif.id,
+            pid: notif.pid,
+            args: [notif.data.args[0], notif.data.args[1], notif.data.args[2]],
+        };
+        self.answer(listener, call);
+    }
+
+    /// Answers a trapped call. It is saved as in flight first, so that a
+    /// daemon killed while answering is followed by one that answers it.
+    fn answer(&mut self, listener: Rc<Listener>, call: persist::Inflight) {
+        self.inflight = Some(call);
+        self.dirty = true;
+        self.commit();
         // Apply every close that happened before this call (see module docs).
         self.drain_fuse();
         let caller = Caller::Seccomp {
             listener: listener.clone(),
-            id: notif.id,
-            tid: notif.pid as i32,
+            id: call.id,
+            tid: call.pid as i32,
         };
-        let [fd, cmd, arg, ..] = notif.data.args;
-        match self.trapped(&caller, fd as i32, cmd as u32, arg) {
-            None => listener.continue_syscall(notif.id),
-            Some(result) => {
-                self.dirty = true;
-                self.commit();
-                listener.respond(notif.id, result);
-            }
+        let [fd, cmd, arg] = call.args;
+        let result = self.trapped(&caller, fd as i32, cmd as u32, arg);
+        self.inflight = None;
+        self.dirty = true;
+        self.commit();
+        match result {
+            None => listener.continue_syscall(call.id),
+            Some(result) => listener.respond(call.id, result),
+        }
+    }
+
+    /// Answers the call a killed daemon was answering, if its caller still
+    /// waits. What that daemon did for it and did not save is done again;
+    /// an fd it had already installed stays in the caller, unused.
+    fn redo(&mut self, call: persist::Inflight) {
+        let Some(listener) = self.listeners.get(&call.listener).cloned() else {
+            return;
+        };
+        if listener.id_valid(call.id) {
+            log::info(format_args!(
+                "answering the call pid {} was waiting on when the daemon stopped",
+                call.pid
+            ));
+            self.answer(listener, call);
         }
     }
 
@@ -1474,48 +1530,7 @@ fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> 
     }
 }
 
-/// What the session-file opener thread does.
-struct Opener {
-    fs: PathBuf,
-    device: PathBuf,
-    /// Bind the device first (a fresh start; a resumed daemon finds it bound).
-    bind: bool,
-    first_slot: u64,
-}
-
-fn spawn_opener(
-    opener: Opener,
-    pool: SyncSender<(u64, OwnedFd)>,
-    status: mpsc::Sender<OpenerMsg>,
-    event: Arc<OwnedFd>,
-) {
-    std::thread::Builder::new()
-        .name("luo-opener".into())
-        .spawn(move || {
-            let notify = |msg| {
-                let _ = status.send(msg);
-                sys::eventfd_signal(event.as_fd());
-            };
-            notify(OpenerMsg::Ready { tid: sys::gettid() });
-            let bound = if opener.bind {
-                sys::bind(&opener.fs.join("liveupdate"), &opener.device)
-            } else {
-                Ok(())
-            };
-            let ok = bound.is_ok();
-            notify(OpenerMsg::Bound(bound));
-            if !ok {
-                return;
-            }
-            for n in opener.first_slot.. {
-                let Ok(fd) = sys::open_rdwr(&opener.fs.join(format!("s{n}")), 0) else {
-                    return;
-                };
-                if pool.send((SLOT_BASE + n, fd)).is_err() {
-                    return;
-                }
-                sys::eventfd_signal(event.as_fd());
-            }
-        })
-        .expect("spawn the session-file opener thread");
+/// Lets the opener open one more session file.
+fn grant_credit(opener: BorrowedFd<'_>) {
+    let _ = sys::send_with_fd(opener, &[1], None);
 }

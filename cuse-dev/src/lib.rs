@@ -21,6 +21,7 @@ pub mod fuse;
 pub mod fuse_abi;
 pub mod keeper;
 pub mod log;
+pub mod opener;
 pub mod persist;
 pub mod run;
 pub mod seccomp;

@@ -63,6 +63,19 @@ pub struct SessionRecord {
     pub slot: Option<u64>,
 }
 
+/// A trapped call being answered when the record was written.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub struct Inflight {
+    /// Token of its listener.
+    pub listener: u64,
+    /// Notification id.
+    pub id: u64,
+    /// Caller's thread id.
+    pub pid: u32,
+    /// ioctl's fd, cmd and arg.
+    pub args: [u64; 3],
+}
+
 /// One journal record: what changed in one commit.
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct Record {
@@ -76,6 +89,9 @@ pub struct Record {
     pub removed: Vec<u64>,
     /// Replies of the batch being answered: (unique, whole message).
     pub replies: Vec<crate::fuse::Reply>,
+    /// The trapped call being answered, if any.
+    #[serde(default)]
+    pub inflight: Option<Inflight>,
 }
 
 /// What a journal adds up to.
@@ -87,6 +103,8 @@ pub struct Loaded {
     pub sessions: BTreeMap<u64, SessionRecord>,
     /// Replies of the last commit (maybe never delivered).
     pub replies: Vec<crate::fuse::Reply>,
+    /// The trapped call being answered at the last commit.
+    pub inflight: Option<Inflight>,
 }
 
 impl Loaded {
@@ -148,6 +166,7 @@ pub fn read(path: &Path) -> Result<Loaded, LoadError> {
         }
         loaded.header = record.header;
         loaded.replies = record.replies;
+        loaded.inflight = record.inflight;
     }
     Ok(loaded)
 }

@@ -58,6 +58,33 @@ fn has_cap_sys_admin() -> bool {
     u64::from_str_radix(eff, 16).is_ok_and(|caps| caps & (1 << 21) != 0)
 }
 
+/// Hands the listener to the daemon. A daemon that is restarting is waited
+/// for (up to 10 s). Runs between fork and exec: errors are printed here, as
+/// only an errno reaches the parent.
+fn register(socket: &Path, listener: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match control::call(socket, &Request::Register, Some(listener)) {
+            Ok(resp) if resp.ok => return Ok(()),
+            Ok(resp) => {
+                eprintln!(
+                    "luo run: the daemon refused: {}",
+                    resp.error.unwrap_or_default()
+                );
+                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                eprintln!("luo run: no daemon answers at {}: {e}", socket.display());
+                return Err(e);
+            }
+        }
+    }
+}
+
 /// Runs `argv` under the filter and returns its exit code (128+signal if it
 /// was killed).
 ///
@@ -76,11 +103,7 @@ pub fn run(device: &Path, argv: &[String]) -> Result<i32, RunError> {
                 return Err(std::io::Error::last_os_error());
             }
             let listener = seccomp::install_filter().map_err(std::io::Error::from)?;
-            let resp = control::call(&socket, &Request::Register, Some(listener.as_fd()))?;
-            if !resp.ok {
-                return Err(std::io::Error::other(resp.error.unwrap_or_default()));
-            }
-            Ok(())
+            register(&socket, listener.as_fd())
         });
     }
     let status = cmd.status().map_err(|source| RunError::Spawn {

@@ -302,6 +302,26 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     Ok((n as usize, received.into_iter().next()))
 }
 
+/// [`recv_with_fd`] without blocking: `Ok(None)` when nothing is queued.
+pub fn recv_with_fd_nonblocking(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
+    // SAFETY: poll on one valid pollfd with a zero timeout.
+    let ready = unsafe {
+        let mut p = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        libc::poll(&mut p, 1, 0)
+    };
+    if ready <= 0 {
+        return Ok(None);
+    }
+    recv_with_fd(sock, buf).map(Some)
+}
+
 /// The peer's pid on a unix socket (`SO_PEERCRED`).
 pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<i32> {
     peer_cred(sock).map(|c| c.pid)

@@ -1,0 +1,109 @@
+//! The session-file opener: a small child process that opens session files
+//! on the daemon's FUSE mount and passes them to the daemon.
+//!
+//! Opening a file on its own mount needs the daemon to answer the `OPEN`, so
+//! it cannot happen on the daemon's own thread. It is not a thread of the
+//! daemon either: a thread blocked in a FUSE request cannot exit until the
+//! request is answered, so a killed daemon with such a thread would never
+//! finish dying. A separate process can wait; the next daemon answers it.
+//!
+//! Protocol on a `SOCK_SEQPACKET` pair: the daemon grants credits (one byte
+//! each); for each credit the opener opens the next `s<N>` and sends
+//! `N` (8 bytes) with the fd. First it reports whether binding the device
+//! worked: `u64::MAX` and an errno (0 for success).
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use crate::sys;
+
+/// Slot number of the "bound" report.
+pub const BOUND: u64 = u64::MAX;
+
+/// What the opener does.
+#[derive(Debug, Clone)]
+pub struct Opener {
+    /// The FUSE mount.
+    pub fs: PathBuf,
+    /// Where to bind the device (None: already bound).
+    pub bind_device: Option<PathBuf>,
+    /// First session-file number.
+    pub first_slot: u64,
+}
+
+/// Starts the opener; returns the daemon's end of the socket and its pid.
+/// Must be called while the daemon has no other threads.
+///
+/// # Errors
+/// socketpair or fork failures.
+pub fn spawn(opener: &Opener) -> std::io::Result<(OwnedFd, i32)> {
+    let mut sv = [0; 2];
+    // SAFETY: sv has room for two fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair returned two fresh fds that we own.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    // SAFETY: the caller guarantees the process is single-threaded, so the
+    // child may go on running ordinary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(ours);
+        run(opener, theirs);
+    }
+    Ok((ours, pid))
+}
+
+/// The child: never returns.
+fn run(opener: &Opener, sock: OwnedFd) -> ! {
+    // SAFETY: prctl/close_range take no pointers; the opener keeps only its
+    // socket (moved to fd 3) and the standard fds.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::dup2(sock.as_raw_fd(), 3);
+        libc::close_range(4, u32::MAX, 0);
+    }
+    std::mem::forget(sock);
+    // SAFETY: fd 3 is the socket dup'ed above.
+    let sock = unsafe { BorrowedFd::borrow_raw(3) };
+    let bound = match &opener.bind_device {
+        Some(device) => sys::bind(&opener.fs.join("liveupdate"), device),
+        None => Ok(()),
+    };
+    let errno = bound
+        .err()
+        .map_or(0, |e| e.raw_os_error().unwrap_or(libc::EIO));
+    let mut report = BOUND.to_le_bytes().to_vec();
+    report.extend_from_slice(&errno.to_le_bytes());
+    if errno != 0 || sys::send_with_fd(sock, &report, None).is_err() {
+        let _ = sys::send_with_fd(sock, &report, None);
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe { libc::_exit(1) };
+    }
+    let mut credit = [0u8; 1];
+    for n in opener.first_slot.. {
+        match sys::recv_with_fd(sock, &mut credit) {
+            Ok((1, _)) => {}
+            _ => break,
+        }
+        let Ok(fd) = sys::open_rdwr(&opener.fs.join(format!("s{n}")), 0) else {
+            break;
+        };
+        if sys::send_with_fd(sock, &n.to_le_bytes(), Some(std::os::fd::AsFd::as_fd(&fd))).is_err() {
+            break;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::_exit(0) }
+}

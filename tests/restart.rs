@@ -1,0 +1,281 @@
+//! Nothing is lost when the daemon stops, is upgraded, or is killed at any
+//! moment, or when its state image is corrupted.
+//!
+//! A churning client runs under `luo run` while the daemon is SIGKILLed at
+//! random moments and restarted, in each phase of a live update: preserve,
+//! freeze (the update itself), retrieve and finish. Every ioctl must succeed
+//! exactly once (a lost or replayed request would show as an error or a
+//! wrong count), and every byte must come back.
+
+mod common;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+const FILES: u64 = 150;
+
+fn probe_device() -> Option<String> {
+    std::env::var("LUO_PROBE_DEVICE").ok()
+}
+
+fn ioctl(fd: RawFd, cmd: u64, buf: &mut [u8]) {
+    // SAFETY: buf is a live struct of the size the command expects.
+    let r = unsafe { libc::ioctl(fd, cmd as _, buf.as_mut_ptr()) };
+    assert!(
+        r == 0,
+        "ioctl {cmd:#x} failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn session(dev: RawFd, cmd: u64, name: &str) -> OwnedFd {
+    let mut a = vec![0u8; 72];
+    a[..4].copy_from_slice(&72u32.to_ne_bytes());
+    a[8..8 + name.len()].copy_from_slice(name.as_bytes());
+    ioctl(dev, cmd, &mut a);
+    // SAFETY: the ioctl returned a new fd that we now own.
+    unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(a[4..8].try_into().unwrap())) }
+}
+
+fn fd_args(fd: i32, token: u64) -> Vec<u8> {
+    let mut v = vec![0u8; 16];
+    v[..4].copy_from_slice(&16u32.to_ne_bytes());
+    v[4..8].copy_from_slice(&fd.to_ne_bytes());
+    v[8..].copy_from_slice(&token.to_ne_bytes());
+    v
+}
+
+fn open_device(path: &str) -> OwnedFd {
+    let p = CString::new(path).unwrap();
+    // SAFETY: p is a valid C string.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh fd we own.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by sigkill_at_random_moments_loses_nothing"]
+fn probe_churn_preserve() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let s = session(dev.as_raw_fd(), 0xBA00, "churn");
+    // The one trapped call is done (see `probe_churn_retrieve`).
+    std::fs::write(std::env::var("LUO_PROBE_MARKER").unwrap(), b"created").unwrap();
+    for token in 0..FILES {
+        // SAFETY: the name is a valid C string.
+        let m = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(c"churn".as_ptr(), 0)) };
+        let data = token.to_le_bytes();
+        // SAFETY: writes 8 bytes from a live buffer.
+        let written = unsafe { libc::write(m.as_raw_fd(), data.as_ptr().cast(), 8) };
+        assert_eq!(written, 8);
+        ioctl(s.as_raw_fd(), 0xBA40, &mut fd_args(m.as_raw_fd(), token));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(dev);
+    // Keep the session until the update ends us.
+    // SAFETY: the child only detaches and sleeps.
+    if unsafe { libc::fork() } == 0 {
+        let _keep = s;
+        // SAFETY: detaching from the test's pipes.
+        unsafe {
+            libc::setsid();
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by sigkill_at_random_moments_loses_nothing"]
+fn probe_churn_retrieve() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let s = session(dev.as_raw_fd(), 0xBA01, "churn");
+    let files: Vec<OwnedFd> = (0..FILES)
+        .map(|token| {
+            let mut a = fd_args(-1, token);
+            ioctl(s.as_raw_fd(), 0xBA41, &mut a);
+            // SAFETY: the ioctl returned a new fd that we now own.
+            unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(a[4..8].try_into().unwrap())) }
+        })
+        .collect();
+    // The trapped calls are done; the daemon may now be killed (see
+    // `sigkill_at_random_moments_loses_nothing`).
+    std::fs::write(std::env::var("LUO_PROBE_MARKER").unwrap(), b"retrieved").unwrap();
+    for (token, f) in files.iter().enumerate() {
+        let mut back = [0u8; 8];
+        // SAFETY: reads into a live buffer.
+        let read = unsafe { libc::pread(f.as_raw_fd(), back.as_mut_ptr().cast(), 8, 0) };
+        assert_eq!(read, 8);
+        assert_eq!(
+            u64::from_le_bytes(back),
+            token as u64,
+            "token {token} came back with other contents"
+        );
+        // A FUSE round trip per file, for the kills to land in.
+        let mut name = vec![0u8; 72];
+        name[..4].copy_from_slice(&72u32.to_ne_bytes());
+        ioctl(s.as_raw_fd(), 0xBA43, &mut name);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ioctl(s.as_raw_fd(), 0xBA42, &mut [8, 0, 0, 0, 0, 0, 0, 0]);
+}
+
+/// A pseudo-random delay in `lo..hi` ms (no RNG crate needed for this).
+fn jitter(lo: u64, hi: u64) -> Duration {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(lo + n % (hi - lo))
+}
+
+/// Runs a probe while killing and restarting the daemon at random moments.
+fn churn(daemon: &mut common::Daemon, probe: &str, wait_for_marker: bool) -> usize {
+    let marker = daemon.dir.join("probe-marker");
+    let mut child: Child = daemon
+        .probe_command(probe)
+        .env("LUO_PROBE_MARKER", &marker)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kills = 0;
+    loop {
+        std::thread::sleep(jitter(5, 60));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if wait_for_marker && !marker.exists() {
+            continue;
+        }
+        if Instant::now() > deadline {
+            let ps = std::process::Command::new("ps")
+                .args(["-eLo", "pid,tid,stat,wchan:40,comm"])
+                .output()
+                .unwrap();
+            let _ = child.kill();
+            panic!(
+                "{probe} hangs after {kills} daemon kills:\n{}",
+                String::from_utf8_lossy(&ps.stdout)
+            );
+        }
+        daemon.restart_after(libc::SIGKILL);
+        kills += 1;
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{probe} failed after {kills} kills:\n{text}"
+    );
+    kills
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    let kills = churn(&mut daemon, "probe_churn_preserve", true);
+    eprintln!("preserve phase: daemon killed {kills} times");
+    let s = daemon.status_json();
+    assert_eq!(
+        s["sessions"][0]["files"].as_array().unwrap().len() as u64,
+        FILES
+    );
+
+    // Freeze phase: kill the daemon while it runs the update.
+    let mut update = std::process::Command::new(common::LUO)
+        .args(["update", "--simulate", "--state-dir"])
+        .arg(&daemon.state)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(jitter(0, 5));
+    daemon.restart_after(libc::SIGKILL);
+    let _ = update.wait();
+    if daemon.status_json()["epoch"] == 0 {
+        let again = daemon.update();
+        assert!(
+            again.status.success(),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+    }
+    let s = daemon.status_json();
+    assert_eq!(s["epoch"], 1);
+    assert_eq!(s["sessions"][0]["direction"], "incoming");
+    assert_eq!(
+        s["sessions"][0]["files"].as_array().unwrap().len() as u64,
+        FILES
+    );
+
+    // Not while RETRIEVE_FD calls are trapped: a trapped call received in the
+    // instant before the daemon records it is not answered after a crash (a
+    // documented gap); kills start once every file is retrieved.
+    let kills = churn(&mut daemon, "probe_churn_retrieve", true);
+    eprintln!("retrieve and finish phase: daemon killed {kills} times");
+    // Finished and closed: nothing left.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        daemon.status_json()["sessions"].as_array().unwrap().len(),
+        0
+    );
+}
+
+#[test]
+fn a_corrupted_state_image_is_refused_and_nothing_is_thrown_away() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    let marker = daemon.dir.join("probe-marker");
+    let out = daemon
+        .probe_command("probe_churn_preserve")
+        .env("LUO_PROBE_MARKER", &marker)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    daemon.kill(libc::SIGTERM);
+    let image = daemon.state.join("state.img");
+    let good = std::fs::read(&image).unwrap();
+    let mut bad = good.clone();
+    bad[40] ^= 0xff;
+    std::fs::write(&image, &bad).unwrap();
+
+    let out = daemon.start_failing();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("refusing the state image {}", image.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("the preserved fds stay with the keeper"),
+        "{err}"
+    );
+
+    // The keeper still holds everything: with the image restored, all is back.
+    std::fs::write(&image, &good).unwrap();
+    daemon.start_again();
+    let s = daemon.status_json();
+    assert_eq!(s["sessions"][0]["name"], "churn");
+    assert_eq!(
+        s["sessions"][0]["files"].as_array().unwrap().len() as u64,
+        FILES
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_is_refused() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let out = daemon.start_failing();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a daemon already serves"));
+    assert!(daemon.status_ok());
+}
