@@ -18,10 +18,10 @@ use crate::run::daemon_socket;
 use crate::uapi::{self, FdArgs, GetNameArgs, SessionArgs};
 
 /// One row of results.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     /// The operation.
-    pub op: &'static str,
+    pub op: String,
     /// Per-call latencies in microseconds, sorted.
     pub micros: Vec<f64>,
     /// Latencies of the floor calls interleaved with them, sorted.
@@ -69,7 +69,11 @@ impl Timer<'_> {
         }
         micros.sort_by(f64::total_cmp);
         floor.sort_by(f64::total_cmp);
-        Ok(Row { op, micros, floor })
+        Ok(Row {
+            op: op.to_owned(),
+            micros,
+            floor,
+        })
     }
 }
 
@@ -121,11 +125,77 @@ fn raise_nofile() {
     }
 }
 
-/// Runs the workload and returns its rows.
+/// What a bench stage reports to the orchestrator.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StageReport {
+    /// Its rows.
+    pub rows: Vec<Row>,
+    /// The session stage 1 left for stage 2.
+    pub session: String,
+}
+
+/// Runs the workload and returns its rows. On our daemon, the preserve side
+/// runs under `luo run`, a simulated update follows and RETRIEVE_FD is
+/// measured in the new epoch (an update ends the old epoch's processes, so
+/// each side runs in its own process); on another device (the kernel's), the
+/// preserve side runs here and RETRIEVE_FD, which needs a kexec, is skipped.
 ///
 /// # Errors
-/// Any ioctl failure, with the step it happened in.
+/// Any failing step, with what it was.
 pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
+    let Ok(socket) = daemon_socket(device) else {
+        eprintln!(
+            "note: {} is not a luo daemon; RETRIEVE_FD needs a kexec there and is skipped",
+            device.display()
+        );
+        return stage1(device, n, false).map(|r| r.rows);
+    };
+    let first = run_stage(device, n, 1, None)?;
+    let resp = control::call(&socket, &Request::Update, None)?;
+    if !resp.ok {
+        return Err(std::io::Error::other(resp.error.unwrap_or_default()));
+    }
+    let second = run_stage(device, n, 2, Some(&first.session))?;
+    Ok(first.rows.into_iter().chain(second.rows).collect())
+}
+
+fn run_stage(
+    device: &Path,
+    n: usize,
+    stage: u32,
+    session: Option<&str>,
+) -> std::io::Result<StageReport> {
+    let exe = std::env::current_exe()?;
+    let mut c = std::process::Command::new(&exe);
+    c.arg("run")
+        .arg("--device")
+        .arg(device)
+        .arg("--")
+        .arg(&exe)
+        .arg("bench")
+        .arg("--device")
+        .arg(device);
+    c.args(["--calls", &n.to_string(), "--stage", &stage.to_string()]);
+    if let Some(s) = session {
+        c.args(["--session", s]);
+    }
+    let out = c.stderr(std::process::Stdio::inherit()).output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "bench stage {stage} exited with {}",
+            out.status
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Stage 1: CREATE_SESSION, PRESERVE_FD and GET_NAME; with `hold`, the
+/// sessions are kept by a detached child for stage 2.
+///
+/// # Errors
+/// Any ioctl failure.
+pub fn stage1(device: &Path, n: usize, hold: bool) -> std::io::Result<StageReport> {
     raise_nofile();
     let dev = File::options().read(true).write(true).open(device)?;
     let tag = std::process::id();
@@ -142,7 +212,6 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
         )?);
         Ok(())
     })?);
-    let session = &sessions[0];
     let files: Vec<File> = (0..n).map(|_| memfd()).collect::<std::io::Result<_>>()?;
     let mut token = 0u64;
     rows.push(timer.timed("SESSION_PRESERVE_FD", n, || {
@@ -152,7 +221,7 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
             token,
         };
         token += 1;
-        ioctl(session, uapi::PRESERVE_FD, &mut a)
+        ioctl(&sessions[0], uapi::PRESERVE_FD, &mut a)
     })?);
     rows.push(timer.timed("SESSION_GET_NAME", n, || {
         let mut a = GetNameArgs {
@@ -160,33 +229,26 @@ pub fn run(device: &Path, n: usize) -> std::io::Result<Vec<Row>> {
             reserved: 0,
             name: [0; 64],
         };
-        ioctl(session, uapi::GET_NAME, &mut a)
+        ioctl(&sessions[0], uapi::GET_NAME, &mut a)
     })?);
-    if let Some(row) = retrieve_rows(device, &timer, &format!("bench-{tag}-1"), n)? {
-        rows.push(row);
+    if hold {
+        crate::demo::hold(sessions.into_iter().map(OwnedFd::from).collect());
     }
-    Ok(rows)
+    Ok(StageReport {
+        rows,
+        session: format!("bench-{tag}-1"),
+    })
 }
 
-/// RETRIEVE_FD needs an update; only our daemon can simulate one.
-fn retrieve_rows(
-    device: &Path,
-    timer: &Timer<'_>,
-    name: &str,
-    n: usize,
-) -> std::io::Result<Option<Row>> {
-    let Ok(socket) = daemon_socket(device) else {
-        eprintln!(
-            "note: {} is not a luo daemon; RETRIEVE_FD needs a kexec there and is skipped",
-            device.display()
-        );
-        return Ok(None);
-    };
-    let resp = control::call(&socket, &Request::Update, None)?;
-    if !resp.ok {
-        return Err(std::io::Error::other(resp.error.unwrap_or_default()));
-    }
-    let incoming = create(timer.dev, name, uapi::RETRIEVE_SESSION)?;
+/// Stage 2: RETRIEVE_FD of every file of the session stage 1 left.
+///
+/// # Errors
+/// Any ioctl failure.
+pub fn stage2(device: &Path, n: usize, name: &str) -> std::io::Result<StageReport> {
+    raise_nofile();
+    let dev = File::options().read(true).write(true).open(device)?;
+    let timer = Timer { dev: &dev };
+    let incoming = create(&dev, name, uapi::RETRIEVE_SESSION)?;
     let mut token = 0u64;
     let mut kept = Vec::with_capacity(n);
     let row = timer.timed("SESSION_RETRIEVE_FD", n, || {
@@ -206,7 +268,10 @@ fn retrieve_rows(
         reserved: 0,
     };
     ioctl(&incoming, uapi::FINISH, &mut fin)?;
-    Ok(Some(row))
+    Ok(StageReport {
+        rows: vec![row],
+        session: name.to_owned(),
+    })
 }
 
 /// Prints rows as a Markdown table with each row's ratio to its own floor.

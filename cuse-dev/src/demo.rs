@@ -553,7 +553,7 @@ fn vmm_state(len: u64, paused_ns: u64, sums: &[u64]) -> std::io::Result<File> {
 
 /// Keeps the session fds in a detached child until the update ends it, as
 /// a VMM waiting for the update would; returns in the parent.
-fn hold(fds: Vec<OwnedFd>) {
+pub(crate) fn hold(fds: Vec<OwnedFd>) {
     // SAFETY: the child only detaches and sleeps.
     if unsafe { libc::fork() } == 0 {
         let _keep = fds;

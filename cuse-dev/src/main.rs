@@ -109,6 +109,12 @@ enum Command {
         /// Calls per ioctl.
         #[arg(long, default_value_t = 2000)]
         calls: usize,
+        /// One side of the measurement (run by `luo bench` itself).
+        #[arg(long, hide = true)]
+        stage: Option<u32>,
+        /// The session stage 1 left (stage 2).
+        #[arg(long, hide = true)]
+        session: Option<String>,
     },
 }
 
@@ -162,13 +168,43 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
-        Command::Bench { device, calls } => match bench::run(&device, calls.max(1)) {
-            Ok(rows) => {
-                bench::print(&rows, &device);
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        },
+        Command::Bench {
+            device,
+            calls,
+            stage,
+            session,
+        } => bench_command(&device, calls.max(1), stage, session),
+    }
+}
+
+fn bench_command(
+    device: &std::path::Path,
+    calls: usize,
+    stage: Option<u32>,
+    session: Option<String>,
+) -> ExitCode {
+    let report = match stage {
+        Some(1) => bench::stage1(device, calls, true),
+        Some(_) => bench::stage2(device, calls, session.as_deref().unwrap_or_default()),
+        None => {
+            return match bench::run(device, calls) {
+                Ok(rows) => {
+                    bench::print(&rows, device);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+    };
+    match report {
+        Ok(r) => {
+            println!(
+                "{}",
+                serde_json::to_string(&r).expect("the report serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 
