@@ -547,3 +547,19 @@ fn status_fails_with_a_sentence_when_no_daemon_answers() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("no daemon answers at /nonexistent/luo/control.sock"));
 }
+
+#[test]
+fn a_finished_luo_run_tree_is_let_go() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let out = daemon.run(&["true"], &[]);
+    assert!(out.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while daemon.status_json()["luo_run_trees"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon still serves a finished luo run tree"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

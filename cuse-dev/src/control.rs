@@ -77,6 +77,9 @@ pub struct Response {
     /// Status: every session.
     #[serde(default)]
     pub sessions: Vec<SessionStatus>,
+    /// Status: `luo run` trees being served.
+    #[serde(default)]
+    pub luo_run_trees: usize,
 }
 
 impl Response {

@@ -591,7 +591,7 @@ impl Daemon {
                 self.drain_fuse();
             }
             let events = setup(|| "wait for events".into(), self.epoll.wait(-1))?;
-            for (token, _) in events {
+            for (token, events) in events {
                 match token {
                     TOKEN_FUSE => self.drain_fuse(),
                     TOKEN_POOL => self.on_pool_event()?,
@@ -600,7 +600,7 @@ impl Daemon {
                         self.stop = true;
                     }
                     TOKEN_CONTROL => self.on_control(),
-                    t => self.on_notification(t),
+                    t => self.on_notification(t, events),
                 }
                 if self.stop {
                     break;
@@ -1201,17 +1201,19 @@ impl Daemon {
 
     // ---- seccomp ----------------------------------------------------------
 
-    fn on_notification(&mut self, token: u64) {
+    fn on_notification(&mut self, token: u64, events: u32) {
         let Some(listener) = self.listeners.get(&token).cloned() else {
             return;
         };
         let notif = match listener.recv() {
             Ok(n) => n,
-            Err(Errno::ENOENT) => return,
+            Err(Errno::ENOENT) if events & libc::EPOLLHUP as u32 == 0 => return,
             Err(_) => {
                 // Every process of that tree is gone.
                 self.epoll.delete(listener.fd().as_raw_fd());
                 self.listeners.remove(&token);
+                self.dirty = true;
+                self.commit();
                 return;
             }
         };
@@ -1400,6 +1402,7 @@ impl Daemon {
             device: Some(self.cfg.device.display().to_string()),
             epoch: self.store.epoch(),
             sessions,
+            luo_run_trees: self.listeners.len(),
             ..Response::default()
         }
     }
