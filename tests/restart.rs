@@ -140,6 +140,7 @@ fn jitter(lo: u64, hi: u64) -> Duration {
 /// Runs a probe while killing and restarting the daemon at random moments.
 fn churn(daemon: &mut common::Daemon, probe: &str, wait_for_marker: bool) -> usize {
     let marker = daemon.dir.join("probe-marker");
+    let _ = std::fs::remove_file(&marker);
     let mut child: Child = daemon
         .probe_command(probe)
         .env("LUO_PROBE_MARKER", &marker)
