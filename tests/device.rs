@@ -563,3 +563,28 @@ fn a_finished_luo_run_tree_is_let_go() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn bench_measures_every_ioctl_on_the_daemon() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let out = std::process::Command::new(common::LUO)
+        .args(["bench", "--calls", "20", "--device"])
+        .arg(&daemon.device)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for op in [
+        "CREATE_SESSION",
+        "SESSION_PRESERVE_FD",
+        "SESSION_GET_NAME",
+        "SESSION_RETRIEVE_FD",
+    ] {
+        assert!(text.contains(&format!("| {op} |")), "no {op} row:\n{text}");
+    }
+}

@@ -101,7 +101,8 @@ enum Command {
         #[arg(long, value_enum)]
         backing: demo::Backing,
     },
-    /// Measure per-call ioctl latency on a device (run it under `luo run`).
+    /// Measure per-call ioctl latency on a device, ours or the kernel's (on
+    /// ours it starts its own `luo run` workers and a simulated update).
     Bench {
         /// Device to measure: ours or the kernel's.
         #[arg(long, default_value = DEFAULT_DEVICE)]
