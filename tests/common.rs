@@ -39,24 +39,30 @@ pub struct Daemon {
     child: Child,
 }
 
-fn spawn_daemon(device: &Path, state: &Path) -> Child {
+fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)]) -> Child {
     Command::new(LUO)
         .args(["daemon", "--device"])
         .arg(device)
         .arg("--state-dir")
         .arg(state)
+        .envs(env.iter().copied())
         .spawn()
         .expect("start luo daemon")
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// A daemon with extra environment (such as a crash point).
+    pub fn start_with(env: &[(&str, &str)]) -> Daemon {
         let dir =
             std::env::temp_dir().join(format!("luo-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let device = dir.join("liveupdate");
         let state = dir.join("state");
-        let child = spawn_daemon(&device, &state);
+        let child = spawn_daemon(&device, &state, env);
         let d = Daemon {
             dir,
             device,
@@ -90,7 +96,7 @@ impl Daemon {
 
     /// Starts a daemon on the same state and waits until it is ready.
     pub fn start_again(&mut self) {
-        self.child = spawn_daemon(&self.device, &self.state);
+        self.child = spawn_daemon(&self.device, &self.state, &[]);
         self.wait_ready();
     }
 
@@ -184,6 +190,11 @@ impl Daemon {
         ]);
         c.env("LUO_PROBE_DEVICE", &self.device);
         c
+    }
+
+    /// Waits for the daemon to exit by itself (a crash point).
+    pub fn wait_exit(&mut self) {
+        let _ = self.child.wait();
     }
 
     pub fn alive(&mut self) -> bool {

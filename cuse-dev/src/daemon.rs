@@ -35,8 +35,8 @@ use crate::fuse_abi::*;
 use crate::keeper::Keeper;
 use crate::opener::Opener;
 use crate::persist::{self, Header, Journal, KeptFds, Loaded, Record, SessionRecord};
-use crate::seccomp::Listener;
-use crate::{log, sys, uapi};
+use crate::seccomp::{Listener, Notif};
+use crate::{failpoint, log, recover, sys, uapi};
 
 const ROOT_INO: u64 = 1;
 const DEVICE_INO: u64 = 2;
@@ -363,6 +363,7 @@ impl Daemon {
         if let Some(call) = loaded.inflight {
             daemon.redo(call);
         }
+        daemon.recover_lost_call();
         let n = daemon.store.sessions().count();
         log::info(format_args!(
             "resumed epoch {} with {n} sessions from {}",
@@ -390,7 +391,9 @@ impl Daemon {
                 || "watch a luo run listener".into(),
                 self.epoll.add(fd.as_raw_fd(), *token),
             )?;
-            self.listeners.insert(*token, Rc::new(Listener::new(fd)));
+            let last = loaded.header.listener_ids.get(token).copied();
+            self.listeners
+                .insert(*token, Rc::new(Listener::new(fd, last)));
         }
         for r in loaded.sessions.values() {
             if let Some(ino) = r.slot {
@@ -399,6 +402,8 @@ impl Daemon {
             }
         }
         self.device_holder = loaded.header.device_holder;
+        // Kept in every record until it is answered again (see `redo`).
+        self.inflight = loaded.inflight;
         self.store.take_changes();
         Ok(())
     }
@@ -514,6 +519,11 @@ impl Daemon {
             device_mode: self.device_mode,
             device_owner: self.device_owner,
             listeners: self.listeners.keys().copied().collect(),
+            listener_ids: self
+                .listeners
+                .iter()
+                .filter_map(|(t, l)| Some((*t, l.last_id()?)))
+                .collect(),
             next_listener: self.next_listener,
             created_device: self.created_device,
         }
@@ -1217,18 +1227,13 @@ impl Daemon {
                 return;
             }
         };
-        let call = persist::Inflight {
-            listener: token,
-            id: notif.id,
-            pid: notif.pid,
-            args: [notif.data.args[0], notif.data.args[1], notif.data.args[2]],
-        };
-        self.answer(listener, call);
+        self.answer(listener, inflight(token, &notif));
     }
 
     /// Answers a trapped call. It is saved as in flight first, so that a
     /// daemon killed while answering is followed by one that answers it.
     fn answer(&mut self, listener: Rc<Listener>, call: persist::Inflight) {
+        failpoint::pass("received");
         self.inflight = Some(call);
         self.dirty = true;
         self.commit();
@@ -1240,30 +1245,119 @@ impl Daemon {
             tid: call.pid as i32,
         };
         let [fd, cmd, arg] = call.args;
-        let result = self.trapped(&caller, fd as i32, cmd as u32, arg);
-        self.inflight = None;
+        let outcome = match self.trapped(&caller, fd as i32, cmd as u32, arg) {
+            None => persist::Outcome::Continue,
+            Some(result) => persist::Outcome::Return(result.err().map_or(0, |e| e.0)),
+        };
+        // Saved with its outcome until the next commit: a daemon killed before
+        // the reply is delivered is followed by one that delivers it.
+        self.inflight = Some(persist::Inflight {
+            outcome: Some(outcome),
+            ..call
+        });
         self.dirty = true;
         self.commit();
-        match result {
-            None => listener.continue_syscall(call.id),
-            Some(result) => listener.respond(call.id, result),
-        }
+        failpoint::pass("decided");
+        reply(&listener, call.id, outcome);
+        self.inflight = None;
     }
 
     /// Answers the call a killed daemon was answering, if its caller still
-    /// waits. What that daemon did for it and did not save is done again;
-    /// an fd it had already installed stays in the caller, unused.
+    /// waits: with the outcome it saved, or else by doing the call again
+    /// (what that daemon did for it and did not save is done again; an fd it
+    /// had already installed stays in the caller, unused).
     fn redo(&mut self, call: persist::Inflight) {
         let Some(listener) = self.listeners.get(&call.listener).cloned() else {
             return;
         };
-        if listener.id_valid(call.id) {
-            log::info(format_args!(
-                "answering the call pid {} was waiting on when the daemon stopped",
-                call.pid
-            ));
-            self.answer(listener, call);
+        if !listener.id_valid(call.id) {
+            return;
         }
+        log::info(format_args!(
+            "answering the call pid {} was waiting on when the daemon stopped",
+            call.pid
+        ));
+        match call.outcome {
+            Some(outcome) => reply(&listener, call.id, outcome),
+            None => self.answer(listener, call),
+        }
+    }
+
+    /// Answers the call a killed daemon had received but not saved, if there
+    /// is one (see the `recover` module), then every call that waits.
+    fn recover_lost_call(&mut self) {
+        let mut pending: Vec<(u64, Notif)> = Vec::new();
+        for attempt in 0..5 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            self.receive_pending(&mut pending);
+            let lost = self.unanswered_ids(&pending);
+            if lost.is_empty() {
+                break;
+            }
+            let cgroup = self.workload.as_ref().map(|w| w.path());
+            let waiters: Vec<_> = recover::waiters(recover::threads(cgroup))
+                .into_iter()
+                .filter(|w| !pending.iter().any(|(_, n)| n.pid == w.tid))
+                .collect();
+            if let ([w], [(token, id)]) = (waiters.as_slice(), lost.as_slice()) {
+                log::info(format_args!(
+                    "answering the call pid {} made while the daemon was stopping",
+                    w.tid
+                ));
+                let call = persist::Inflight {
+                    listener: *token,
+                    id: *id,
+                    pid: w.tid,
+                    args: w.args,
+                    outcome: None,
+                };
+                self.answer(self.listeners[token].clone(), call);
+                break;
+            }
+            if attempt == 4 {
+                log::warn(format_args!(
+                    "cannot tell which of {} waiting threads made which of {} unanswered calls",
+                    waiters.len(),
+                    lost.len()
+                ));
+            }
+        }
+        for (token, n) in pending {
+            if let Some(listener) = self.listeners.get(&token).cloned() {
+                self.answer(listener, inflight(token, &n));
+            }
+        }
+    }
+
+    /// Receives every notification waiting to be received.
+    fn receive_pending(&mut self, pending: &mut Vec<(u64, Notif)>) {
+        for (token, l) in &self.listeners {
+            while sys::readable(l.fd()) {
+                match l.recv() {
+                    Ok(n) => pending.push((*token, n)),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Received notifications nobody answered and that are not in `pending`:
+    /// those a killed daemon received and did not save.
+    fn unanswered_ids(&self, pending: &[(u64, Notif)]) -> Vec<(u64, u64)> {
+        let mut lost: Vec<(u64, u64)> = Vec::new();
+        for (token, l) in &self.listeners {
+            let Some(last) = l.last_id() else { continue };
+            for id in (1..=recover::WINDOW).map(|k| last.wrapping_add(k)) {
+                let known =
+                    pending.iter().any(|(_, n)| n.id == id) || lost.iter().any(|(_, i)| *i == id);
+                if !known && l.id_valid(id) {
+                    lost.push((*token, id));
+                }
+            }
+        }
+        lost
     }
 
     /// Handles a trapped ioctl, or returns None to let the kernel run it
@@ -1338,7 +1432,8 @@ impl Daemon {
                 return Response::error(error_chain(&e));
             }
         }
-        self.listeners.insert(token, Rc::new(Listener::new(fd)));
+        self.listeners
+            .insert(token, Rc::new(Listener::new(fd, None)));
         log::debug(format_args!("registered luo run tree of pid {pid}"));
         self.dirty = true;
         self.commit();
@@ -1475,6 +1570,26 @@ fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Wo
             ));
             None
         }
+    }
+}
+
+/// Delivers the outcome of a trapped call.
+fn reply(listener: &Listener, id: u64, outcome: persist::Outcome) {
+    match outcome {
+        persist::Outcome::Continue => listener.continue_syscall(id),
+        persist::Outcome::Return(0) => listener.respond(id, Ok(())),
+        persist::Outcome::Return(errno) => listener.respond(id, Err(Errno(errno))),
+    }
+}
+
+/// A received notification as the trapped call to answer.
+fn inflight(listener: u64, n: &Notif) -> persist::Inflight {
+    persist::Inflight {
+        listener,
+        id: n.id,
+        pid: n.pid,
+        args: [n.data.args[0], n.data.args[1], n.data.args[2]],
+        outcome: None,
     }
 }
 

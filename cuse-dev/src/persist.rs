@@ -48,6 +48,9 @@ pub struct Header {
     pub device_owner: (u32, u32),
     /// Tokens of the `luo run` listeners.
     pub listeners: Vec<u64>,
+    /// The last notification id received on each listener, by token.
+    #[serde(default)]
+    pub listener_ids: BTreeMap<u64, u64>,
     /// Next listener token.
     pub next_listener: u64,
     /// Whether the daemon created the device path (and removes it at shutdown).
@@ -74,6 +77,18 @@ pub struct Inflight {
     pub pid: u32,
     /// ioctl's fd, cmd and arg.
     pub args: [u64; 3],
+    /// How it was answered, once decided.
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
+}
+
+/// The answer to a trapped call.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Let the kernel run it (not our file).
+    Continue,
+    /// Return 0, or fail with this errno.
+    Return(i32),
 }
 
 /// One journal record: what changed in one commit.

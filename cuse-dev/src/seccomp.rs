@@ -7,6 +7,7 @@
 //! fds, and lets the kernel run it (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`) when it
 //! is anything else (another device that happens to use the same numbers).
 
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use luo_store::{Errno, Result};
@@ -163,12 +164,25 @@ fn ioctl<T>(fd: BorrowedFd<'_>, req: u64, arg: *mut T) -> Result<i32> {
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
+    /// The highest notification id received. The kernel numbers a filter's
+    /// notifications consecutively, so a call received by a daemon that was
+    /// killed before saving it has a higher id than any saved one.
+    last_id: Cell<Option<u64>>,
 }
 
 impl Listener {
-    /// Wraps a listener fd received from `luo run`.
-    pub fn new(fd: OwnedFd) -> Listener {
-        Listener { fd }
+    /// Wraps a listener fd received from `luo run`, or saved by an earlier
+    /// daemon along with the last id it received.
+    pub fn new(fd: OwnedFd, last_id: Option<u64>) -> Listener {
+        Listener {
+            fd,
+            last_id: Cell::new(last_id),
+        }
+    }
+
+    /// The highest notification id received so far, if any.
+    pub fn last_id(&self) -> Option<u64> {
+        self.last_id.get()
     }
 
     /// The fd, for polling.
@@ -183,6 +197,8 @@ impl Listener {
     pub fn recv(&self) -> Result<Notif> {
         let mut n = Notif::default();
         ioctl(self.fd(), NOTIF_RECV, &mut n)?;
+        self.last_id
+            .set(Some(self.last_id().map_or(n.id, |last| last.max(n.id))));
         Ok(n)
     }
 

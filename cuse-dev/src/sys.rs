@@ -348,3 +348,14 @@ fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<libc::ucred> {
     })?;
     Ok(cred)
 }
+
+/// Whether `fd` has something to read right now.
+pub fn readable(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: p is one valid pollfd; a zero timeout never blocks.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
+}
