@@ -487,8 +487,8 @@ impl Daemon {
     /// Saves what changed (and gives the keeper any new fds). Called before
     /// replies that report changes leave the daemon.
     fn commit(&mut self) {
-        let (changed, removed) = self.store.take_changes();
-        if !self.dirty && changed.is_empty() && removed.is_empty() {
+        let changes = self.store.take_changes();
+        if !self.dirty && changes.is_empty() {
             return;
         }
         let compact =
@@ -496,7 +496,7 @@ impl Daemon {
         let result = if compact {
             self.snapshot()
         } else {
-            self.append(&changed, &removed)
+            self.append(&changes)
         };
         match result {
             Ok(()) => self.dirty = false,
@@ -529,25 +529,38 @@ impl Daemon {
         }
     }
 
-    fn append(&mut self, changed: &[SessionId], removed: &[SessionId]) -> std::io::Result<()> {
+    /// Appends one record of what changed: whole sessions where much changed,
+    /// otherwise the session's fields and the files that changed.
+    fn append(&mut self, changes: &luo_store::Changes) -> std::io::Result<()> {
         let header = self.header();
         let mut fds = own_fds(&self.chan, &self.listeners);
-        let mut sessions = Vec::with_capacity(changed.len());
-        for id in changed {
-            if let Some((session, f)) = self.store.session_image(*id) {
+        // Keeper keys that may have to go: those of whole sessions and of the
+        // changed files (`wanted` decides).
+        let mut prefixes: Vec<String> = vec!["listener/".into()];
+        let mut sessions = Vec::new();
+        let mut deltas = Vec::new();
+        for (id, dirty) in &changes.changed {
+            let slot = self.session_slot.get(id).copied();
+            if dirty.whole {
+                if let Some((session, f)) = self.store.session_image(*id) {
+                    fds.extend(f);
+                    sessions.push(SessionRecord { session, slot });
+                }
+                prefixes.push(format!("s{}/", id.0));
+            } else if let Some((delta, f)) = self.store.session_delta(*id, &dirty.files) {
                 fds.extend(f);
-                sessions.push(SessionRecord {
-                    session,
-                    slot: self.session_slot.get(id).copied(),
-                });
+                deltas.push(persist::DeltaRecord { delta, slot });
+                prefixes.extend(dirty.files.iter().map(|t| format!("s{}/t{t}/", id.0)));
             }
         }
+        prefixes.extend(changes.removed.iter().map(|id| format!("s{}/", id.0)));
         self.kept.add_missing(&fds)?;
         let record = Record {
             full: false,
             header,
             sessions,
-            removed: removed.iter().map(|id| id.0).collect(),
+            deltas,
+            removed: changes.removed.iter().map(|id| id.0).collect(),
             replies: self.chan.batch(),
             inflight: self.inflight,
         };
@@ -555,12 +568,6 @@ impl Daemon {
             .as_mut()
             .expect("journal exists after start-up")
             .append(&record)?;
-        let mut prefixes: Vec<String> = changed
-            .iter()
-            .chain(removed)
-            .map(|id| format!("s{}/", id.0))
-            .collect();
-        prefixes.push("listener/".into());
         let wanted = fds.iter().map(|(k, _)| k.as_str()).collect();
         self.kept.drop_unwanted(&prefixes, &wanted)
     }
@@ -583,6 +590,7 @@ impl Daemon {
             full: true,
             header,
             sessions,
+            deltas: Vec::new(),
             removed: Vec::new(),
             replies: self.chan.batch(),
             inflight: self.inflight,

@@ -8,8 +8,9 @@
 //! get, drop, list. It is started by the first daemon, detached into its own
 //! session, and ends only when told to (`luo shutdown`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -57,7 +58,9 @@ pub struct KeeperResponse {
     pub pid: u32,
 }
 
-/// Serves the keeper protocol on `socket` until told to exit.
+/// Serves the keeper protocol on `socket` until told to exit. A connection
+/// may carry any number of requests, one at a time (the daemon keeps one
+/// open); connections are served as their requests arrive.
 ///
 /// # Errors
 /// If the socket cannot be bound.
@@ -65,25 +68,52 @@ pub fn serve(socket: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     let mut fds: HashMap<String, OwnedFd> = HashMap::new();
+    let mut conns: Vec<UnixStream> = Vec::new();
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        // Only our own user may take fds (the socket is also in a 0700 dir).
-        if crate::sys::peer_uid(stream.as_fd()).ok() != Some(me) {
+    loop {
+        let mut polled: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(conns.iter().map(|c| c.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: polled is a valid array of pollfds for the call.
+        if unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as _, -1) } < 0 {
             continue;
         }
-        let Ok((req, fd)) = control::recv_line::<KeeperRequest>(&stream) else {
-            continue;
-        };
-        let exit = matches!(req, KeeperRequest::Exit);
-        answer(&stream, req, fd, &mut fds);
-        if exit {
-            break;
+        let mut closed = Vec::new();
+        for (i, p) in polled.iter().enumerate().skip(1) {
+            if p.revents == 0 {
+                continue;
+            }
+            let stream = &conns[i - 1];
+            match control::recv_line::<KeeperRequest>(stream) {
+                Ok((req, fd)) => {
+                    let exit = matches!(req, KeeperRequest::Exit);
+                    answer(stream, req, fd, &mut fds);
+                    if exit {
+                        let _ = std::fs::remove_file(socket);
+                        return Ok(());
+                    }
+                }
+                Err(_) => closed.push(i - 1),
+            }
+        }
+        for i in closed.into_iter().rev() {
+            conns.swap_remove(i);
+        }
+        if polled[0].revents != 0 {
+            if let Ok((stream, _)) = listener.accept() {
+                // Only our own user may take fds (the socket is also in a 0700 dir).
+                if crate::sys::peer_uid(stream.as_fd()).ok() == Some(me) {
+                    conns.push(stream);
+                }
+            }
         }
     }
-    let _ = std::fs::remove_file(socket);
-    Ok(())
 }
 
 fn answer(
@@ -120,10 +150,21 @@ fn answer(
     let _ = control::send_line(stream, &resp, out);
 }
 
-/// The daemon's handle on its keeper.
+fn exchange_on(
+    stream: &UnixStream,
+    req: &KeeperRequest,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<(KeeperResponse, Option<OwnedFd>)> {
+    control::send_line(stream, req, fd)?;
+    control::recv_line(stream)
+}
+
+/// The daemon's handle on its keeper: one connection, opened again if it
+/// breaks.
 #[derive(Debug)]
 pub struct Keeper {
     socket: PathBuf,
+    stream: RefCell<Option<UnixStream>>,
 }
 
 fn refused(what: &str) -> std::io::Error {
@@ -135,6 +176,7 @@ impl Keeper {
     pub fn connect(socket: &Path) -> Option<Keeper> {
         let k = Keeper {
             socket: socket.to_owned(),
+            stream: RefCell::new(None),
         };
         k.list().ok().map(|_| k)
     }
@@ -175,7 +217,16 @@ impl Keeper {
         req: &KeeperRequest,
         fd: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> std::io::Result<(KeeperResponse, Option<OwnedFd>)> {
-        control::exchange(&self.socket, req, fd)
+        // Every request may be sent twice (put, get and drop are idempotent).
+        if let Some(stream) = self.stream.borrow().as_ref() {
+            if let Ok(answer) = exchange_on(stream, req, fd) {
+                return Ok(answer);
+            }
+        }
+        let stream = UnixStream::connect(&self.socket)?;
+        let answer = exchange_on(&stream, req, fd);
+        *self.stream.borrow_mut() = answer.is_ok().then_some(stream);
+        answer
     }
 
     /// Keeps `fd` under `key`.

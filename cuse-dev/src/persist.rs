@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use luo_store::{
-    journal_header, journal_record, read_journal, ImageError, SessionImage, StoreImage,
+    journal_header, journal_record, read_journal, ImageError, SessionDelta, SessionImage,
+    StoreImage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,15 @@ pub struct SessionRecord {
     pub slot: Option<u64>,
 }
 
+/// Part of a session and the session file that stands for it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DeltaRecord {
+    /// What changed.
+    pub delta: SessionDelta,
+    /// Inode of its session file, while one is open.
+    pub slot: Option<u64>,
+}
+
 /// A trapped call being answered when the record was written.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]
 pub struct Inflight {
@@ -98,8 +108,11 @@ pub struct Record {
     pub full: bool,
     /// The daemon's state after the commit.
     pub header: Header,
-    /// Sessions created or changed.
+    /// Sessions created or changed as a whole.
     pub sessions: Vec<SessionRecord>,
+    /// Sessions of which only some files changed.
+    #[serde(default)]
+    pub deltas: Vec<DeltaRecord>,
     /// Sessions gone.
     pub removed: Vec<u64>,
     /// Replies of the batch being answered: (unique, whole message).
@@ -178,6 +191,16 @@ pub fn read(path: &Path) -> Result<Loaded, LoadError> {
         }
         for r in record.sessions {
             loaded.sessions.insert(r.session.id, r);
+        }
+        for d in record.deltas {
+            let Some(r) = loaded.sessions.get_mut(&d.delta.id) else {
+                return Err(refused(ImageError::Payload(format!(
+                    "a record changes session {}, which no earlier record holds",
+                    d.delta.id
+                ))));
+            };
+            r.session.apply(d.delta);
+            r.slot = d.slot;
         }
         loaded.header = record.header;
         loaded.replies = record.replies;

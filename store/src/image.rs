@@ -13,6 +13,7 @@
 //! ignored; a record that fails its checksum with data after it, a wrong
 //! magic or another version refuses the whole file: nothing is half-loaded.
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
@@ -209,33 +210,70 @@ fn status_of(code: i32) -> RetrieveStatus {
     }
 }
 
+/// A session's own fields and some of its files: what a journal record
+/// holds when only those changed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionDelta {
+    /// Id.
+    pub id: u64,
+    /// Name bytes.
+    pub name: Vec<u8>,
+    /// Incoming (true) or outgoing.
+    pub incoming: bool,
+    /// Retrieved (incoming only).
+    pub retrieved: bool,
+    /// Files added or changed, in preservation order.
+    pub files: Vec<FileImage>,
+    /// Tokens named as changed that the session no longer holds.
+    pub gone: Vec<u64>,
+}
+
+impl SessionImage {
+    /// Applies a delta of the same session: fields replaced, changed files
+    /// replaced in place, new ones appended, gone ones removed.
+    pub fn apply(&mut self, delta: SessionDelta) {
+        self.name = delta.name;
+        self.incoming = delta.incoming;
+        self.retrieved = delta.retrieved;
+        self.files.retain(|f| !delta.gone.contains(&f.token));
+        for file in delta.files {
+            match self.files.iter_mut().find(|f| f.token == file.token) {
+                Some(old) => *old = file,
+                None => self.files.push(file),
+            }
+        }
+    }
+}
+
+/// The fds of a file, by key.
+type KeyedFds<'a> = Vec<(String, BorrowedFd<'a>)>;
+
 impl Store {
+    fn file_image<'a>(&self, session: u64, f: &'a LuoFile, fds: &mut KeyedFds<'a>) -> FileImage {
+        if let Some(file) = &f.file {
+            fds.push((FileImage::file_key(session, f.token), file.as_fd()));
+        }
+        if let Some(c) = &f.carried {
+            fds.push((FileImage::carried_key(session, f.token), c.as_fd()));
+        }
+        FileImage {
+            handler: self.handler_compatible(f.handler).to_owned(),
+            token: f.token,
+            data: f.data.clone(),
+            has_file: f.file.is_some(),
+            has_carried: f.carried.is_some(),
+            retrieve_status: status_code(f.retrieve_status),
+        }
+    }
+
     /// The image of one session, and the fds that go with it, by key.
-    pub fn session_image(
-        &self,
-        id: SessionId,
-    ) -> Option<(SessionImage, Vec<(String, BorrowedFd<'_>)>)> {
+    pub fn session_image(&self, id: SessionId) -> Option<(SessionImage, KeyedFds<'_>)> {
         let s = self.session(id)?;
         let mut fds = Vec::new();
         let files = s
             .files
             .iter()
-            .map(|f| {
-                if let Some(file) = &f.file {
-                    fds.push((FileImage::file_key(s.id.0, f.token), file.as_fd()));
-                }
-                if let Some(c) = &f.carried {
-                    fds.push((FileImage::carried_key(s.id.0, f.token), c.as_fd()));
-                }
-                FileImage {
-                    handler: self.handler_compatible(f.handler).to_owned(),
-                    token: f.token,
-                    data: f.data.clone(),
-                    has_file: f.file.is_some(),
-                    has_carried: f.carried.is_some(),
-                    retrieve_status: status_code(f.retrieve_status),
-                }
-            })
+            .map(|f| self.file_image(s.id.0, f, &mut fds))
             .collect();
         let image = SessionImage {
             id: s.id.0,
@@ -245,6 +283,36 @@ impl Store {
             files,
         };
         Some((image, fds))
+    }
+
+    /// The session's fields and the files of `tokens`, and their fds.
+    pub fn session_delta(
+        &self,
+        id: SessionId,
+        tokens: &BTreeSet<u64>,
+    ) -> Option<(SessionDelta, KeyedFds<'_>)> {
+        let s = self.session(id)?;
+        let mut fds = Vec::new();
+        let files = s
+            .files
+            .iter()
+            .filter(|f| tokens.contains(&f.token))
+            .map(|f| self.file_image(s.id.0, f, &mut fds))
+            .collect();
+        let gone = tokens
+            .iter()
+            .copied()
+            .filter(|t| !s.files.iter().any(|f| f.token == *t))
+            .collect();
+        let delta = SessionDelta {
+            id: s.id.0,
+            name: s.name.as_bytes().to_vec(),
+            incoming: s.direction == Direction::Incoming,
+            retrieved: s.retrieved,
+            files,
+            gone,
+        };
+        Some((delta, fds))
     }
 
     /// The image of the store without its sessions.

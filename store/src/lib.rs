@@ -25,11 +25,11 @@ pub use flb::{FlbHandover, FlbId, FlbRegistry};
 pub use handler::{FileHandler, FileId, FileState, Flb, Preserved, RetrieveStatus};
 pub use image::{
     decode_image, encode_image, journal_header, journal_record, read_journal, FileImage,
-    ImageError, SessionImage, StoreImage,
+    ImageError, SessionDelta, SessionImage, StoreImage,
 };
 pub use name::{SessionName, SESSION_NAME_LENGTH};
 pub use session::{Direction, LuoFile, Session, SessionId};
-pub use store::{FreezeFailure, Store};
+pub use store::{Changes, Dirty, FreezeFailure, Store};
 
 #[cfg(test)]
 mod tests;

@@ -32,6 +32,32 @@ impl std::fmt::Display for FreezeFailure {
     }
 }
 
+/// What changed in one session since the last [`Store::take_changes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Everything may have changed (new, frozen, flipped, files removed).
+    pub whole: bool,
+    /// Tokens of files added or changed (the session's own fields are always
+    /// saved with them).
+    pub files: BTreeSet<u64>,
+}
+
+/// Changes since the last [`Store::take_changes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Sessions changed, and how.
+    pub changed: BTreeMap<SessionId, Dirty>,
+    /// Sessions gone.
+    pub removed: BTreeSet<SessionId>,
+}
+
+impl Changes {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// The LUO object model of one daemon.
 #[derive(Default)]
 pub struct Store {
@@ -45,10 +71,8 @@ pub struct Store {
     next_id: u64,
     epoch: u64,
     frozen: bool,
-    /// Sessions changed since the last [`Store::take_changes`].
-    changed: BTreeSet<SessionId>,
-    /// Sessions gone since the last [`Store::take_changes`].
-    removed: BTreeSet<SessionId>,
+    /// Changes since the last [`Store::take_changes`].
+    changes: Changes,
 }
 
 impl Store {
@@ -127,13 +151,13 @@ impl Store {
             files: Vec::new(),
         };
         self.sessions.insert(id, session);
-        self.changed.insert(id);
+        self.touch_whole(id);
         Ok(id)
     }
 
     fn remove(&mut self, id: SessionId) {
-        self.changed.remove(&id);
-        self.removed.insert(id);
+        self.changes.changed.remove(&id);
+        self.changes.removed.insert(id);
         if let Some(session) = self.sessions.remove(&id) {
             self.names(session.direction).remove(&session.name);
         }
@@ -156,7 +180,7 @@ impl Store {
     /// `ENOENT` for an unknown name, `EINVAL` if already retrieved.
     pub fn retrieve_session(&mut self, name: &SessionName) -> Result<SessionId> {
         let id = *self.incoming.get(name).ok_or(Errno::ENOENT)?;
-        self.changed.insert(id);
+        self.touch(id);
         let session = self.sessions.get_mut(&id).ok_or(Errno::ENOENT)?;
         if session.retrieved {
             return Err(Errno::EINVAL);
@@ -217,7 +241,7 @@ impl Store {
     /// `EEXIST` token used, `EBADF` bad fd, `ENOENT` no handler, `EBUSY`
     /// already preserved, `EBUSY` while frozen, or the handler's/FLB's errno.
     pub fn preserve_fd(&mut self, id: SessionId, token: u64, file: Result<OwnedFd>) -> Result<()> {
-        self.touch(id);
+        self.touch_file(id, token);
         if self.frozen {
             return Err(Errno::EBUSY);
         }
@@ -272,7 +296,7 @@ impl Store {
     /// # Errors
     /// `ENOENT` unknown token, or the handler's (remembered) retrieve errno.
     pub fn retrieve_fd(&mut self, id: SessionId, token: u64) -> Result<BorrowedFd<'_>> {
-        self.touch(id);
+        self.touch_file(id, token);
         let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
         let file = session.file_mut(token).ok_or(Errno::ENOENT)?;
         match file.retrieve_status {
@@ -305,7 +329,7 @@ impl Store {
     /// # Errors
     /// `EBUSY` if a file cannot finish; nothing is finished then.
     pub fn finish(&mut self, id: SessionId) -> Result<()> {
-        self.touch(id);
+        self.touch_whole(id);
         let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
         for file in &session.files {
             if !self.handlers[file.handler].can_finish(&file.state()) {
@@ -333,7 +357,9 @@ impl Store {
     /// Which file refused and why.
     pub fn freeze(&mut self) -> std::result::Result<(), FreezeFailure> {
         let ids: Vec<SessionId> = self.outgoing_ids();
-        self.changed.extend(ids.iter().copied());
+        for id in &ids {
+            self.touch_whole(*id);
+        }
         let mut done: Vec<(SessionId, usize)> = Vec::new();
         for id in ids {
             let session = self.sessions.get_mut(&id).expect("outgoing session exists");
@@ -402,10 +428,13 @@ impl Store {
         let stale: Vec<SessionId> = self.incoming.values().copied().collect();
         for id in stale {
             self.sessions.remove(&id);
-            self.changed.remove(&id);
-            self.removed.insert(id);
+            self.changes.changed.remove(&id);
+            self.changes.removed.insert(id);
         }
-        self.changed.extend(self.sessions.keys().copied());
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.touch_whole(id);
+        }
         self.incoming = std::mem::take(&mut self.outgoing);
         self.preserved.clear();
         for session in self.sessions.values_mut() {
@@ -424,18 +453,32 @@ impl Store {
 }
 
 impl Store {
+    fn dirty(&mut self, id: SessionId) -> Option<&mut Dirty> {
+        self.sessions
+            .contains_key(&id)
+            .then(|| self.changes.changed.entry(id).or_default())
+    }
+
+    /// The session's own fields changed.
     fn touch(&mut self, id: SessionId) {
-        if self.sessions.contains_key(&id) {
-            self.changed.insert(id);
+        self.dirty(id);
+    }
+
+    fn touch_file(&mut self, id: SessionId, token: u64) {
+        if let Some(d) = self.dirty(id) {
+            d.files.insert(token);
         }
     }
 
-    /// Sessions changed and sessions gone since the last call, so that a
-    /// caller can save only what changed.
-    pub fn take_changes(&mut self) -> (Vec<SessionId>, Vec<SessionId>) {
-        let changed = std::mem::take(&mut self.changed).into_iter().collect();
-        let removed = std::mem::take(&mut self.removed).into_iter().collect();
-        (changed, removed)
+    fn touch_whole(&mut self, id: SessionId) {
+        if let Some(d) = self.dirty(id) {
+            d.whole = true;
+        }
+    }
+
+    /// What changed since the last call, so that a caller can save only that.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// The last session id handed out.

@@ -581,17 +581,62 @@ fn journal_refuses_corruption_and_other_versions_but_drops_a_torn_tail() {
 }
 
 #[test]
-fn changes_are_tracked_per_session() {
+fn changes_are_tracked_per_file() {
     let mut f = fixture();
     let a = f.create("a");
     let b = f.create("b");
-    assert_eq!(f.store.take_changes(), (vec![a, b], vec![]));
-    f.preserve(a, 1, &f.pipe()).unwrap();
+    let c = f.store.take_changes();
+    assert!(c.changed[&a].whole && c.changed[&b].whole);
+    let p = f.pipe();
+    f.preserve(a, 1, &p).unwrap();
     f.store.release_session(b).unwrap();
-    assert_eq!(f.store.take_changes(), (vec![a], vec![b]));
-    assert_eq!(f.store.take_changes(), (vec![], vec![]));
+    let c = f.store.take_changes();
+    assert_eq!(
+        c.changed[&a],
+        Dirty {
+            whole: false,
+            files: [1].into()
+        }
+    );
+    assert!(!c.changed.contains_key(&b));
+    assert_eq!(c.removed, [b].into());
+    assert!(f.store.take_changes().is_empty());
     f.update();
-    assert_eq!(f.store.take_changes(), (vec![a], vec![]));
+    assert!(f.store.take_changes().changed[&a].whole);
+}
+
+#[test]
+fn a_delta_brings_an_older_session_image_up_to_date() {
+    let mut f = fixture();
+    let a = f.create("a");
+    let (p1, p2, p3) = (f.pipe(), f.pipe(), f.pipe());
+    f.preserve(a, 1, &p1).unwrap();
+    let (mut old, _) = f.store.session_image(a).unwrap();
+    f.store.take_changes();
+    f.preserve(a, 2, &p2).unwrap();
+    f.preserve(a, 3, &p3).unwrap();
+    assert_eq!(f.preserve(a, 2, &p3), Err(Errno::EEXIST));
+    assert_eq!(f.preserve(a, 4, &p3), Err(Errno::EBUSY));
+    let c = f.store.take_changes();
+    let (delta, fds) = f.store.session_delta(a, &c.changed[&a].files).unwrap();
+    assert_eq!(delta.gone, vec![4]);
+    assert_eq!(fds.len(), 2);
+    old.apply(delta);
+    assert_eq!(old, f.store.session_image(a).unwrap().0);
+
+    // Retrieval changes one file in place.
+    f.update();
+    f.store.take_changes();
+    let (mut old, _) = f.store.session_image(a).unwrap();
+    f.store
+        .retrieve_session(&SessionName::new(b"a").unwrap())
+        .unwrap();
+    f.store.retrieve_fd(a, 2).unwrap();
+    let c = f.store.take_changes();
+    let (delta, _) = f.store.session_delta(a, &c.changed[&a].files).unwrap();
+    assert_eq!(delta.files.len(), 1);
+    old.apply(delta);
+    assert_eq!(old, f.store.session_image(a).unwrap().0);
 }
 
 #[test]
