@@ -47,6 +47,7 @@ const TOKEN_FUSE: u64 = 1;
 const TOKEN_POOL: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_CONTROL: u64 = 4;
+const TOKEN_CUSE: u64 = 5;
 const TOKEN_LISTENER_BASE: u64 = 1 << 20;
 
 /// Where the daemon lives.
@@ -56,6 +57,9 @@ pub struct Config {
     pub device: PathBuf,
     /// State dir: FUSE mount, control socket.
     pub state_dir: PathBuf,
+    /// Serve the device as a CUSE character device (`/dev/NAME`) instead of
+    /// a FUSE file bound onto the device path.
+    pub cuse: bool,
 }
 
 impl Config {
@@ -204,6 +208,10 @@ pub struct Daemon {
     listeners: HashMap<u64, Rc<Listener>>,
     next_listener: u64,
     created_device: bool,
+    /// The CUSE device's number, once it exists.
+    cuse_rdev: Option<u64>,
+    /// A CUSE init reply is on its way: label the device after the batch.
+    cuse_created: bool,
     /// The cgroup of the current epoch's `luo run` trees.
     workload: Option<luo_kexec_helper::Workload>,
     /// The fds the keeper holds for us.
@@ -244,6 +252,7 @@ impl Daemon {
     }
 
     fn start(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
+        sys::raise_fd_limit();
         let state = cfg.state_dir.clone();
         setup(
             || format!("create the state dir {}", state.display()),
@@ -288,7 +297,20 @@ impl Daemon {
             || format!("create {}", fs.display()),
             std::fs::create_dir_all(&fs),
         )?;
-        let created_device = prepare_device_path(&cfg.device)?;
+        let created_device = if cfg.cuse {
+            cuse_device_name(&cfg.device)?;
+            false
+        } else {
+            prepare_device_path(&cfg.device)?
+        };
+        let cuse_fd = if cfg.cuse {
+            Some(setup(
+                || "open /dev/cuse (is CUSE built in or loaded?)".into(),
+                sys::open_rdwr(Path::new("/dev/cuse"), libc::O_NONBLOCK),
+            )?)
+        } else {
+            None
+        };
         let fuse_fd = setup(
             || "open /dev/fuse (is the fuse module loaded?)".into(),
             sys::open_rdwr(Path::new("/dev/fuse"), libc::O_NONBLOCK),
@@ -311,6 +333,12 @@ impl Daemon {
             || "hand the FUSE connection to the keeper".into(),
             kept.add_missing(&[(persist::FUSE_KEY.to_owned(), fuse_fd.as_fd())]),
         )?;
+        if let Some(c) = &cuse_fd {
+            setup(
+                || "hand the CUSE device to the keeper".into(),
+                kept.add_missing(&[(persist::CUSE_KEY.to_owned(), c.as_fd())]),
+            )?;
+        }
         let header = Header {
             next_fh: 1,
             device_mode: 0o600,
@@ -318,7 +346,8 @@ impl Daemon {
             created_device,
             ..Header::default()
         };
-        let mut daemon = Daemon::assemble(cfg, fuse_fd, kept, &header, true)?;
+        let bind = !cfg.cuse;
+        let mut daemon = Daemon::assemble(cfg, fuse_fd, cuse_fd, kept, &header, bind)?;
         let path = daemon.cfg.image();
         setup(
             || format!("write the state journal {}", path.display()),
@@ -340,7 +369,18 @@ impl Daemon {
             || "make the FUSE connection non-blocking".into(),
             sys::set_nonblocking(fuse_fd.as_fd()),
         )?;
-        let mut daemon = Daemon::assemble(cfg, fuse_fd, kept, &loaded.header, false)?;
+        // The CUSE device, if the daemon serves one, lives as long as this fd.
+        let cuse_fd = kept.keeper.get(persist::CUSE_KEY).ok();
+        if let Some(c) = &cuse_fd {
+            setup(
+                || "make the CUSE device non-blocking".into(),
+                sys::set_nonblocking(c.as_fd()),
+            )?;
+        }
+        let mut daemon = Daemon::assemble(cfg, fuse_fd, cuse_fd, kept, &loaded.header, false)?;
+        if daemon.chan.cuse_fd().is_some() {
+            daemon.cuse_rdev = sys::path_rdev(&daemon.cfg.device).ok();
+        }
         daemon.load(&loaded)?;
         // Replies the previous daemon decided on may not have been delivered.
         for (unique, msg) in &loaded.replies {
@@ -411,6 +451,7 @@ impl Daemon {
     fn assemble(
         cfg: Config,
         fuse_fd: OwnedFd,
+        cuse_fd: Option<OwnedFd>,
         kept: KeptFds,
         image: &Header,
         bind: bool,
@@ -439,7 +480,14 @@ impl Daemon {
         for _ in 0..POOL_SIZE {
             grant_credit(opener.as_fd());
         }
-        let chan = Channel::new(fuse_fd);
+        let mut chan = Channel::new(fuse_fd);
+        if let Some(c) = cuse_fd {
+            setup(
+                || "watch the CUSE device".into(),
+                epoll.add(c.as_raw_fd(), TOKEN_CUSE),
+            )?;
+            chan.attach_cuse(c);
+        }
         for (fd, token) in [
             (chan.fd().as_raw_fd(), TOKEN_FUSE),
             (opener.as_raw_fd(), TOKEN_POOL),
@@ -472,6 +520,8 @@ impl Daemon {
             next_listener: image.next_listener,
             workload,
             created_device: image.created_device,
+            cuse_rdev: None,
+            cuse_created: false,
             kept,
             next_slot: image.next_slot,
             dirty: false,
@@ -611,7 +661,7 @@ impl Daemon {
             let events = setup(|| "wait for events".into(), self.epoll.wait(-1))?;
             for (token, events) in events {
                 match token {
-                    TOKEN_FUSE => self.drain_fuse(),
+                    TOKEN_FUSE | TOKEN_CUSE => self.drain_fuse(),
                     TOKEN_POOL => self.on_pool_event()?,
                     TOKEN_SIGNAL => {
                         log::info(format_args!("termination signal received; stopping"));
@@ -638,6 +688,13 @@ impl Daemon {
                 "stopped; {n} sessions and their files stay with the keeper until the next `luo daemon`"
             ));
             return;
+        }
+        if self.chan.cuse_fd().is_some() {
+            if let Some(name) = self.cfg.device.file_name().and_then(|n| n.to_str()) {
+                let _ = std::fs::remove_file(
+                    Path::new(crate::run::CUSE_LINKS).join(format!("{name}.control")),
+                );
+            }
         }
         let _ = sys::umount_detach(&self.cfg.device);
         if self.created_device {
@@ -731,11 +788,18 @@ impl Daemon {
         if outermost {
             self.commit();
             self.chan.end_batch();
+            if std::mem::take(&mut self.cuse_created) {
+                self.label_cuse_device();
+            }
         }
     }
 
     fn read_request(&mut self) -> Option<fuse::Request> {
-        match self.chan.next_request() {
+        let next = match self.chan.next_request() {
+            Ok(None) => self.chan.next_cuse_request(),
+            other => other,
+        };
+        match next {
             Ok(req) => req,
             Err(e) => {
                 if e.raw_os_error() == Some(libc::ENODEV) {
@@ -758,19 +822,28 @@ impl Daemon {
     fn settle_releases(&mut self) {
         while let Some(req) = self.read_request() {
             match req.op {
-                Op::Release(r) => {
-                    self.release(req.header.nodeid, r.fh);
-                    self.chan.reply(req.header.unique, &[]);
-                }
+                Op::Release(_) => self.dispatch(req),
                 _ => self.backlog.push_back(req),
             }
         }
     }
 
     fn dispatch(&mut self, req: fuse::Request) {
-        let h = req.header;
+        // Replies go where the request came from; a request served while
+        // this one waits (see `take_slot`) routes its own.
+        let before = self.chan.route(req.cuse);
+        self.serve_request(req);
+        self.chan.route(before);
+    }
+
+    fn serve_request(&mut self, req: fuse::Request) {
+        let mut h = req.header;
         if fuse::is_noreply(&req.op) {
             return;
+        }
+        if req.cuse {
+            // Everything on the CUSE device is about the device.
+            h.nodeid = DEVICE_INO;
         }
         let u = h.unique;
         if changes_state(&req.op) {
@@ -814,6 +887,7 @@ impl Daemon {
                 self.chan.reply(u, &[]);
                 self.stop = true;
             }
+            Op::CuseInit(init) if req.cuse => self.reply_cuse_init(u, init),
             Op::CuseInit(_) | Op::Unknown(_) => self.chan.reply_err(u, Errno::ENOSYS),
             Op::Forget | Op::BatchForget | Op::Interrupt(_) => {}
         }
@@ -840,6 +914,47 @@ impl Daemon {
             ..Default::default()
         };
         self.chan.reply_struct(unique, &out);
+    }
+
+    /// Creates the character device: the kernel adds `/dev/NAME` once this
+    /// reply is delivered (labelled then, see `drain_fuse`).
+    fn reply_cuse_init(&mut self, unique: u64, init: CuseInitIn) {
+        const CUSE_UNRESTRICTED_IOCTL: u32 = 1;
+        if init.major != KERNEL_VERSION {
+            self.chan.reply_err(unique, Errno::EPROTO);
+            return;
+        }
+        let out = CuseInitOut {
+            major: KERNEL_VERSION,
+            minor: init.minor.min(KERNEL_MINOR_VERSION),
+            flags: CUSE_UNRESTRICTED_IOCTL,
+            max_read: 4096,
+            max_write: 4096,
+            ..Default::default()
+        };
+        let name = cuse_device_name(&self.cfg.device).unwrap_or_default();
+        let info = format!("DEVNAME={name}\0");
+        self.chan.reply(unique, &[out.as_bytes(), info.as_bytes()]);
+        self.cuse_created = true;
+    }
+
+    /// Once the CUSE device exists: learns its number (to recognise its fds in
+    /// trapped calls) and labels it with the control socket for `luo run`.
+    fn label_cuse_device(&mut self) {
+        let device = self.cfg.device.clone();
+        match sys::path_rdev(&device) {
+            Ok(rdev) => self.cuse_rdev = Some(rdev),
+            Err(e) => log::warn(format_args!(
+                "the CUSE device {} did not appear: {e}",
+                device.display()
+            )),
+        }
+        if let Err(e) = link_cuse_control(&device, &self.cfg.socket()) {
+            log::warn(format_args!(
+                "cannot link {} to the control socket ({e}); `luo run` will not find the daemon",
+                device.display()
+            ));
+        }
     }
 
     fn attr(&self, ino: u64) -> Option<Attr> {
@@ -1375,15 +1490,18 @@ impl Daemon {
         // is never the reference that keeps a dead caller's file open.
         let identity = caller
             .get_fd(fd)
-            .and_then(|file| Ok(sys::dev_ino(file.as_fd())?));
-        let (st_dev, st_ino) = match identity {
+            .and_then(|file| Ok(sys::file_identity(file.as_fd())?));
+        let id = match identity {
             Ok(id) => id,
             Err(e) => return Some(Err(e)),
         };
-        if st_dev != self.fs_dev {
+        if id.chr && self.cuse_rdev.is_some_and(|r| r == id.rdev) {
+            return Some(self.ioctl(DEVICE_INO, cmd, arg, caller));
+        }
+        if id.chr || id.dev != self.fs_dev {
             return None;
         }
-        Some(self.ioctl(st_ino, cmd, arg, caller))
+        Some(self.ioctl(id.ino, cmd, arg, caller))
     }
 
     // ---- control socket ---------------------------------------------------
@@ -1607,6 +1725,9 @@ fn own_fds<'a>(
     listeners: &'a HashMap<u64, Rc<Listener>>,
 ) -> Vec<(String, BorrowedFd<'a>)> {
     let mut fds = vec![(persist::FUSE_KEY.to_owned(), chan.fd())];
+    if let Some(c) = chan.cuse_fd() {
+        fds.push((persist::CUSE_KEY.to_owned(), c));
+    }
     fds.extend(
         listeners
             .iter()
@@ -1636,6 +1757,32 @@ fn refuse(caller: &Caller, what: &str) -> Errno {
 
 /// Makes sure the device path exists as something a file can be mounted on;
 /// returns whether we created it.
+/// Points `luo run` at the control socket: a character device cannot carry
+/// the `user.luo.control` attribute, so `/run/luo/NAME.control` links to it.
+fn link_cuse_control(device: &Path, socket: &Path) -> std::io::Result<()> {
+    let dir = Path::new(crate::run::CUSE_LINKS);
+    std::fs::create_dir_all(dir)?;
+    let name = device.file_name().and_then(|n| n.to_str()).unwrap_or("liveupdate");
+    let link = dir.join(format!("{name}.control"));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(socket, &link)
+}
+
+/// The CUSE device name for a device path: it must be directly in `/dev`,
+/// where the kernel creates it.
+fn cuse_device_name(device: &Path) -> std::result::Result<String, DaemonError> {
+    match (device.parent(), device.file_name().and_then(|n| n.to_str())) {
+        (Some(dir), Some(name)) if dir == Path::new("/dev") => Ok(name.to_owned()),
+        _ => Err(DaemonError::Setup {
+            what: format!(
+                "serve {} with CUSE: the kernel creates CUSE devices in /dev, so the path must be /dev/NAME",
+                device.display()
+            ),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        }),
+    }
+}
+
 fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> {
     // A daemon killed earlier may have left its bind mount behind.
     let _ = sys::umount_detach(device);

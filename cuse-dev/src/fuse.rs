@@ -19,6 +19,8 @@ pub struct Request {
     pub header: InHeader,
     /// The operation.
     pub op: Op,
+    /// It came from the CUSE device rather than the FUSE mount.
+    pub cuse: bool,
 }
 
 /// Operations, with their decoded arguments.
@@ -105,7 +107,11 @@ pub fn parse(bytes: &[u8]) -> io::Result<Request> {
         DESTROY => Op::Destroy,
         other => Op::Unknown(other),
     };
-    Ok(Request { header, op })
+    Ok(Request {
+        header,
+        op,
+        cuse: false,
+    })
 }
 
 /// Whether an opcode expects no reply at all.
@@ -113,12 +119,38 @@ pub fn is_noreply(op: &Op) -> bool {
     matches!(op, Op::Forget | Op::BatchForget | Op::Interrupt(_))
 }
 
-/// A reply message and the request it answers.
+fn read_request(fd: i32, buf: &mut [u8]) -> io::Result<Option<Request>> {
+    loop {
+        // SAFETY: buf is a writable buffer of buf.len() bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return parse(&buf[..n as usize]).map(Some);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // ENOENT: the request was interrupted before we read it.
+            Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+            Some(libc::EAGAIN) => return Ok(None),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// A reply message and the request it answers (with [`CUSE_ROUTE`] set in
+/// the id if the request came from the CUSE device).
 pub type Reply = (u64, Vec<u8>);
 
-/// A connection to the kernel's FUSE (or CUSE) device.
+/// Marks a [`Reply`] for the CUSE device (request ids never use this bit).
+pub const CUSE_ROUTE: u64 = 1 << 63;
+
+/// The daemon's connection to the kernel: the FUSE mount's `/dev/fuse` fd
+/// and, with the CUSE backend, a `/dev/cuse` fd. Replies go to the device the
+/// request being served came from (see [`Channel::route`]).
 pub struct Channel {
     fd: OwnedFd,
+    cuse: Option<OwnedFd>,
+    /// Replies go to the CUSE device while set.
+    to_cuse: std::cell::Cell<bool>,
     buf: Vec<u8>,
     /// While a batch is open, replies are held here (unique, message) until
     /// [`Channel::end_batch`].
@@ -131,9 +163,16 @@ impl Channel {
     pub fn new(fd: OwnedFd) -> Channel {
         Channel {
             fd,
+            cuse: None,
+            to_cuse: std::cell::Cell::new(false),
             buf: vec![0; BUFFER_SIZE],
             batch: std::cell::RefCell::new(None),
         }
+    }
+
+    /// Adds the CUSE device fd (non-blocking).
+    pub fn attach_cuse(&mut self, fd: OwnedFd) {
+        self.cuse = Some(fd);
     }
 
     /// The device fd, for polling and mount options.
@@ -141,31 +180,36 @@ impl Channel {
         self.fd.as_fd()
     }
 
+    /// The CUSE device fd, if there is one.
+    pub fn cuse_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.cuse.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Sends replies to the CUSE device (true) or the FUSE mount from now
+    /// on; returns the previous setting, to restore after a nested request.
+    pub fn route(&self, to_cuse: bool) -> bool {
+        self.to_cuse.replace(to_cuse && self.cuse.is_some())
+    }
+
+    /// Reads the next CUSE request; `Ok(None)` when none is pending or there
+    /// is no CUSE device.
+    ///
+    /// # Errors
+    /// As [`Channel::next_request`].
+    pub fn next_cuse_request(&mut self) -> io::Result<Option<Request>> {
+        let Some(fd) = self.cuse.as_ref().map(|f| f.as_raw_fd()) else {
+            return Ok(None);
+        };
+        let req = read_request(fd, &mut self.buf)?;
+        Ok(req.map(|r| Request { cuse: true, ..r }))
+    }
+
     /// Reads the next request; `Ok(None)` when none is pending.
     ///
     /// # Errors
     /// `ENODEV` once the filesystem is unmounted; other read errors.
     pub fn next_request(&mut self) -> io::Result<Option<Request>> {
-        loop {
-            // SAFETY: buf is a writable buffer of buf.len() bytes.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                )
-            };
-            if n >= 0 {
-                return parse(&self.buf[..n as usize]).map(Some);
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                // ENOENT: the request was interrupted before we read it.
-                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
-                Some(libc::EAGAIN) => return Ok(None),
-                _ => return Err(err),
-            }
-        }
+        read_request(self.fd.as_raw_fd(), &mut self.buf)
     }
 
     /// Sends a reply made of `parts` after the header.
@@ -225,17 +269,28 @@ impl Channel {
             error: FUSE_NOTIFY_RESEND,
             unique: 0,
         };
-        // SAFETY: writes 16 bytes from a live header.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), header.as_bytes().as_ptr().cast(), 16) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        for fd in std::iter::once(&self.fd).chain(&self.cuse) {
+            // SAFETY: writes 16 bytes from a live header.
+            let n = unsafe { libc::write(fd.as_raw_fd(), header.as_bytes().as_ptr().cast(), 16) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         Ok(())
     }
 
-    fn write_message(&self, unique: u64, msg: &[u8]) {
+    /// The fd a reply to `tagged` goes to, and the request id without the tag.
+    fn target(&self, tagged: u64) -> (i32, u64) {
+        match &self.cuse {
+            Some(c) if tagged & CUSE_ROUTE != 0 => (c.as_raw_fd(), tagged & !CUSE_ROUTE),
+            _ => (self.fd.as_raw_fd(), tagged & !CUSE_ROUTE),
+        }
+    }
+
+    fn write_message(&self, tagged: u64, msg: &[u8]) {
+        let (fd, unique) = self.target(tagged);
         // SAFETY: writes msg.len() bytes from a live buffer.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        let n = unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
         if n < 0 {
             // ENOENT: the caller was interrupted or already answered; nothing to do.
             let err = io::Error::last_os_error();
@@ -249,14 +304,20 @@ impl Channel {
         let body: usize = parts.iter().map(|p| p.len()).sum();
         let len = (std::mem::size_of::<OutHeader>() + body) as u32;
         let header = OutHeader { len, error, unique };
+        let tagged = if self.to_cuse.get() {
+            unique | CUSE_ROUTE
+        } else {
+            unique
+        };
         if let Some(batch) = self.batch.borrow_mut().as_mut() {
             let mut msg = header.as_bytes().to_vec();
             for p in parts {
                 msg.extend_from_slice(p);
             }
-            batch.push((unique, msg));
+            batch.push((tagged, msg));
             return;
         }
+        let (fd, _) = self.target(tagged);
         let mut iov = vec![libc::iovec {
             iov_base: header.as_bytes().as_ptr() as *mut _,
             iov_len: 16,
@@ -266,7 +327,7 @@ impl Channel {
             iov_len: p.len(),
         }));
         // SAFETY: every iovec points at memory borrowed for the duration of the call.
-        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             // ENOENT: the caller was interrupted and the request is gone; nothing to do.
             let err = io::Error::last_os_error();

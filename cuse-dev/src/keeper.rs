@@ -65,6 +65,7 @@ pub struct KeeperResponse {
 /// # Errors
 /// If the socket cannot be bound.
 pub fn serve(socket: &Path) -> std::io::Result<()> {
+    crate::sys::raise_fd_limit();
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     let mut fds: HashMap<String, OwnedFd> = HashMap::new();

@@ -23,6 +23,7 @@ pub mod fuse_abi;
 pub mod keeper;
 pub mod log;
 pub mod opener;
+pub mod oracle;
 pub mod persist;
 pub mod recover;
 pub mod run;

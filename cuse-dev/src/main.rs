@@ -32,6 +32,10 @@ enum Command {
         /// Where the daemon keeps its FUSE mount and control socket.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Serve a real character device through /dev/cuse (the device path
+        /// must then be /dev/NAME) instead of a FUSE file bound onto the path.
+        #[arg(long)]
+        cuse: bool,
     },
     /// Run a program (and its descendants) so that ioctls returning fds work.
     Run {
@@ -81,6 +85,19 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Replay the differential corpus against a device and print what each
+    /// step observed (compare two runs line by line).
+    Oracle {
+        /// The device: the kernel's or ours (ours needs `luo run`).
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        device: PathBuf,
+        /// 1: outgoing sessions (leaves sessions for phase 2); 2: after an update.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        phase: u8,
+        /// Label printed on every line.
+        #[arg(long, default_value = "device")]
+        label: String,
+    },
     /// The fd keeper (started by the daemon).
     #[command(hide = true)]
     Keeper {
@@ -126,7 +143,15 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     log::set_debug(std::env::var_os("LUO_DEBUG").is_some_and(|v| v != "0"));
     match Cli::parse().command {
-        Command::Daemon { device, state_dir } => match Daemon::run(Config { device, state_dir }) {
+        Command::Daemon {
+            device,
+            state_dir,
+            cuse,
+        } => match Daemon::run(Config {
+            device,
+            state_dir,
+            cuse,
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
@@ -158,6 +183,14 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
+        }
+        Command::Oracle {
+            device,
+            phase,
+            label,
+        } => {
+            luo_cuse_dev::oracle::run(&device, phase, &label);
+            ExitCode::SUCCESS
         }
         Command::DemoVmm {
             device,

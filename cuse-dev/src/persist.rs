@@ -27,6 +27,9 @@ use crate::keeper::Keeper;
 /// Key of the FUSE connection in the keeper.
 pub const FUSE_KEY: &str = "fuse";
 
+/// Key of the CUSE device in the keeper (with the CUSE backend).
+pub const CUSE_KEY: &str = "cuse";
+
 /// Key of a `luo run` listener in the keeper.
 pub fn listener_key(token: u64) -> String {
     format!("listener/{token}")

@@ -34,17 +34,42 @@ pub enum RunError {
     },
 }
 
-/// The control socket of the daemon serving `device`.
+/// The control socket of the daemon serving `device`: named by the FUSE
+/// file's `user.luo.control` attribute, or, for a CUSE character device
+/// (which cannot carry user attributes), by the link the daemon keeps in
+/// [`CUSE_LINKS`].
 ///
 /// # Errors
-/// `NoDaemon` if the device carries no control-socket xattr.
+/// `NoDaemon` if neither names one.
 pub fn daemon_socket(device: &Path) -> Result<PathBuf, RunError> {
     sys::getxattr(device, control::SOCKET_XATTR)
         .map(PathBuf::from)
+        .or_else(|e| cuse_link(device).ok_or(e))
         .map_err(|source| RunError::NoDaemon {
             device: device.to_owned(),
             source,
         })
+}
+
+/// Where a daemon serving a CUSE device `/dev/NAME` links `NAME.control` to
+/// its control socket.
+pub const CUSE_LINKS: &str = "/run/luo";
+
+/// The control socket a CUSE device's link names, if the device is a
+/// character device and the link leads to a socket.
+fn cuse_link(device: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    if !std::fs::metadata(device).ok()?.file_type().is_char_device() {
+        return None;
+    }
+    let name = device.file_name()?.to_str()?;
+    let link = Path::new(CUSE_LINKS).join(format!("{name}.control"));
+    let target = std::fs::read_link(&link).ok()?;
+    std::fs::metadata(&target)
+        .ok()?
+        .file_type()
+        .is_socket()
+        .then_some(target)
 }
 
 fn has_cap_sys_admin() -> bool {

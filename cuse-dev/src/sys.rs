@@ -113,6 +113,52 @@ pub fn path_dev_ino(path: &Path) -> io::Result<(u64, u64)> {
     dev_ino(std::os::fd::AsFd::as_fd(&fd))
 }
 
+/// What identifies an open file to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// Its filesystem.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+    /// A character device.
+    pub chr: bool,
+    /// The device number, for a device.
+    pub rdev: u64,
+}
+
+/// The identity of an open file, without syncing anything.
+pub fn file_identity(fd: BorrowedFd<'_>) -> io::Result<FileIdentity> {
+    // SAFETY: all-zero is a valid statx to overwrite.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC;
+    // SAFETY: the path is a valid empty C string; stx is a valid out pointer.
+    check(unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            libc::STATX_INO | libc::STATX_TYPE,
+            &mut stx,
+        )
+    })?;
+    Ok(FileIdentity {
+        dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        ino: stx.stx_ino,
+        chr: u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFCHR,
+        rdev: libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor),
+    })
+}
+
+/// The device number of the character device at `path`.
+pub fn path_rdev(path: &Path) -> io::Result<u64> {
+    let fd = open_flags(path, libc::O_PATH | libc::O_CLOEXEC)?;
+    let id = file_identity(std::os::fd::AsFd::as_fd(&fd))?;
+    if !id.chr {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV));
+    }
+    Ok(id.rdev)
+}
+
 /// Sets `O_NONBLOCK` on an open file description.
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL take integer arguments.
@@ -358,4 +404,32 @@ pub fn readable(fd: BorrowedFd<'_>) -> bool {
     };
     // SAFETY: p is one valid pollfd; a zero timeout never blocks.
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
+}
+
+/// Raises the open-file limit as far as allowed: the daemon and the keeper
+/// hold every preserved file (thousands), far past the usual 1024. As root
+/// the hard limit goes up to `fs.nr_open` too.
+pub fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want = libc::rlimit {
+        rlim_cur: nr_open.max(lim.rlim_max),
+        rlim_max: nr_open.max(lim.rlim_max),
+    };
+    // SAFETY: want is a valid rlimit; failure (not privileged) is handled below.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above; the soft limit may always go up to the hard one.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
 }

@@ -26,14 +26,19 @@ candidates=$(apt-cache "${O[@]}" search --names-only '^linux-source-7\.[0-9]+$' 
 for pkg in $candidates; do
   ver=$(apt-cache "${O[@]}" policy "$pkg" | awk '/Candidate:/ {print $2}')
   src=$CACHE/src/${pkg}_$ver
-  if [ ! -f "$src/.extracted" ]; then
-    log "downloading $pkg $ver"
-    (cd "$APT/dl" && rm -f "${pkg}"_*.deb && apt-get "${O[@]}" download "$pkg" >&2)
-    rm -rf "$src" && mkdir -p "$src"
-    dpkg-deb --fsys-tarfile "$APT"/dl/"${pkg}"_*.deb | tar -x -C "$src" --wildcards './usr/src/*.tar.xz'
-    tar -xJf "$src"/usr/src/*.tar.xz -C "$src" --strip-components=1
-    rm -rf "$src/usr"
-    touch "$src/.extracted"
+  # (.extracted-2: trees from before kept the kernel's own usr/ directory out)
+  if [ ! -f "$src/.extracted-2" ]; then
+    deb=$(ls "$APT"/dl/"${pkg}"_"${ver//:/%3a}"_*.deb 2>/dev/null | head -1 || true)
+    if [ -z "$deb" ]; then
+      log "downloading $pkg $ver"
+      (cd "$APT/dl" && rm -f "${pkg}"_*.deb && apt-get "${O[@]}" download "$pkg" >&2)
+      deb=$(ls "$APT"/dl/"${pkg}"_*.deb | head -1)
+    fi
+    rm -rf "$src" "$src.deb" && mkdir -p "$src" "$src.deb"
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$src.deb" --wildcards './usr/src/*.tar.xz'
+    tar -xJf "$src.deb"/usr/src/*.tar.xz -C "$src" --strip-components=1
+    rm -rf "$src.deb"
+    touch "$src/.extracted-2"
   fi
   if [ ! -d "$src/kernel/liveupdate" ]; then
     log "$pkg $ver has no kernel/liveupdate/; trying an older one"
@@ -42,7 +47,8 @@ for pkg in $candidates; do
   out=$CACHE/build/${pkg}_$ver
   if [ ! -x "$out/bin/liveupdate" ]; then
     log "building selftests of $pkg $ver"
-    make -s -C "$src" headers_install INSTALL_HDR_PATH="$out/headers" >&2
+    # Out of tree, so that the same source can also build the guest kernel.
+    make -s -C "$src" O="$out/obj" headers_install INSTALL_HDR_PATH="$out/headers" >&2
     mkdir -p "$out/bin"
     make -s -C "$src/tools/testing/selftests/liveupdate" OUTPUT="$out/bin" \
       KHDR_INCLUDES="-isystem $out/headers/include" >&2

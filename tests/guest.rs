@@ -1,0 +1,167 @@
+//! The guest rig (`tests/vm/`): a Linux 7.2 kernel built from Debian sid's
+//! `linux-source-7.*` with CUSE, KHO and the in-kernel LUO, booted under QEMU
+//! (TCG) with one scenario per boot. The same selftests run against the
+//! in-kernel module (the baseline, across a real kexec) and against the
+//! daemon serving a real character device through `/dev/cuse`.
+//!
+//! The kernel build (about 5 minutes on 2 cores) is cached under
+//! `$LUO_TEST_CACHE/vm`, keyed by source version and config fragment.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// One guest at a time: each takes both cores under TCG.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+/// How long a boot may take before it counts as hung.
+const BOOT_TIMEOUT_S: u32 = 600;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn script_output(script: &str, args: &[&str]) -> String {
+    let out = Command::new(root().join(script))
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (the kernel sources are cached under /var/cache)".into());
+    }
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for tool in ["qemu-system-x86_64", "busybox", "kexec", "cpio"] {
+        if !have(tool) {
+            return Some(format!("needs {tool} (`.ci/run` installs it)"));
+        }
+    }
+    None
+}
+
+/// The release build of `luo` (a debug build is too slow under TCG).
+fn release_luo() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--bin", "luo"])
+        .current_dir(root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build --release failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    target.join("release/luo")
+}
+
+/// Boots `scenario` with `args` on the kernel command line and returns the
+/// guest's console (None if this machine cannot); panics with the console if
+/// the scenario does not pass.
+fn boot(scenario: &str, args: &[&str]) -> Option<String> {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return None;
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let kernel = script_output("tests/vm/build-kernel.sh", &[]);
+    let selftests = script_output("tests/scripts/fetch-selftests.sh", &[]);
+    let luo = release_luo();
+    let dir = std::env::temp_dir().join(format!("luo-rig-{}-{scenario}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let initramfs = dir.join("initramfs.gz");
+    script_output(
+        "tests/vm/make-initramfs.sh",
+        &[
+            initramfs.to_str().unwrap(),
+            &kernel,
+            luo.to_str().unwrap(),
+            &selftests,
+        ],
+    );
+    let timeout = BOOT_TIMEOUT_S.to_string();
+    let mut argv = vec![
+        kernel.as_str(),
+        initramfs.to_str().unwrap(),
+        scenario,
+        timeout.as_str(),
+    ];
+    argv.extend_from_slice(args);
+    let out = Command::new(root().join("tests/vm/boot.sh"))
+        .args(&argv)
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "guest scenario {scenario} failed:\n{console}"
+    );
+    for line in console.lines().filter(|l| l.starts_with("RIG")) {
+        eprintln!("{line}");
+    }
+    Some(console)
+}
+
+/// The oracle lines of one label: (phase, step) → the rest of the line.
+fn oracle_lines(console: &str, label: &str) -> Vec<(String, serde_json::Value)> {
+    let prefix = format!("ORACLE {label} ");
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
+        .map(|json| {
+            let v: serde_json::Value = serde_json::from_str(json).expect("an oracle line is JSON");
+            (format!("{}/{}", v["phase"], v["step"].as_str().unwrap_or("?")), v)
+        })
+        .collect()
+}
+
+/// Steps where the userspace device differs from the kernel on purpose; each
+/// is explained in the README ("Differences from the in-kernel module").
+const DELIBERATE: &[&str] = &[];
+
+#[test]
+fn the_cuse_device_answers_the_corpus_as_the_kernel_does() {
+    let Some(console) = boot("oracle", &["liveupdate=on", "kho=on"]) else {
+        return;
+    };
+    let kernel = oracle_lines(&console, "kernel");
+    let ours = oracle_lines(&console, "cuse");
+    assert!(kernel.len() > 80, "the kernel run is incomplete:\n{console}");
+    let mut differences = Vec::new();
+    for (i, (step, k)) in kernel.iter().enumerate() {
+        let o = ours.iter().find(|(s, _)| s == step).map(|(_, v)| v);
+        if o != Some(k) && !DELIBERATE.contains(&step.as_str()) {
+            differences.push(format!("{i:3} {step}\n    kernel: {k}\n    ours:   {}", o.map_or("(missing)".into(), |v| v.to_string())));
+        }
+    }
+    if ours.len() != kernel.len() {
+        differences.push(format!("{} kernel steps, {} of ours", kernel.len(), ours.len()));
+    }
+    assert!(
+        differences.is_empty(),
+        "{} undocumented differences:\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+    eprintln!("oracle: {} steps, identical but for {} documented differences", kernel.len(), DELIBERATE.len());
+}
+
+#[test]
+fn in_kernel_luo_passes_the_selftests_across_a_real_kexec() {
+    boot("kernel", &["liveupdate=on", "kho=on"]);
+}
+
+#[test]
+fn the_cuse_device_passes_the_selftests() {
+    boot("cuse", &["liveupdate=off"]);
+}

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Boots the guest under TCG with one scenario and prints its console. Exits 0
+# if the guest printed "RIG-VERDICT PASS", 1 otherwise; a guest still running
+# after TIMEOUT seconds is killed and reported as hung.
+#
+# Usage: boot.sh BZIMAGE INITRAMFS SCENARIO TIMEOUT [KERNEL ARGS...]
+set -uo pipefail
+KERNEL=$1; INITRD=$2; SCENARIO=$3; TIMEOUT=$4; shift 4
+log=$(mktemp)
+timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3G \
+  -nographic -no-reboot -nodefaults -serial stdio \
+  -kernel "$KERNEL" -initrd "$INITRD" \
+  -append "console=ttyS0 panic=-1 oops=panic rig.scenario=$SCENARIO $*" > "$log" 2>&1
+status=$?
+cat "$log"
+if grep -q "^RIG-VERDICT PASS $SCENARIO" "$log"; then
+  rm -f "$log"; exit 0
+fi
+if [ $status -eq 124 ] || [ $status -eq 137 ]; then
+  echo "RIG: the guest hung; killed after $TIMEOUT s"
+fi
+rm -f "$log"
+exit 1

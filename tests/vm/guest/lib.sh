@@ -1,0 +1,32 @@
+# Helpers for the rig's scenarios (sourced).
+ST=/rig/selftests
+TWO_STAGE="luo_kexec_simple luo_multi_session luo_stress_sessions luo_stress_files"
+say() { echo "RIG: $*"; }
+fail() { echo "RIG-FAIL: $*"; exit 1; }
+
+# The upstream `liveupdate` selftest must pass 15/15; "$@" runs it (a prefix
+# such as `luo run --`).
+liveupdate_15_of_15() {
+  out=$(cd $ST && "$@" ./liveupdate 2>&1) || { echo "$out"; cat /tmp/luo.log 2>/dev/null; fail "liveupdate selftest failed"; }
+  echo "$out" | grep -q '^# Totals: pass:15 fail:0 xfail:0 xpass:0 skip:0 error:0' \
+    || { echo "$out"; fail "liveupdate selftest: not 15/15"; }
+  say "liveupdate selftest: 15/15"
+}
+
+# Stage $1 of every two-stage selftest; "$2..." is a prefix.
+two_stage() {
+  s=$1; shift
+  for t in $TWO_STAGE; do
+    out=$(cd $ST && "$@" ./$t --stage "$s" 2>&1) || { echo "$out"; cat /tmp/luo.log 2>/dev/null; fail "$t stage $s failed"; }
+    say "$t stage $s passed"
+  done
+}
+
+# kexec into the same kernel with the stage-2 initramfs.
+kexec_to_stage2() {
+  kexec -l -s --reuse-cmdline --append="rig.stage=2" --initrd=/boot/initramfs /boot/bzImage \
+    || fail "kexec -l failed"
+  say "kexec into stage 2"
+  kexec -e
+  fail "kexec -e returned"
+}

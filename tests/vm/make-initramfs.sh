@@ -1,0 +1,42 @@
+#!/bin/bash
+# Builds the rig's initramfs: busybox, the guest scripts, `luo`, the kernel's
+# LUO selftests, kexec, and the guest kernel itself (for kexec). Two archives:
+# OUT.stage2 has everything; OUT also holds OUT.stage2 as /boot/initramfs,
+# which the first boot hands to the kernel it kexecs into.
+#
+# Usage: make-initramfs.sh OUT BZIMAGE LUO SELFTEST_DIR
+set -euo pipefail
+OUT=$1; KERNEL=$2; LUO=$3; ST=$4
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,boot,rig/selftests,lib64,etc}
+
+# A binary and the shared libraries it needs, at the same paths.
+add() {
+  local bin=$1 dest=$2
+  mkdir -p "$root/$(dirname "$dest")"
+  strip -o "$root/$dest" "$bin" 2>/dev/null || cp "$bin" "$root/$dest"
+  ldd "$bin" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+    [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; }
+  done
+}
+
+cp "$(command -v busybox)" "$root/bin/busybox"
+for app in $("$root/bin/busybox" --list); do
+  [ -e "$root/bin/$app" ] || ln -s busybox "$root/bin/$app"
+done
+add "$LUO" /usr/bin/luo
+add "$(command -v kexec)" /usr/sbin/kexec
+for t in liveupdate luo_kexec_simple luo_multi_session luo_stress_sessions luo_stress_files; do
+  add "$ST/$t" "/rig/selftests/$t"
+done
+cp "$here"/guest/*.sh "$root/rig/"
+install -m 755 "$here/guest/init" "$root/init"
+cp "$KERNEL" "$root/boot/bzImage"
+echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
+
+pack() { (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$1"; }
+pack "$OUT.stage2"
+cp "$OUT.stage2" "$root/boot/initramfs"
+pack "$OUT"
