@@ -1762,7 +1762,10 @@ fn refuse(caller: &Caller, what: &str) -> Errno {
 fn link_cuse_control(device: &Path, socket: &Path) -> std::io::Result<()> {
     let dir = Path::new(crate::run::CUSE_LINKS);
     std::fs::create_dir_all(dir)?;
-    let name = device.file_name().and_then(|n| n.to_str()).unwrap_or("liveupdate");
+    let name = device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("liveupdate");
     let link = dir.join(format!("{name}.control"));
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(socket, &link)

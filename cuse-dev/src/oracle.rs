@@ -138,7 +138,14 @@ impl Oracle {
     }
 
     /// An ioctl with a struct; `fd_at` is where an fd number comes back (masked).
-    fn call(&self, step: &str, fd: RawFd, cmd: u64, mut a: Vec<u8>, fd_at: Option<usize>) -> (i64, i32, Option<OwnedFd>) {
+    fn call(
+        &self,
+        step: &str,
+        fd: RawFd,
+        cmd: u64,
+        mut a: Vec<u8>,
+        fd_at: Option<usize>,
+    ) -> (i64, i32, Option<OwnedFd>) {
         let (r, e) = raw_ioctl(fd, cmd, a.as_mut_ptr());
         let mut got = None;
         if let Some(at) = fd_at.filter(|at| r >= 0 && a.len() >= at + 4) {
@@ -154,11 +161,27 @@ impl Oracle {
     }
 
     fn create(&self, step: &str, dev: RawFd, name: &[u8]) -> Option<OwnedFd> {
-        self.call(step, dev, CREATE, session_args(name, 72), Some(4)).2
+        self.call(step, dev, CREATE, session_args(name, 72), Some(4))
+            .2
     }
 
+    /// PRESERVE_FD; the caller's own fd number is masked in the output.
     fn preserve(&self, step: &str, s: RawFd, fd: i32, token: u64) -> i32 {
-        self.call(step, s, PRESERVE, fd_args(fd, token), None).1
+        let mut a = fd_args(fd, token);
+        let (r, e) = raw_ioctl(s, PRESERVE, a.as_mut_ptr());
+        a[4..8].copy_from_slice(&[0xff; 4]);
+        self.emit(step, (r, e), &a, String::new());
+        e
+    }
+
+    /// A plain syscall's outcome as a step.
+    fn syscall(&self, step: &str, r: i64, seen: String) {
+        let errno = if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        };
+        self.emit(step, (r.min(0), errno), &[], seen);
     }
 
     fn get_name(&self, step: &str, s: RawFd) {
@@ -180,7 +203,9 @@ impl Oracle {
     }
 
     fn phase1(&self, device: &Path) {
-        let Some(dev) = self.open("open", device) else { return };
+        let Some(dev) = self.open("open", device) else {
+            return;
+        };
         let d = dev.as_raw_fd();
         self.open("open-again-is-busy", device);
 
@@ -189,23 +214,59 @@ impl Oracle {
         self.call("nr-far-out-of-range", d, 0xBA7F, args(72, 72), None);
         self.call("other-type", d, 0xBB00, args(72, 72), None);
         self.call("encoded-as-iow", d, 0x4004_BA00, args(72, 72), None);
-        self.call("encoded-as-iowr", d, 0xC048_BA00, session_args(b"x", 72), None);
+        self.call(
+            "encoded-as-iowr",
+            d,
+            0xC048_BA00,
+            session_args(b"x", 72),
+            None,
+        );
         self.call("session-cmd-on-device", d, PRESERVE, fd_args(0, 1), None);
-        self.emit("null-arg", raw_ioctl(d, CREATE, std::ptr::null_mut()), &[], String::new());
-        self.emit("bad-pointer", raw_ioctl(d, CREATE, 8 as *mut u8), &[], String::new());
+        self.emit(
+            "null-arg",
+            raw_ioctl(d, CREATE, std::ptr::null_mut()),
+            &[],
+            String::new(),
+        );
+        self.emit(
+            "bad-pointer",
+            raw_ioctl(d, CREATE, 8 as *mut u8),
+            &[],
+            String::new(),
+        );
         for size in [0usize, 4, 8, 71] {
             let step = format!("create-size-{size}");
-            self.call(&step, d, CREATE, session_args(b"short", size.max(8)), Some(4));
+            self.call(
+                &step,
+                d,
+                CREATE,
+                session_args(b"short", size.max(8)),
+                Some(4),
+            );
         }
         let mut tail = session_args(b"tail-zero", 80);
         tail[76] = 0;
-        let s = self.call("create-size-80-zero-tail", d, CREATE, tail, Some(4)).2;
+        let s = self
+            .call("create-size-80-zero-tail", d, CREATE, tail, Some(4))
+            .2;
         drop(s);
         let mut tail = session_args(b"tail-nonzero", 80);
         tail[79] = 1;
         self.call("create-size-80-nonzero-tail", d, CREATE, tail, Some(4));
-        self.call("create-size-4096", d, CREATE, session_args(b"page", 4096), Some(4));
-        self.call("create-size-4097", d, CREATE, session_args(b"page1", 4097), Some(4));
+        self.call(
+            "create-size-4096",
+            d,
+            CREATE,
+            session_args(b"page", 4096),
+            Some(4),
+        );
+        self.call(
+            "create-size-4097",
+            d,
+            CREATE,
+            session_args(b"page1", 4097),
+            Some(4),
+        );
 
         // Names.
         self.create("name-empty", d, b"");
@@ -223,14 +284,38 @@ impl Oracle {
         self.create("name-utf8", d, "é-session".as_bytes());
         let a = self.create("create-a", d, b"oracle-a");
         self.create("create-a-again", d, b"oracle-a");
-        self.call("retrieve-unknown", d, RETRIEVE, session_args(b"oracle-none", 72), Some(4));
-        self.call("retrieve-outgoing-name", d, RETRIEVE, session_args(b"oracle-a", 72), Some(4));
+        self.call(
+            "retrieve-unknown",
+            d,
+            RETRIEVE,
+            session_args(b"oracle-none", 72),
+            Some(4),
+        );
+        self.call(
+            "retrieve-outgoing-name",
+            d,
+            RETRIEVE,
+            session_args(b"oracle-a", 72),
+            Some(4),
+        );
         let Some(a) = a else { return };
         let sa = a.as_raw_fd();
 
         // Session ioctls of the wrong kind and decoding on a session.
-        self.call("device-cmd-on-session", sa, CREATE, session_args(b"x", 72), Some(4));
-        self.call("retrieve-fd-on-outgoing", sa, RETRIEVE_FD, fd_args(-1, 1), Some(4));
+        self.call(
+            "device-cmd-on-session",
+            sa,
+            CREATE,
+            session_args(b"x", 72),
+            Some(4),
+        );
+        self.call(
+            "retrieve-fd-on-outgoing",
+            sa,
+            RETRIEVE_FD,
+            fd_args(-1, 1),
+            Some(4),
+        );
         self.call("finish-on-outgoing", sa, FINISH, args(8, 8), None);
         self.call("session-nr-out-of-range", sa, 0xBA44, args(16, 16), None);
         self.get_name("get-name", sa);
@@ -263,14 +348,37 @@ impl Oracle {
         self.preserve("preserve-device-fd", sa, d, 6);
         self.preserve("preserve-session-fd", sa, sa, 7);
         self.call("preserve-size-8", sa, PRESERVE, args(8, 8), None);
+        // The session fd as /proc shows it.
+        let link = std::fs::read_link(format!("/proc/self/fd/{sa}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        self.emit("session-fd-link", (0, 0), &[], link);
         let mut a24 = fd_args(m2.as_raw_fd(), 8);
         a24.resize(24, 0);
         a24[..4].copy_from_slice(&24u32.to_ne_bytes());
-        self.call("preserve-size-24-zero-tail", sa, PRESERVE, a24.clone(), None);
+        a24[4..8].copy_from_slice(&m2.as_raw_fd().to_ne_bytes());
+        let (r, e) = raw_ioctl(sa, PRESERVE, a24.as_mut_ptr());
+        a24[4..8].copy_from_slice(&[0xff; 4]);
+        self.emit("preserve-size-24-zero-tail", (r, e), &a24, String::new());
+        a24[4..8].copy_from_slice(&m2.as_raw_fd().to_ne_bytes());
+        // A preserved memfd's size is frozen in the kernel.
+        // SAFETY: plain syscalls on our own memfd.
+        let r = unsafe { libc::ftruncate(m2.as_raw_fd(), 4096) };
+        self.syscall("truncate-preserved", i64::from(r), String::new());
+        // SAFETY: as above, from a live buffer.
+        let r = unsafe { libc::pwrite(m2.as_raw_fd(), b"x".as_ptr().cast(), 1, 8192) };
+        self.syscall("grow-preserved-by-write", r as i64, String::new());
         a24[20] = 1;
         a24[8..16].copy_from_slice(&9u64.to_ne_bytes());
-        self.call("preserve-size-24-nonzero-tail", sa, PRESERVE, a24, None);
-        self.preserve("preserve-token-max", sa, memfd("m3", b"x").as_raw_fd(), u64::MAX);
+        let (r, e) = raw_ioctl(sa, PRESERVE, a24.as_mut_ptr());
+        a24[4..8].copy_from_slice(&[0xff; 4]);
+        self.emit("preserve-size-24-nonzero-tail", (r, e), &a24, String::new());
+        self.preserve(
+            "preserve-token-max",
+            sa,
+            memfd("m3", b"x").as_raw_fd(),
+            u64::MAX,
+        );
 
         // A file preserved in one session is busy in another; closing the
         // session unpreserves it.
@@ -281,7 +389,12 @@ impl Oracle {
         drop(a);
         self.create("create-a-after-close", d, b"oracle-a");
         if let Some(b) = &b {
-            self.preserve("preserve-after-unpreserve", b.as_raw_fd(), m1.as_raw_fd(), 1);
+            self.preserve(
+                "preserve-after-unpreserve",
+                b.as_raw_fd(),
+                m1.as_raw_fd(),
+                1,
+            );
         }
 
         // dup'ed and passed session fds keep the session.
@@ -303,7 +416,9 @@ impl Oracle {
         // What phase 2 retrieves, held across the update by a child.
         let keep = self.create("create-in", d, b"oracle-in");
         let fin = self.create("create-fin", d, b"oracle-fin");
-        let (Some(keep), Some(fin)) = (keep, fin) else { return };
+        let (Some(keep), Some(fin)) = (keep, fin) else {
+            return;
+        };
         let files = [
             memfd("in1", b"one"),
             memfd("in2", &[0xA5; 100]),
@@ -314,57 +429,158 @@ impl Oracle {
         // SAFETY: plain syscalls on our own memfds.
         unsafe {
             libc::lseek(files[1].as_raw_fd(), 7, libc::SEEK_SET);
-            libc::fcntl(files[2].as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+            libc::fcntl(
+                files[2].as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            );
         }
         for (i, f) in files[..3].iter().enumerate() {
-            self.preserve(&format!("preserve-in-{i}"), keep.as_raw_fd(), f.as_raw_fd(), i as u64 + 1);
+            self.preserve(
+                &format!("preserve-in-{i}"),
+                keep.as_raw_fd(),
+                f.as_raw_fd(),
+                i as u64 + 1,
+            );
         }
         for (i, f) in files[3..].iter().enumerate() {
-            self.preserve(&format!("preserve-fin-{i}"), fin.as_raw_fd(), f.as_raw_fd(), i as u64 + 1);
+            self.preserve(
+                &format!("preserve-fin-{i}"),
+                fin.as_raw_fd(),
+                f.as_raw_fd(),
+                i as u64 + 1,
+            );
         }
         drop(dev);
         hold_until_killed(vec![keep, fin]);
     }
 
     fn phase2(&self, device: &Path) {
-        let Some(dev) = self.open("open", device) else { return };
+        let Some(dev) = self.open("open", device) else {
+            return;
+        };
         let d = dev.as_raw_fd();
-        self.call("retrieve-unknown", d, RETRIEVE, session_args(b"oracle-none", 72), Some(4));
-        let s = self.call("retrieve-in", d, RETRIEVE, session_args(b"oracle-in", 72), Some(4)).2;
-        self.call("retrieve-in-again", d, RETRIEVE, session_args(b"oracle-in", 72), Some(4));
+        self.call(
+            "retrieve-unknown",
+            d,
+            RETRIEVE,
+            session_args(b"oracle-none", 72),
+            Some(4),
+        );
+        let s = self
+            .call(
+                "retrieve-in",
+                d,
+                RETRIEVE,
+                session_args(b"oracle-in", 72),
+                Some(4),
+            )
+            .2;
+        self.call(
+            "retrieve-in-again",
+            d,
+            RETRIEVE,
+            session_args(b"oracle-in", 72),
+            Some(4),
+        );
         self.create("create-same-name-as-incoming", d, b"oracle-in");
-        self.call("retrieve-size-8", d, RETRIEVE, session_args(b"oracle-fin", 8), Some(4));
+        self.call(
+            "retrieve-size-8",
+            d,
+            RETRIEVE,
+            session_args(b"oracle-fin", 8),
+            Some(4),
+        );
         let Some(s) = s else { return };
         let si = s.as_raw_fd();
         self.get_name("get-name-incoming", si);
         let m = memfd("late", b"late");
         self.preserve("preserve-on-incoming", si, m.as_raw_fd(), 9);
-        self.call("retrieve-fd-unknown-token", si, RETRIEVE_FD, fd_args(-1, 77), Some(4));
+        self.call(
+            "retrieve-fd-unknown-token",
+            si,
+            RETRIEVE_FD,
+            fd_args(-1, 77),
+            Some(4),
+        );
         for token in [2u64, 1, 3, 2] {
-            let (r, e, f) = self.call(&format!("retrieve-fd-{token}"), si, RETRIEVE_FD, fd_args(-1, token), Some(4));
-            let seen = f.as_ref().map(|f| describe(f.as_raw_fd())).unwrap_or_default();
+            let (r, e, f) = self.call(
+                &format!("retrieve-fd-{token}"),
+                si,
+                RETRIEVE_FD,
+                fd_args(-1, token),
+                Some(4),
+            );
+            let seen = f
+                .as_ref()
+                .map(|f| describe(f.as_raw_fd()))
+                .unwrap_or_default();
             self.emit(&format!("retrieved-{token}"), (r, e), &[], seen);
         }
-        let (_, _, a) = self.call("retrieve-fd-1-again", si, RETRIEVE_FD, fd_args(-1, 1), Some(4));
-        let (_, _, b) = self.call("retrieve-fd-1-third", si, RETRIEVE_FD, fd_args(-1, 1), Some(4));
+        let (_, _, a) = self.call(
+            "retrieve-fd-1-again",
+            si,
+            RETRIEVE_FD,
+            fd_args(-1, 1),
+            Some(4),
+        );
+        let (_, _, b) = self.call(
+            "retrieve-fd-1-third",
+            si,
+            RETRIEVE_FD,
+            fd_args(-1, 1),
+            Some(4),
+        );
         if let (Some(a), Some(b)) = (a, b) {
             let same = same_file(a.as_raw_fd(), b.as_raw_fd());
-            self.emit("retrieve-twice-same-file", (0, 0), &[], format!("same={same}"));
+            self.emit(
+                "retrieve-twice-same-file",
+                (0, 0),
+                &[],
+                format!("same={same}"),
+            );
         }
         self.call("finish-size-4", si, FINISH, args(8, 4), None);
         let mut f = args(16, 16);
         f[12] = 1;
         self.call("finish-nonzero-tail", si, FINISH, f, None);
         self.call("finish", si, FINISH, args(8, 8), None);
-        self.call("retrieve-fd-after-finish", si, RETRIEVE_FD, fd_args(-1, 1), Some(4));
+        self.call(
+            "retrieve-fd-after-finish",
+            si,
+            RETRIEVE_FD,
+            fd_args(-1, 1),
+            Some(4),
+        );
         self.get_name("get-name-after-finish", si);
         self.call("finish-again", si, FINISH, args(8, 8), None);
         drop(s);
         // A session whose files were never retrieved finishes too.
-        if let Some(fin) = self.call("retrieve-fin", d, RETRIEVE, session_args(b"oracle-fin", 72), Some(4)).2 {
-            self.call("finish-unretrieved", fin.as_raw_fd(), FINISH, args(8, 8), None);
+        if let Some(fin) = self
+            .call(
+                "retrieve-fin",
+                d,
+                RETRIEVE,
+                session_args(b"oracle-fin", 72),
+                Some(4),
+            )
+            .2
+        {
+            self.call(
+                "finish-unretrieved",
+                fin.as_raw_fd(),
+                FINISH,
+                args(8, 8),
+                None,
+            );
         }
-        self.call("retrieve-in-after-finish", d, RETRIEVE, session_args(b"oracle-in", 72), Some(4));
+        self.call(
+            "retrieve-in-after-finish",
+            d,
+            RETRIEVE,
+            session_args(b"oracle-in", 72),
+            Some(4),
+        );
     }
 }
 
@@ -373,7 +589,10 @@ fn same_file(a: RawFd, b: RawFd) -> bool {
     unsafe {
         let mut x: libc::stat = std::mem::zeroed();
         let mut y: libc::stat = std::mem::zeroed();
-        libc::fstat(a, &mut x) == 0 && libc::fstat(b, &mut y) == 0 && x.st_ino == y.st_ino && x.st_dev == y.st_dev
+        libc::fstat(a, &mut x) == 0
+            && libc::fstat(b, &mut y) == 0
+            && x.st_ino == y.st_ino
+            && x.st_dev == y.st_dev
     }
 }
 
@@ -381,10 +600,17 @@ fn same_file(a: RawFd, b: RawFd) -> bool {
 /// (the original is closed).
 fn pass_over_socket(fd: OwnedFd) -> Option<OwnedFd> {
     let (a, b) = std::os::unix::net::UnixStream::pair().ok()?;
-    crate::sys::send_with_fd(std::os::fd::AsFd::as_fd(&a), b"x", Some(std::os::fd::AsFd::as_fd(&fd))).ok()?;
+    crate::sys::send_with_fd(
+        std::os::fd::AsFd::as_fd(&a),
+        b"x",
+        Some(std::os::fd::AsFd::as_fd(&fd)),
+    )
+    .ok()?;
     drop(fd);
     let mut buf = [0u8; 1];
-    crate::sys::recv_with_fd(std::os::fd::AsFd::as_fd(&b), &mut buf).ok()?.1
+    crate::sys::recv_with_fd(std::os::fd::AsFd::as_fd(&b), &mut buf)
+        .ok()?
+        .1
 }
 
 /// Keeps `fds` open in a detached child until the update ends it.
