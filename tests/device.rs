@@ -569,7 +569,8 @@ fn bench_measures_every_ioctl_on_the_daemon() {
     skip_unless_capable!();
     let daemon = common::Daemon::start();
     let out = std::process::Command::new(common::LUO)
-        .args(["bench", "--calls", "20", "--device"])
+        .args(["bench", "--calls", "20", "--sizes-kib", "4,1024"])
+        .args(["--sessions", "20", "--files", "20", "--device"])
         .arg(&daemon.device)
         .output()
         .unwrap();
@@ -584,6 +585,12 @@ fn bench_measures_every_ioctl_on_the_daemon() {
         "SESSION_PRESERVE_FD",
         "SESSION_GET_NAME",
         "SESSION_RETRIEVE_FD",
+        "PRESERVE_FD 4 KiB",
+        "RETRIEVE_FD 1 MiB",
+        "20 sessions: CREATE_SESSION + PRESERVE_FD each",
+        "20 sessions: RETRIEVE_SESSION + RETRIEVE_FD + FINISH each",
+        "20 files: PRESERVE_FD each",
+        "20 files: RETRIEVE_FD each",
     ] {
         assert!(text.contains(&format!("| {op} |")), "no {op} row:\n{text}");
     }

@@ -127,12 +127,29 @@ enum Command {
         /// Calls per ioctl.
         #[arg(long, default_value_t = 2000)]
         calls: usize,
-        /// One side of the measurement (run by `luo bench` itself).
-        #[arg(long, hide = true)]
+        /// Sizes of the memfds preserved and retrieved one at a time, in KiB.
+        #[arg(long, value_delimiter = ',', default_value = "4,1024,65536,262144,1048576")]
+        sizes_kib: Vec<u64>,
+        /// Sessions of the many-sessions total.
+        #[arg(long, default_value_t = 2000)]
+        sessions: usize,
+        /// Files of the many-files total.
+        #[arg(long, default_value_t = 500)]
+        files: usize,
+        /// Print the rows as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only one side, for a real kexec in between: 1 preserves and leaves
+        /// the sessions held by a child, 2 retrieves them (with --session).
+        #[arg(long)]
         stage: Option<u32>,
-        /// The session stage 1 left (stage 2).
-        #[arg(long, hide = true)]
+        /// Name prefix of the sessions (stage 2: the one stage 1 used).
+        #[arg(long)]
         session: Option<String>,
+        /// Instead of measuring: print the side-by-side table of the
+        /// `BENCH LABEL JSON` lines in this file (a guest's console).
+        #[arg(long, conflicts_with_all = ["stage", "json"])]
+        compare: Option<PathBuf>,
     },
 }
 
@@ -205,23 +222,48 @@ fn main() -> ExitCode {
         Command::Bench {
             device,
             calls,
+            sizes_kib,
+            sessions,
+            files,
+            json,
             stage,
             session,
-        } => bench_command(&device, calls.max(1), stage, session),
+            compare,
+        } => {
+            if let Some(log) = compare {
+                return bench_compare(&log);
+            }
+            let plan = bench::Plan {
+                calls: calls.max(1),
+                sizes_kib,
+                sessions,
+                files,
+            };
+            bench_command(&device, &plan, json, stage, session)
+        }
     }
 }
 
 fn bench_command(
     device: &std::path::Path,
-    calls: usize,
+    plan: &bench::Plan,
+    json: bool,
     stage: Option<u32>,
     session: Option<String>,
 ) -> ExitCode {
-    let report = match stage {
-        Some(1) => bench::stage1(device, calls, true),
-        Some(_) => bench::stage2(device, calls, session.as_deref().unwrap_or_default()),
-        None => {
-            return match bench::run(device, calls) {
+    let report = match (stage, session) {
+        (Some(1), tag) => bench::stage1(device, plan, tag.as_deref(), true),
+        (Some(_), Some(tag)) => bench::stage2(device, plan, &tag),
+        (Some(_), None) => {
+            eprintln!("luo: bench --stage 2 needs --session, the name stage 1 used");
+            return ExitCode::FAILURE;
+        }
+        (None, _) => {
+            return match bench::run(device, plan) {
+                Ok(rows) if json => {
+                    println!("{}", serde_json::to_string(&rows).expect("rows serialize"));
+                    ExitCode::SUCCESS
+                }
                 Ok(rows) => {
                     bench::print(&rows, device);
                     ExitCode::SUCCESS
@@ -239,6 +281,30 @@ fn bench_command(
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+fn bench_compare(log: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("luo: cannot read {}: {e}", log.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match bench::read_log(&text) {
+        Ok(runs) if runs.is_empty() => {
+            eprintln!("luo: {} holds no BENCH lines", log.display());
+            ExitCode::FAILURE
+        }
+        Ok(runs) => {
+            print!("{}", bench::side_by_side(&runs));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("luo: a BENCH line of {} does not parse: {e}", log.display());
+            ExitCode::FAILURE
+        }
     }
 }
 

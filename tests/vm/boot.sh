@@ -4,10 +4,11 @@
 # after TIMEOUT seconds is killed and reported as hung.
 #
 # Usage: boot.sh BZIMAGE INITRAMFS SCENARIO TIMEOUT [KERNEL ARGS...]
+# (guest memory: $RIG_MEM, default 3G)
 set -uo pipefail
 KERNEL=$1; INITRD=$2; SCENARIO=$3; TIMEOUT=$4; shift 4
 log=$(mktemp)
-timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3G \
+timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m "${RIG_MEM:-3G}" \
   -nographic -no-reboot -nodefaults -serial stdio \
   -kernel "$KERNEL" -initrd "$INITRD" \
   -append "console=ttyS0 panic=-1 oops=panic rig.scenario=$SCENARIO $*" > "$log" 2>&1

@@ -30,3 +30,17 @@ kexec_to_stage2() {
   kexec -e
   fail "kexec -e returned"
 }
+
+# The value of NAME=VALUE on the kernel command line ($2 if absent).
+arg() {
+  v=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1)
+  echo "${v:-$2}"
+}
+
+# Starts a daemon (extra arguments: --cuse) and waits until it answers.
+start_daemon() {
+  dev=$1; state=$2; shift 2
+  luo daemon --device "$dev" --state-dir "$state" "$@" 2>>/tmp/luo.log &
+  for _ in $(seq 200); do luo status --state-dir "$state" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  cat /tmp/luo.log; fail "the daemon for $dev did not start"
+}

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Boots the rig's bench scenario and prints the side-by-side table: the
+# in-kernel LUO (across a real kexec), the CUSE device and the FUSE-file
+# device, measured by the same `luo bench` workload in one guest. Extra
+# arguments go on the kernel command line (rig.calls=N rig.sizes=KIB,...
+# rig.sessions=N rig.files=N); the console is kept in $LOG (default
+# /tmp/luo-rig-bench.log).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+LOG=${LOG:-/tmp/luo-rig-bench.log}
+(cd "$top" && cargo build --release --bin luo >&2)
+K=$("$here/build-kernel.sh")
+ST=$("$top/tests/scripts/fetch-selftests.sh")
+init=$(mktemp -d)
+trap 'rm -rf "$init"' EXIT
+"$here/make-initramfs.sh" "$init/initramfs.gz" "$K" "$top/target/release/luo" "$ST"
+RIG_MEM=${RIG_MEM:-6G} "$here/boot.sh" "$K" "$init/initramfs.gz" bench 1800 liveupdate=on kho=on "$@" > "$LOG" \
+  || { grep -E "^RIG|luo\[" "$LOG" >&2; echo "bench: the guest failed; console in $LOG" >&2; exit 1; }
+"$top/target/release/luo" bench --compare "$LOG"
