@@ -187,6 +187,31 @@ fn the_cuse_device_answers_the_corpus_as_the_kernel_does() {
     );
 }
 
+/// The bench scenario on a tiny plan: every row measured on all three
+/// devices (the figures in BENCHMARKS.md come from `tests/vm/bench.sh`).
+#[test]
+fn the_bench_measures_the_kernel_cuse_and_fuse_file_devices() {
+    let plan = [
+        "liveupdate=on",
+        "kho=on",
+        "rig.calls=20",
+        "rig.sizes=4,1024",
+        "rig.sessions=10",
+        "rig.files=10",
+    ];
+    let Some(console) = boot("bench", &plan) else {
+        return;
+    };
+    let runs = luo_cuse_dev::bench::read_log(&console).expect("BENCH lines parse");
+    let labels: Vec<&str> = runs.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(labels, ["kernel", "cuse", "fuse-file"], "{console}");
+    let table = luo_cuse_dev::bench::side_by_side(&runs);
+    for (label, rows) in &runs {
+        assert_eq!(rows.len(), 12, "{label} measured {} rows:\n{table}", rows.len());
+    }
+    assert!(!table.contains('—'), "a row is missing somewhere:\n{table}");
+}
+
 #[test]
 fn in_kernel_luo_passes_the_selftests_across_a_real_kexec() {
     boot("kernel", &["liveupdate=on", "kho=on"]);

@@ -28,5 +28,6 @@ pub mod persist;
 pub mod recover;
 pub mod run;
 pub mod seccomp;
+pub mod shim;
 pub mod sys;
 pub mod uapi;

@@ -3,7 +3,8 @@
 # that has kernel/liveupdate/ (see ../scripts/fetch-selftests.sh, which also
 # builds the selftests): `make tinyconfig` plus guest.config. Cached under
 # $LUO_TEST_CACHE/vm, keyed by source version and fragment. Prints the path of
-# the bzImage.
+# the bzImage (the build directory, for out-of-tree modules, is the directory
+# three levels up).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 CACHE=${LUO_TEST_CACHE:-/var/cache/luo-test}
@@ -29,5 +30,9 @@ if [ ! -f "$out/arch/x86/boot/bzImage" ] || [ ! -f "$out/.done" ]; then
   fi
   make -s -C "$src" O="$out" -j"$(nproc)" bzImage >&2
   touch "$out/.done"
+fi
+# Module.symvers, for out-of-tree modules (kmod-shim).
+if [ ! -f "$out/Module.symvers" ]; then
+  make -s -C "$src" O="$out" -j"$(nproc)" modules >&2
 fi
 echo "$out/arch/x86/boot/bzImage"

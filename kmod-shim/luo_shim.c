@@ -1,0 +1,770 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kmod-shim: carries the pages of memfds (shmem and hugetlb) and the luo
+ * daemon's state blob across a kexec through Kexec HandOver (KHO), using only
+ * exported symbols. The daemon keeps every LUO semantic in userspace; this
+ * module only stashes and hands back.
+ *
+ * Old kernel: LUO_SHIM_STASH takes a reference on every folio of a file and
+ * preserves it with kho_preserve_folio(); LUO_SHIM_PUBLISH writes the daemon's
+ * blob and the folio table into KHO-preserved chunks and names them in the
+ * KHO tree (kho_add_subtree("luo-shim")). After that nothing more is stashed
+ * until LUO_SHIM_UNPUBLISH (a kexec that did not happen).
+ *
+ * New kernel: at load, the module finds the subtree, copies the stream out,
+ * frees the chunks and restores every folio (kho_restore_folio()). The daemon
+ * reads the blob (LUO_SHIM_FETCH), lists the files (LUO_SHIM_FILE), copies
+ * each one's contents into a fresh memfd of its own (LUO_SHIM_READ) and lets
+ * the folios go (LUO_SHIM_RELEASE).
+ *
+ * While anything is stashed or published the module holds a reference on
+ * itself, so it cannot be unloaded under the next kernel's feet.
+ */
+
+#include <linux/build_bug.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/highmem.h>
+#include <linux/kexec_handover.h>
+#include <linux/magic.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/pagemap.h>
+#include <linux/pagevec.h>
+#include <linux/shmem_fs.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/vmalloc.h>
+
+#include "luo_shim_uapi.h"
+
+/* The layout shared with cuse-dev/src/shim.rs. */
+static_assert(sizeof(struct luo_shim_stash) == 32);
+static_assert(sizeof(struct luo_shim_blob) == 16);
+static_assert(sizeof(struct luo_shim_info) == 32);
+static_assert(sizeof(struct luo_shim_file) == 32);
+static_assert(sizeof(struct luo_shim_read) == 32);
+static_assert(LUO_SHIM_STASH == 0xc020b701);
+static_assert(LUO_SHIM_UNSTASH == 0x4008b702);
+static_assert(LUO_SHIM_PUBLISH == 0x4010b703);
+static_assert(LUO_SHIM_UNPUBLISH == 0x0000b704);
+static_assert(LUO_SHIM_INFO == 0x8020b705);
+static_assert(LUO_SHIM_FETCH == 0x4010b706);
+static_assert(LUO_SHIM_FILE == 0xc020b707);
+static_assert(LUO_SHIM_READ == 0x4020b708);
+static_assert(LUO_SHIM_RELEASE == 0x4008b709);
+
+#define SUBTREE "luo-shim"
+#define STREAM_MAGIC 0x314d4948534f554cULL /* "LUOSHIM1" */
+#define CHUNK_ORDER min(10, MAX_PAGE_ORDER)
+#define CHUNK_SIZE (PAGE_SIZE << CHUNK_ORDER)
+#define MAX_BLOB (64UL << 20)
+
+/* What crosses the kexec: a root page naming the chunks of one stream. */
+struct root {
+	u64 magic;
+	u64 stream_len;
+	u64 nr_chunks;
+	u64 chunk_phys[];
+};
+
+#define MAX_CHUNKS ((PAGE_SIZE - sizeof(struct root)) / sizeof(u64))
+
+/* The stream: header, blob, file records, then each file's folio records. */
+struct stream_hdr {
+	u64 magic;
+	u32 version;
+	u32 pad;
+	u64 blob_len;
+	u64 nr_files;
+};
+
+struct file_rec {
+	u64 token;
+	u64 size;
+	u32 kind;
+	u32 pad;
+	u64 nr_folios;
+};
+
+struct folio_rec {
+	u64 phys;
+	u64 index; /* in pages */
+	u32 order;
+	u32 pad;
+};
+
+struct shim_file {
+	struct list_head list;
+	u64 token;
+	u64 size;
+	u32 kind;
+	struct inode *inode; /* stashed: for double-stash checks */
+	unsigned long nr;
+	struct folio **folios;
+	pgoff_t *index; /* first page of each folio, ascending */
+};
+
+static DEFINE_MUTEX(shim_lock);
+static LIST_HEAD(shim_files);
+static int shim_state = LUO_SHIM_OPEN;
+static void *shim_blob;
+static size_t shim_blob_len;
+static struct root *pub_root;
+static void *pub_chunks[MAX_CHUNKS];
+static bool holding_module;
+
+static void hold_module(void)
+{
+	if (!holding_module) {
+		__module_get(THIS_MODULE);
+		holding_module = true;
+	}
+}
+
+static void maybe_release_module(void)
+{
+	if (holding_module && list_empty(&shim_files) && shim_state != LUO_SHIM_PUBLISHED) {
+		holding_module = false;
+		module_put(THIS_MODULE);
+	}
+}
+
+static struct shim_file *find_token(u64 token)
+{
+	struct shim_file *f;
+
+	list_for_each_entry(f, &shim_files, list)
+		if (f->token == token)
+			return f;
+	return NULL;
+}
+
+static u64 total_bytes(void)
+{
+	struct shim_file *f;
+	u64 n = 0;
+	unsigned long i;
+
+	list_for_each_entry(f, &shim_files, list)
+		for (i = 0; i < f->nr; i++)
+			n += folio_size(f->folios[i]);
+	return n;
+}
+
+static void free_file(struct shim_file *f, bool unpreserve)
+{
+	unsigned long i;
+
+	for (i = 0; i < f->nr; i++) {
+		if (!f->folios[i])
+			continue;
+		if (unpreserve)
+			kho_unpreserve_folio(f->folios[i]);
+		folio_put(f->folios[i]);
+	}
+	if (f->inode)
+		iput(f->inode);
+	kvfree(f->folios);
+	kvfree(f->index);
+	list_del(&f->list);
+	kfree(f);
+}
+
+static int kind_of(struct inode *inode)
+{
+	if (inode->i_sb->s_magic == HUGETLBFS_MAGIC)
+		return LUO_SHIM_HUGETLB;
+	if (shmem_mapping(inode->i_mapping))
+		return LUO_SHIM_SHMEM;
+	return -EINVAL;
+}
+
+/* Takes a reference on every folio of the file, in index order. */
+static int collect_folios(struct shim_file *f, struct address_space *mapping)
+{
+	struct folio_batch fbatch;
+	unsigned long cap = 64;
+	pgoff_t start = 0;
+	unsigned int i, n;
+
+	f->folios = kvmalloc_array(cap, sizeof(*f->folios), GFP_KERNEL);
+	f->index = kvmalloc_array(cap, sizeof(*f->index), GFP_KERNEL);
+	if (!f->folios || !f->index)
+		return -ENOMEM;
+	folio_batch_init(&fbatch);
+	while ((n = filemap_get_folios(mapping, &start, ULONG_MAX, &fbatch))) {
+		for (i = 0; i < n; i++) {
+			struct folio *folio = fbatch.folios[i];
+
+			if (f->nr == cap) {
+				void *a = kvrealloc(f->folios, 2 * cap * sizeof(*f->folios), GFP_KERNEL);
+				void *b;
+
+				if (!a)
+					goto nomem;
+				f->folios = a;
+				b = kvrealloc(f->index, 2 * cap * sizeof(*f->index), GFP_KERNEL);
+				if (!b)
+					goto nomem;
+				f->index = b;
+				cap *= 2;
+			}
+			folio_get(folio);
+			f->folios[f->nr] = folio;
+			f->index[f->nr] = folio->index;
+			f->nr++;
+		}
+		folio_batch_release(&fbatch);
+		cond_resched();
+	}
+	return 0;
+nomem:
+	folio_batch_release(&fbatch);
+	return -ENOMEM;
+}
+
+static long shim_stash(void __user *uarg)
+{
+	struct luo_shim_stash a;
+	struct shim_file *f, *other;
+	struct file *file;
+	struct inode *inode;
+	unsigned long i;
+	int kind, err;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_OPEN)
+		return -EBUSY;
+	file = fget(a.fd);
+	if (!file)
+		return -EBADF;
+	inode = file_inode(file);
+	kind = kind_of(inode);
+	if (kind < 0) {
+		fput(file);
+		return kind;
+	}
+	if (find_token(a.token)) {
+		fput(file);
+		return -EEXIST;
+	}
+	list_for_each_entry(other, &shim_files, list) {
+		if (other->inode == inode) {
+			fput(file);
+			return -EBUSY;
+		}
+	}
+	f = kzalloc(sizeof(*f), GFP_KERNEL);
+	if (!f) {
+		fput(file);
+		return -ENOMEM;
+	}
+	INIT_LIST_HEAD(&f->list);
+	f->token = a.token;
+	f->kind = kind;
+	f->size = i_size_read(inode);
+	err = collect_folios(f, file->f_mapping);
+	for (i = 0; !err && i < f->nr; i++) {
+		err = kho_preserve_folio(f->folios[i]);
+		if (err) {
+			/* Only the ones before were preserved. */
+			while (i--)
+				kho_unpreserve_folio(f->folios[i]);
+		}
+	}
+	if (err) {
+		for (i = 0; i < f->nr; i++)
+			folio_put(f->folios[i]);
+		kvfree(f->folios);
+		kvfree(f->index);
+		kfree(f);
+		fput(file);
+		return err;
+	}
+	f->inode = igrab(inode);
+	fput(file);
+	list_add_tail(&f->list, &shim_files);
+	hold_module();
+	a.kind = kind;
+	a.size = f->size;
+	a.folios = f->nr;
+	if (copy_to_user(uarg, &a, sizeof(a)))
+		return -EFAULT; /* stashed all the same: UNSTASH undoes it */
+	return 0;
+}
+
+static long shim_unstash(void __user *uarg)
+{
+	struct shim_file *f;
+	u64 token;
+
+	if (copy_from_user(&token, uarg, sizeof(token)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_OPEN)
+		return -EBUSY;
+	f = find_token(token);
+	if (!f)
+		return -ENOENT;
+	free_file(f, true);
+	maybe_release_module();
+	return 0;
+}
+
+/* Writes through a cursor over the chunks. */
+struct cursor {
+	void **chunks;
+	u64 pos;
+};
+
+static void put_bytes(struct cursor *c, const void *src, size_t len)
+{
+	while (len) {
+		u64 chunk = c->pos / CHUNK_SIZE, off = c->pos % CHUNK_SIZE;
+		size_t n = min_t(u64, len, CHUNK_SIZE - off);
+
+		memcpy(c->chunks[chunk] + off, src, n);
+		src += n;
+		len -= n;
+		c->pos += n;
+	}
+}
+
+static void unpublish_chunks(void)
+{
+	unsigned long i;
+
+	if (!pub_root)
+		return;
+	for (i = 0; i < pub_root->nr_chunks; i++) {
+		kho_unpreserve_free(pub_chunks[i]);
+		pub_chunks[i] = NULL;
+	}
+	kho_unpreserve_free(pub_root);
+	pub_root = NULL;
+}
+
+static long shim_publish(void __user *uarg)
+{
+	struct luo_shim_blob b;
+	struct stream_hdr hdr = { .magic = STREAM_MAGIC, .version = LUO_SHIM_VERSION };
+	struct cursor c = { .chunks = pub_chunks };
+	struct shim_file *f;
+	u64 len, nr_chunks, i;
+	void *blob;
+	int err;
+
+	if (copy_from_user(&b, uarg, sizeof(b)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_OPEN)
+		return -EBUSY;
+	if (b.len > MAX_BLOB)
+		return -E2BIG;
+	blob = kvmalloc(max_t(u64, b.len, 1), GFP_KERNEL);
+	if (!blob)
+		return -ENOMEM;
+	if (copy_from_user(blob, u64_to_user_ptr(b.addr), b.len)) {
+		kvfree(blob);
+		return -EFAULT;
+	}
+	len = sizeof(hdr) + b.len;
+	list_for_each_entry(f, &shim_files, list) {
+		len += sizeof(struct file_rec) + f->nr * sizeof(struct folio_rec);
+		hdr.nr_files++;
+	}
+	hdr.blob_len = b.len;
+	nr_chunks = DIV_ROUND_UP(len, CHUNK_SIZE);
+	if (nr_chunks > MAX_CHUNKS) {
+		kvfree(blob);
+		return -E2BIG;
+	}
+	pub_root = kho_alloc_preserve(PAGE_SIZE);
+	if (IS_ERR(pub_root)) {
+		err = PTR_ERR(pub_root);
+		pub_root = NULL;
+		kvfree(blob);
+		return err;
+	}
+	for (i = 0; i < nr_chunks; i++) {
+		u64 left = len - i * CHUNK_SIZE;
+		void *chunk = kho_alloc_preserve(min_t(u64, left, CHUNK_SIZE));
+
+		if (IS_ERR(chunk)) {
+			err = PTR_ERR(chunk);
+			goto fail;
+		}
+		pub_chunks[i] = chunk;
+		pub_root->chunk_phys[i] = virt_to_phys(chunk);
+		pub_root->nr_chunks = i + 1;
+	}
+	pub_root->magic = STREAM_MAGIC;
+	pub_root->stream_len = len;
+	put_bytes(&c, &hdr, sizeof(hdr));
+	put_bytes(&c, blob, b.len);
+	list_for_each_entry(f, &shim_files, list) {
+		struct file_rec r = {
+			.token = f->token, .size = f->size, .kind = f->kind, .nr_folios = f->nr,
+		};
+
+		put_bytes(&c, &r, sizeof(r));
+	}
+	list_for_each_entry(f, &shim_files, list) {
+		for (i = 0; i < f->nr; i++) {
+			struct folio_rec r = {
+				.phys = PFN_PHYS(folio_pfn(f->folios[i])),
+				.index = f->index[i],
+				.order = folio_order(f->folios[i]),
+			};
+
+			put_bytes(&c, &r, sizeof(r));
+		}
+	}
+	err = kho_add_subtree(SUBTREE, pub_root, PAGE_SIZE);
+	if (err)
+		goto fail;
+	kvfree(shim_blob);
+	shim_blob = blob;
+	shim_blob_len = b.len;
+	shim_state = LUO_SHIM_PUBLISHED;
+	hold_module();
+	return 0;
+fail:
+	unpublish_chunks();
+	kvfree(blob);
+	return err;
+}
+
+static long shim_unpublish(void)
+{
+	if (shim_state != LUO_SHIM_PUBLISHED)
+		return -EINVAL;
+	kho_remove_subtree(pub_root);
+	unpublish_chunks();
+	shim_state = LUO_SHIM_OPEN;
+	maybe_release_module();
+	return 0;
+}
+
+static long shim_info(void __user *uarg)
+{
+	struct luo_shim_info i = {
+		.version = LUO_SHIM_VERSION,
+		.state = shim_state,
+		.blob_len = shim_blob_len,
+		.bytes = total_bytes(),
+	};
+	struct shim_file *f;
+
+	list_for_each_entry(f, &shim_files, list)
+		i.files++;
+	return copy_to_user(uarg, &i, sizeof(i)) ? -EFAULT : 0;
+}
+
+static long shim_fetch(void __user *uarg)
+{
+	struct luo_shim_blob b;
+
+	if (copy_from_user(&b, uarg, sizeof(b)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_RESTORED)
+		return -ENOENT;
+	if (b.len < shim_blob_len)
+		return -ENOSPC;
+	if (copy_to_user(u64_to_user_ptr(b.addr), shim_blob, shim_blob_len))
+		return -EFAULT;
+	return 0;
+}
+
+static long shim_file_at(void __user *uarg)
+{
+	struct luo_shim_file a;
+	struct shim_file *f;
+	u64 n = 0;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	list_for_each_entry(f, &shim_files, list) {
+		if (n++ == a.index) {
+			a.token = f->token;
+			a.size = f->size;
+			a.kind = f->kind;
+			a.pad = 0;
+			return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+		}
+	}
+	return -ENOENT;
+}
+
+/* The folio holding page @pgoff, or NULL for a hole. */
+static struct folio *folio_at(struct shim_file *f, pgoff_t pgoff)
+{
+	unsigned long lo = 0, hi = f->nr;
+
+	while (lo < hi) {
+		unsigned long mid = lo + (hi - lo) / 2;
+
+		if (f->index[mid] <= pgoff)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo == 0 || !f->folios[lo - 1])
+		return NULL;
+	if (pgoff >= f->index[lo - 1] + folio_nr_pages(f->folios[lo - 1]))
+		return NULL;
+	return f->folios[lo - 1];
+}
+
+static long shim_read(void __user *uarg)
+{
+	struct luo_shim_read a;
+	struct shim_file *f;
+	char __user *dst;
+	u64 pos, end;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_RESTORED)
+		return -ENOENT;
+	f = find_token(a.token);
+	if (!f)
+		return -ENOENT;
+	if (check_add_overflow(a.offset, a.len, &end) || end > f->size)
+		return -EINVAL;
+	dst = u64_to_user_ptr(a.addr);
+	for (pos = a.offset; pos < end;) {
+		pgoff_t pgoff = pos >> PAGE_SHIFT;
+		size_t off = offset_in_page(pos);
+		size_t n = min_t(u64, PAGE_SIZE - off, end - pos);
+		struct folio *folio = folio_at(f, pgoff);
+		unsigned long left;
+
+		if (folio) {
+			void *src = kmap_local_folio(folio, (pgoff - folio->index) * PAGE_SIZE);
+
+			left = copy_to_user(dst, src + off, n);
+			kunmap_local(src);
+		} else {
+			left = clear_user(dst, n);
+		}
+		if (left)
+			return -EFAULT;
+		dst += n;
+		pos += n;
+		if (!(pgoff & 511))
+			cond_resched();
+	}
+	return 0;
+}
+
+static long shim_release_file(void __user *uarg)
+{
+	struct shim_file *f;
+	u64 token;
+
+	if (copy_from_user(&token, uarg, sizeof(token)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_RESTORED)
+		return -EINVAL;
+	f = find_token(token);
+	if (!f)
+		return -ENOENT;
+	free_file(f, false);
+	return 0;
+}
+
+static long shim_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+	long ret;
+
+	mutex_lock(&shim_lock);
+	switch (cmd) {
+	case LUO_SHIM_STASH:
+		ret = shim_stash(uarg);
+		break;
+	case LUO_SHIM_UNSTASH:
+		ret = shim_unstash(uarg);
+		break;
+	case LUO_SHIM_PUBLISH:
+		ret = shim_publish(uarg);
+		break;
+	case LUO_SHIM_UNPUBLISH:
+		ret = shim_unpublish();
+		break;
+	case LUO_SHIM_INFO:
+		ret = shim_info(uarg);
+		break;
+	case LUO_SHIM_FETCH:
+		ret = shim_fetch(uarg);
+		break;
+	case LUO_SHIM_FILE:
+		ret = shim_file_at(uarg);
+		break;
+	case LUO_SHIM_READ:
+		ret = shim_read(uarg);
+		break;
+	case LUO_SHIM_RELEASE:
+		ret = shim_release_file(uarg);
+		break;
+	default:
+		ret = -ENOTTY;
+	}
+	mutex_unlock(&shim_lock);
+	return ret;
+}
+
+static const struct file_operations shim_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = shim_ioctl,
+};
+
+static struct miscdevice shim_dev = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "luo-shim",
+	.fops = &shim_fops,
+	.mode = 0600,
+};
+
+/* Bounds-checked reads from the restored stream. */
+struct reader {
+	const void *buf;
+	u64 len, pos;
+};
+
+static const void *take(struct reader *r, u64 n)
+{
+	const void *p;
+
+	if (n > r->len - r->pos)
+		return NULL;
+	p = r->buf + r->pos;
+	r->pos += n;
+	return p;
+}
+
+/* Builds the restored files from the stream; folios are restored here. */
+static int parse_stream(struct reader *r)
+{
+	const struct stream_hdr *hdr = take(r, sizeof(*hdr));
+	const struct file_rec *recs;
+	const void *blob;
+	u64 i, j;
+
+	if (!hdr || hdr->magic != STREAM_MAGIC || hdr->version != LUO_SHIM_VERSION)
+		return -EINVAL;
+	blob = take(r, hdr->blob_len);
+	if (!blob || hdr->nr_files > r->len / sizeof(*recs))
+		return -EINVAL;
+	recs = take(r, hdr->nr_files * sizeof(*recs));
+	if (!recs)
+		return -EINVAL;
+	shim_blob = kvmalloc(max_t(u64, hdr->blob_len, 1), GFP_KERNEL);
+	if (!shim_blob)
+		return -ENOMEM;
+	memcpy(shim_blob, blob, hdr->blob_len);
+	shim_blob_len = hdr->blob_len;
+	for (i = 0; i < hdr->nr_files; i++) {
+		const struct folio_rec *fr;
+		struct shim_file *f;
+
+		if (recs[i].nr_folios > r->len / sizeof(*fr))
+			return -EINVAL;
+		fr = take(r, recs[i].nr_folios * sizeof(*fr));
+		if (!fr)
+			return -EINVAL;
+		f = kzalloc(sizeof(*f), GFP_KERNEL);
+		if (!f)
+			return -ENOMEM;
+		INIT_LIST_HEAD(&f->list);
+		f->token = recs[i].token;
+		f->size = recs[i].size;
+		f->kind = recs[i].kind;
+		f->folios = kvcalloc(max_t(u64, recs[i].nr_folios, 1), sizeof(*f->folios), GFP_KERNEL);
+		f->index = kvcalloc(max_t(u64, recs[i].nr_folios, 1), sizeof(*f->index), GFP_KERNEL);
+		list_add_tail(&f->list, &shim_files);
+		if (!f->folios || !f->index)
+			return -ENOMEM;
+		f->nr = recs[i].nr_folios;
+		for (j = 0; j < f->nr; j++) {
+			f->index[j] = fr[j].index;
+			f->folios[j] = kho_restore_folio(fr[j].phys);
+			if (!f->folios[j]) {
+				pr_err("luo-shim: token %llu: folio at %#llx did not come back\n",
+				       f->token, fr[j].phys);
+				return -EIO;
+			}
+		}
+	}
+	return 0;
+}
+
+/* Reads the stream the previous kernel published, if any. */
+static int restore_stream(void)
+{
+	struct reader r = {};
+	struct root *root;
+	phys_addr_t phys;
+	u64 i, len, nr;
+	void *stream;
+	int err;
+
+	if (!is_kho_boot() || kho_retrieve_subtree(SUBTREE, &phys, NULL))
+		return 0;
+	root = phys_to_virt(phys);
+	len = root->stream_len;
+	nr = root->nr_chunks;
+	if (root->magic != STREAM_MAGIC || nr > MAX_CHUNKS || len > nr * CHUNK_SIZE) {
+		pr_err("luo-shim: the previous kernel's stream is damaged; ignored\n");
+		return 0;
+	}
+	stream = kvmalloc(max_t(u64, len, 1), GFP_KERNEL);
+	if (!stream)
+		return -ENOMEM;
+	for (i = 0; i < nr; i++) {
+		void *chunk = phys_to_virt(root->chunk_phys[i]);
+
+		memcpy(stream + i * CHUNK_SIZE, chunk, min_t(u64, len - i * CHUNK_SIZE, CHUNK_SIZE));
+		kho_restore_free(chunk);
+	}
+	kho_restore_free(root);
+	r.buf = stream;
+	r.len = len;
+	err = parse_stream(&r);
+	kvfree(stream);
+	shim_state = LUO_SHIM_RESTORED;
+	if (err)
+		pr_err("luo-shim: restoring the previous kernel's files failed: %d\n", err);
+	else
+		pr_info("luo-shim: %llu bytes of files and a %zu-byte blob came back\n",
+			total_bytes(), shim_blob_len);
+	return 0;
+}
+
+static int __init shim_init(void)
+{
+	int err = restore_stream();
+
+	if (err)
+		return err;
+	return misc_register(&shim_dev);
+}
+
+static void __exit shim_exit(void)
+{
+	struct shim_file *f, *n;
+
+	misc_deregister(&shim_dev);
+	/* Only restored files can be left here (stashes hold the module). */
+	list_for_each_entry_safe(f, n, &shim_files, list)
+		free_file(f, false);
+	kvfree(shim_blob);
+}
+
+module_init(shim_init);
+module_exit(shim_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("Carries memfd pages and the luo daemon's state across kexec through KHO");
