@@ -25,6 +25,7 @@
 #include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/highmem.h>
+#include <linux/io.h>
 #include <linux/kexec_handover.h>
 #include <linux/magic.h>
 #include <linux/miscdevice.h>
@@ -32,7 +33,7 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/pagemap.h>
-#include <linux/pagevec.h>
+#include <linux/folio_batch.h>
 #include <linux/shmem_fs.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
@@ -498,8 +499,11 @@ static long shim_file_at(void __user *uarg)
 	return -ENOENT;
 }
 
-/* The folio holding page @pgoff, or NULL for a hole. */
-static struct folio *folio_at(struct shim_file *f, pgoff_t pgoff)
+/*
+ * The position in @f of the folio holding page @pgoff, or -1 for a hole. A
+ * restored folio's own ->index means nothing: f->index says where it goes.
+ */
+static long folio_at(struct shim_file *f, pgoff_t pgoff)
 {
 	unsigned long lo = 0, hi = f->nr;
 
@@ -512,10 +516,10 @@ static struct folio *folio_at(struct shim_file *f, pgoff_t pgoff)
 			hi = mid;
 	}
 	if (lo == 0 || !f->folios[lo - 1])
-		return NULL;
+		return -1;
 	if (pgoff >= f->index[lo - 1] + folio_nr_pages(f->folios[lo - 1]))
-		return NULL;
-	return f->folios[lo - 1];
+		return -1;
+	return lo - 1;
 }
 
 static long shim_read(void __user *uarg)
@@ -539,11 +543,11 @@ static long shim_read(void __user *uarg)
 		pgoff_t pgoff = pos >> PAGE_SHIFT;
 		size_t off = offset_in_page(pos);
 		size_t n = min_t(u64, PAGE_SIZE - off, end - pos);
-		struct folio *folio = folio_at(f, pgoff);
+		long k = folio_at(f, pgoff);
 		unsigned long left;
 
-		if (folio) {
-			void *src = kmap_local_folio(folio, (pgoff - folio->index) * PAGE_SIZE);
+		if (k >= 0) {
+			void *src = kmap_local_folio(f->folios[k], (pgoff - f->index[k]) * PAGE_SIZE);
 
 			left = copy_to_user(dst, src + off, n);
 			kunmap_local(src);

@@ -319,7 +319,10 @@ pub fn stage1(
     }
     let mut many = Vec::with_capacity(plan.sessions);
     rows.push(once(
-        format!("{} sessions: CREATE_SESSION + PRESERVE_FD each", plan.sessions),
+        format!(
+            "{} sessions: CREATE_SESSION + PRESERVE_FD each",
+            plan.sessions
+        ),
         || {
             for i in 0..plan.sessions {
                 let s = create(&dev, &names.many(i), uapi::CREATE_SESSION)?;
@@ -333,12 +336,15 @@ pub fn stage1(
     let memfds: Vec<File> = (0..plan.files)
         .map(|_| filled_memfd(4))
         .collect::<std::io::Result<_>>()?;
-    rows.push(once(format!("{} files: PRESERVE_FD each", plan.files), || {
-        for (t, m) in memfds.iter().enumerate() {
-            preserve(&files, m, t as u64)?;
-        }
-        Ok(())
-    })?);
+    rows.push(once(
+        format!("{} files: PRESERVE_FD each", plan.files),
+        || {
+            for (t, m) in memfds.iter().enumerate() {
+                preserve(&files, m, t as u64)?;
+            }
+            Ok(())
+        },
+    )?);
     if hold {
         let all = sessions.into_iter().chain([sizes, files]).chain(many);
         crate::demo::hold(all.map(OwnedFd::from).collect());
@@ -420,12 +426,15 @@ pub fn stage2(device: &Path, plan: &Plan, tag: &str) -> std::io::Result<StageRep
     )?);
     let files = create(&dev, &names.files(), uapi::RETRIEVE_SESSION)?;
     let mut got = Vec::with_capacity(plan.files);
-    rows.push(once(format!("{} files: RETRIEVE_FD each", plan.files), || {
-        for t in 0..plan.files {
-            retrieve(&files, t as u64, &mut got)?;
-        }
-        Ok(())
-    })?);
+    rows.push(once(
+        format!("{} files: RETRIEVE_FD each", plan.files),
+        || {
+            for t in 0..plan.files {
+                retrieve(&files, t as u64, &mut got)?;
+            }
+            Ok(())
+        },
+    )?);
     finish(&files)?;
     Ok(StageReport {
         rows,
@@ -525,7 +534,12 @@ pub fn side_by_side(runs: &[(String, Vec<Row>)]) -> String {
         for c in &cells {
             match c {
                 Some(r) if r.micros.len() > 1 => {
-                    let _ = write!(out, " {:.1} ({:.1}) |", pct(&r.micros, 0.5), pct(&r.micros, 0.99));
+                    let _ = write!(
+                        out,
+                        " {:.1} ({:.1}) |",
+                        pct(&r.micros, 0.5),
+                        pct(&r.micros, 0.99)
+                    );
                 }
                 Some(r) => {
                     let _ = write!(out, " {:.1} |", pct(&r.micros, 0.5));
@@ -577,7 +591,13 @@ mod tests {
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[0].1.len(), 2);
         let table = side_by_side(&runs);
-        assert!(table.contains("| GET | 2.0 (2.0) | 6.0 (6.0) | 3.00 |"), "{table}");
-        assert!(table.contains("| RETRIEVE | 4.0 (4.0) | 8.0 (8.0) | 2.00 |"), "{table}");
+        assert!(
+            table.contains("| GET | 2.0 (2.0) | 6.0 (6.0) | 3.00 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| RETRIEVE | 4.0 (4.0) | 8.0 (8.0) | 2.00 |"),
+            "{table}"
+        );
     }
 }

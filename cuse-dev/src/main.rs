@@ -98,6 +98,19 @@ enum Command {
         #[arg(long, default_value = "device")]
         label: String,
     },
+    /// Exercise kmod-shim across a real kexec: stage 1 stashes a shmem and a
+    /// hugetlb memfd written with a pattern, stage 2 checks they came back.
+    #[command(hide = true)]
+    ShimCheck {
+        #[arg(long, default_value = luo_cuse_dev::shim::DEVICE)]
+        device: PathBuf,
+        #[arg(long)]
+        stage: u32,
+        #[arg(long, default_value_t = 256)]
+        shmem_mib: u64,
+        #[arg(long, default_value_t = 64)]
+        hugetlb_mib: u64,
+    },
     /// The fd keeper (started by the daemon).
     #[command(hide = true)]
     Keeper {
@@ -128,7 +141,11 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         calls: usize,
         /// Sizes of the memfds preserved and retrieved one at a time, in KiB.
-        #[arg(long, value_delimiter = ',', default_value = "4,1024,65536,262144,1048576")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "4,1024,65536,262144,1048576"
+        )]
         sizes_kib: Vec<u64>,
         /// Sessions of the many-sessions total.
         #[arg(long, default_value_t = 2000)]
@@ -201,6 +218,18 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::ShimCheck {
+            device,
+            stage,
+            shmem_mib,
+            hugetlb_mib,
+        } => match luo_cuse_dev::shim::check::run(&device, stage, shmem_mib, hugetlb_mib) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("luo shim-check: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Oracle {
             device,
             phase,

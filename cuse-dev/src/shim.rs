@@ -157,13 +157,8 @@ impl Shim {
 
     fn ioctl<T: IntoBytes + FromBytes>(&self, cmd: u32, arg: &mut T) -> Result<(), Errno> {
         // SAFETY: arg is a live struct of the size the command encodes.
-        let r = unsafe {
-            libc::ioctl(
-                self.dev.as_raw_fd(),
-                cmd as _,
-                (arg as *mut T).cast::<u8>(),
-            )
-        };
+        let r =
+            unsafe { libc::ioctl(self.dev.as_raw_fd(), cmd as _, (arg as *mut T).cast::<u8>()) };
         if r < 0 {
             return Err(Errno::last());
         }
@@ -176,8 +171,16 @@ impl Shim {
     /// The shim's errno (EBADF, EINVAL not a memfd, EEXIST token, EBUSY file
     /// already stashed or blob published, ENOMEM).
     pub fn stash(&self, file: BorrowedFd<'_>, token: u64) -> Result<Stash, Errno> {
+        self.stash_number(file.as_raw_fd(), token)
+    }
+
+    /// [`Shim::stash`] by fd number (bad numbers are the shim's to refuse).
+    ///
+    /// # Errors
+    /// As [`Shim::stash`].
+    pub fn stash_number(&self, fd: i32, token: u64) -> Result<Stash, Errno> {
         let mut a = Stash {
-            fd: file.as_raw_fd(),
+            fd,
             token,
             ..Stash::default()
         };
@@ -283,5 +286,270 @@ impl Shim {
     pub fn release(&self, token: u64) -> Result<(), Errno> {
         let mut t = token;
         self.ioctl(RELEASE, &mut t)
+    }
+}
+
+/// `luo shim-check`: exercises the shim across a real kexec with a shmem and
+/// a hugetlb memfd written with a known pattern (the rig's `shim` scenario).
+pub mod check {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::path::Path;
+    use std::time::Instant;
+
+    use luo_store::Errno;
+    use serde::{Deserialize, Serialize};
+
+    use super::{Shim, HUGETLB, SHMEM, STATE_RESTORED};
+
+    /// What stage 1 leaves in the blob about each file.
+    #[derive(Serialize, Deserialize, Debug)]
+    struct Meta {
+        token: u64,
+        kind: u32,
+        size: u64,
+        pos: u64,
+        seals: i32,
+    }
+
+    fn word(token: u64, i: u64) -> u64 {
+        (i ^ token.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn expect(what: &str, got: Result<(), Errno>, want: Errno) -> Result<(), String> {
+        match got {
+            Err(e) if e == want => Ok(()),
+            other => Err(format!("{what}: expected {want}, got {other:?}")),
+        }
+    }
+
+    fn memfd(kind: u32, size: u64) -> Result<OwnedFd, String> {
+        let flags = libc::MFD_ALLOW_SEALING
+            | if kind == HUGETLB {
+                libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+            } else {
+                0
+            };
+        // SAFETY: a valid C string; the fd is ours.
+        let fd = unsafe { libc::memfd_create(c"luo-shim-check".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain syscall on our fd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) } != 0 {
+            return Err(format!("ftruncate: {}", std::io::Error::last_os_error()));
+        }
+        Ok(fd)
+    }
+
+    /// Maps the whole file shared, for writing or checking the pattern.
+    fn map(fd: &OwnedFd, size: u64) -> Result<&'static mut [u64], String> {
+        // SAFETY: a shared mapping of our own file; the slice covers it exactly
+        // and lives until the process exits (the check is short-lived).
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+            }
+            Ok(std::slice::from_raw_parts_mut(p.cast(), size as usize / 8))
+        }
+    }
+
+    fn stage1(shim: &Shim, shmem_mib: u64, hugetlb_mib: u64) -> Result<(), String> {
+        // Bad input first: nothing may change.
+        expect(
+            "stash of fd -1",
+            shim.stash_number(-1, 1).map(|_| ()),
+            Errno::EBADF,
+        )?;
+        expect(
+            "stash of a closed fd",
+            shim.stash_number(999, 1).map(|_| ()),
+            Errno::EBADF,
+        )?;
+        let (r, _w) = std::io::pipe().map_err(|e| e.to_string())?;
+        expect(
+            "stash of a pipe",
+            shim.stash(r.as_fd(), 1).map(|_| ()),
+            Errno::EINVAL,
+        )?;
+        expect(
+            "read before a kexec",
+            shim.read(1, 0, &mut [0; 8]),
+            Errno::ENOENT,
+        )?;
+        expect(
+            "unpublish with nothing published",
+            shim.unpublish(),
+            Errno::EINVAL,
+        )?;
+        expect(
+            "unstash of an unknown token",
+            shim.unstash(99),
+            Errno::ENOENT,
+        )?;
+
+        let mut metas = Vec::new();
+        let mut keep = Vec::new();
+        for (token, kind, mib) in [(1u64, SHMEM, shmem_mib), (2, HUGETLB, hugetlb_mib)] {
+            if mib == 0 {
+                continue;
+            }
+            let size = mib << 20;
+            let fd = memfd(kind, size)?;
+            for (i, w) in map(&fd, size)?.iter_mut().enumerate() {
+                *w = word(token, i as u64);
+            }
+            let pos = if kind == SHMEM { 12345 } else { 0 };
+            let seals = if kind == SHMEM {
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+            } else {
+                0
+            };
+            let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
+            file.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
+            // SAFETY: plain fcntl on our fd.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+            let t = Instant::now();
+            let s = shim
+                .stash(fd.as_fd(), token)
+                .map_err(|e| format!("stash {token}: {e}"))?;
+            println!(
+                "SHIM stashed token {token}: {mib} MiB in {} folios in {:.1} ms",
+                s.folios,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            if s.size != size || s.kind != kind {
+                return Err(format!("stash {token} reported {s:?}"));
+            }
+            expect(
+                "stash of a used token",
+                shim.stash(fd.as_fd(), token).map(|_| ()),
+                Errno::EEXIST,
+            )?;
+            expect(
+                "stash of a stashed file",
+                shim.stash(fd.as_fd(), 77).map(|_| ()),
+                Errno::EBUSY,
+            )?;
+            metas.push(Meta {
+                token,
+                kind,
+                size,
+                pos,
+                seals,
+            });
+            keep.push(fd);
+        }
+        let blob = serde_json::to_vec(&metas).map_err(|e| e.to_string())?;
+        shim.publish(&blob).map_err(|e| format!("publish: {e}"))?;
+        expect("publish twice", shim.publish(&blob), Errno::EBUSY)?;
+        expect(
+            "stash after publish",
+            shim.stash(keep[0].as_fd(), 9).map(|_| ()),
+            Errno::EBUSY,
+        )?;
+        // A kexec that does not happen: withdraw, then publish again.
+        shim.unpublish().map_err(|e| format!("unpublish: {e}"))?;
+        shim.publish(&blob)
+            .map_err(|e| format!("publish again: {e}"))?;
+        let info = shim.info().map_err(|e| e.to_string())?;
+        println!("SHIM published {} files, {} bytes", info.files, info.bytes);
+        Ok(())
+    }
+
+    fn stage2(shim: &Shim) -> Result<(), String> {
+        let info = shim.info().map_err(|e| e.to_string())?;
+        if info.state != STATE_RESTORED {
+            return Err(format!("the shim did not come back with files: {info:?}"));
+        }
+        let metas: Vec<Meta> = serde_json::from_slice(&shim.fetch().map_err(|e| e.to_string())?)
+            .map_err(|e| format!("the blob: {e}"))?;
+        let files = shim.files().map_err(|e| e.to_string())?;
+        if files.len() != metas.len() {
+            return Err(format!(
+                "{} files came back, {} were stashed",
+                files.len(),
+                metas.len()
+            ));
+        }
+        for m in &metas {
+            let f = files
+                .iter()
+                .find(|f| f.token == m.token)
+                .ok_or(format!("token {} did not come back", m.token))?;
+            if f.size != m.size || f.kind != m.kind {
+                return Err(format!(
+                    "token {}: came back as {f:?}, stashed {m:?}",
+                    m.token
+                ));
+            }
+            expect(
+                "read past the end",
+                shim.read(m.token, m.size, &mut [0; 1]),
+                Errno::EINVAL,
+            )?;
+            let t = Instant::now();
+            let fd = memfd(m.kind, m.size)?;
+            let words = map(&fd, m.size)?;
+            // SAFETY: the byte view of the same mapping.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), m.size as usize)
+            };
+            for chunk in (0..m.size).step_by(4 << 20) {
+                let end = (chunk + (4 << 20)).min(m.size);
+                shim.read(m.token, chunk, &mut bytes[chunk as usize..end as usize])
+                    .map_err(|e| format!("read {}: {e}", m.token))?;
+            }
+            let took = t.elapsed();
+            if let Some(i) = (0..words.len()).find(|&i| words[i] != word(m.token, i as u64)) {
+                return Err(format!("token {}: word {i} differs", m.token));
+            }
+            let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
+            file.seek(SeekFrom::Start(m.pos))
+                .map_err(|e| e.to_string())?;
+            // SAFETY: plain fcntl on our fd.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, m.seals) };
+            // SAFETY: as above.
+            let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+            let pos = file.stream_position().map_err(|e| e.to_string())?;
+            if pos != m.pos || seals != m.seals {
+                return Err(format!(
+                    "token {}: position {pos}, seals {seals:#x}",
+                    m.token
+                ));
+            }
+            shim.release(m.token)
+                .map_err(|e| format!("release {}: {e}", m.token))?;
+            println!(
+                "SHIM token {} ({}): {} MiB identical, position and seals back, restored in {:.1} ms",
+                m.token,
+                if m.kind == HUGETLB { "hugetlb" } else { "shmem" },
+                m.size >> 20,
+                took.as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs stage 1 (stash and publish) or 2 (restore and verify).
+    ///
+    /// # Errors
+    /// What did not hold, as a sentence.
+    pub fn run(device: &Path, stage: u32, shmem_mib: u64, hugetlb_mib: u64) -> Result<(), String> {
+        let shim = Shim::open(device).map_err(|e| format!("open {}: {e}", device.display()))?;
+        match stage {
+            1 => stage1(&shim, shmem_mib, hugetlb_mib),
+            _ => stage2(&shim),
+        }
     }
 }

@@ -4,9 +4,9 @@
 # OUT.stage2 has everything; OUT also holds OUT.stage2 as /boot/initramfs,
 # which the first boot hands to the kernel it kexecs into.
 #
-# Usage: make-initramfs.sh OUT BZIMAGE LUO SELFTEST_DIR
+# Usage: make-initramfs.sh OUT BZIMAGE LUO SELFTEST_DIR [SHIM_KO]
 set -euo pipefail
-OUT=$1; KERNEL=$2; LUO=$3; ST=$4
+OUT=$1; KERNEL=$2; LUO=$3; ST=$4; SHIM=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
@@ -34,6 +34,7 @@ done
 cp "$here"/guest/*.sh "$root/rig/"
 install -m 755 "$here/guest/init" "$root/init"
 cp "$KERNEL" "$root/boot/bzImage"
+[ -z "$SHIM" ] || cp "$SHIM" "$root/rig/luo_shim.ko"
 echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
 
 pack() { (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$1"; }
