@@ -376,7 +376,13 @@ pub mod check {
             shim.stash_number(999, 1).map(|_| ()),
             Errno::EBADF,
         )?;
-        let (r, _w) = std::io::pipe().map_err(|e| e.to_string())?;
+        let mut p = [0i32; 2];
+        // SAFETY: p has room for the two fds pipe() writes.
+        if unsafe { libc::pipe(p.as_mut_ptr()) } != 0 {
+            return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fresh fds we own.
+        let (r, _w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
         expect(
             "stash of a pipe",
             shim.stash(r.as_fd(), 1).map(|_| ()),
