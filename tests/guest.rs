@@ -243,6 +243,25 @@ fn kmod_shim_carries_shmem_and_hugetlb_memfds_across_a_real_kexec() {
     }
 }
 
+/// `luo kexec` with kmod-shim (in-kernel LUO off, `kho=on`): the four
+/// two-stage selftests and a VMM's 256 MiB shmem and 64 MiB hugetlb guest RAM
+/// survive a real kexec; before it, a bad kernel image and a freeze that fails
+/// are refused with every session and page left in place.
+#[test]
+fn luo_kexec_carries_the_sessions_across_a_real_kexec() {
+    let Some(console) = boot("kexec", &["kho=on", "liveupdate=off"]) else {
+        return;
+    };
+    for line in [
+        "all 65536 pages (256 MiB) match",
+        "all 16384 pages (64 MiB) match",
+        "bad image: luo: kexec aborted, nothing changed",
+        "refused freeze: luo: kexec aborted, nothing changed",
+    ] {
+        assert!(console.contains(line), "no '{line}':\n{console}");
+    }
+}
+
 #[test]
 fn in_kernel_luo_passes_the_selftests_across_a_real_kexec() {
     boot("kernel", &["liveupdate=on", "kho=on"]);

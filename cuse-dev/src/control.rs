@@ -31,6 +31,11 @@ pub enum Request {
     Update,
     /// Unmount the device, release every preserved file, end the keeper.
     Shutdown,
+    /// Freeze every outgoing session and stash them through kmod-shim for a
+    /// real kexec (the caller has loaded the kernel and reboots next).
+    KexecPrepare,
+    /// The kexec did not happen: withdraw the stash, unfreeze, thaw.
+    KexecAbort,
 }
 
 /// A file in a status report.

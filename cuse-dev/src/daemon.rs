@@ -212,6 +212,8 @@ pub struct Daemon {
     cuse_rdev: Option<u64>,
     /// A CUSE init reply is on its way: label the device after the batch.
     cuse_created: bool,
+    /// Shim tokens stashed for a kexec being prepared.
+    stashed: Vec<u64>,
     /// The cgroup of the current epoch's `luo run` trees.
     workload: Option<luo_kexec_helper::Workload>,
     /// The fds the keeper holds for us.
@@ -348,6 +350,7 @@ impl Daemon {
         };
         let bind = !cfg.cuse;
         let mut daemon = Daemon::assemble(cfg, fuse_fd, cuse_fd, kept, &header, bind)?;
+        daemon.adopt_kexec()?;
         let path = daemon.cfg.image();
         setup(
             || format!("write the state journal {}", path.display()),
@@ -522,6 +525,7 @@ impl Daemon {
             created_device: image.created_device,
             cuse_rdev: None,
             cuse_created: false,
+            stashed: Vec::new(),
             kept,
             next_slot: image.next_slot,
             dirty: false,
@@ -1534,6 +1538,8 @@ impl Daemon {
                 None => Response::error("register needs a seccomp listener fd attached"),
             },
             CtlRequest::Update => self.simulate_update(),
+            CtlRequest::KexecPrepare => self.kexec_prepare(),
+            CtlRequest::KexecAbort => self.kexec_abort(),
             CtlRequest::Shutdown => {
                 self.stop = true;
                 self.teardown = true;
@@ -1567,6 +1573,202 @@ impl Daemon {
             ok: true,
             ..Response::default()
         }
+    }
+
+    /// Freezes the old workload and every outgoing session, stashes each
+    /// preserved memfd through kmod-shim and publishes the state for the next
+    /// kernel. On any failure everything is undone and nothing changed.
+    fn kexec_prepare(&mut self) -> Response {
+        let shim = match crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) {
+            Ok(s) => s,
+            Err(e) => {
+                return Response::error(format!(
+                    "kexec needs kmod-shim ({}: {e}; load luo_shim.ko)",
+                    crate::shim::DEVICE
+                ))
+            }
+        };
+        let start = std::time::Instant::now();
+        // Processes blocked in a request to us are served so they can freeze.
+        let workload = self.workload.take();
+        let frozen = workload
+            .as_ref()
+            .map_or(Ok(()), |w| w.freeze(&mut || self.drain_fuse()));
+        self.workload = workload;
+        if let Err(e) = frozen {
+            self.thaw_workload();
+            return Response::error(format!(
+                "kexec aborted, nothing changed: {}",
+                error_chain(&e)
+            ));
+        }
+        self.drain_fuse();
+        if let Err(f) = self.store.freeze() {
+            self.thaw_workload();
+            return Response::error(format!("kexec aborted, nothing changed: {f}"));
+        }
+        match self.stash_and_publish(&shim) {
+            Ok((files, bytes)) => {
+                let message = format!(
+                    "stashed {files} files ({} MiB) and the state of {} sessions in {:.1} ms; ready to reboot",
+                    bytes >> 20,
+                    self.store.sessions().count(),
+                    start.elapsed().as_secs_f64() * 1e3
+                );
+                log::info(format_args!("{message}"));
+                Response {
+                    ok: true,
+                    message: Some(message),
+                    ..Response::default()
+                }
+            }
+            Err(e) => {
+                self.undo_stash(&shim);
+                self.store.unfreeze();
+                self.thaw_workload();
+                Response::error(format!("kexec aborted, nothing changed: {e}"))
+            }
+        }
+    }
+
+    fn thaw_workload(&self) {
+        if let Some(w) = &self.workload {
+            w.thaw();
+        }
+    }
+
+    /// Stashes every outgoing file and publishes the blob; returns the number
+    /// of files and bytes.
+    fn stash_and_publish(
+        &mut self,
+        shim: &crate::shim::Shim,
+    ) -> std::result::Result<(usize, u64), String> {
+        let mut files = Vec::new();
+        let mut bytes = 0u64;
+        for s in self
+            .store
+            .sessions()
+            .filter(|s| s.direction == Direction::Outgoing)
+        {
+            for f in &s.files {
+                let Some(fd) = &f.file else { continue };
+                let shim_token = self.stashed.len() as u64 + 1;
+                let st = shim.stash(fd.as_fd(), shim_token).map_err(|e| {
+                    format!(
+                        "session {} token {:#x} cannot be stashed: {e}",
+                        s.name, f.token
+                    )
+                })?;
+                self.stashed.push(shim_token);
+                let (pos, seals) = crate::kexec::position_and_seals(fd);
+                bytes += st.size;
+                files.push(crate::kexec::StashedFile {
+                    session: s.id.0,
+                    token: f.token,
+                    shim_token,
+                    kind: st.kind,
+                    size: st.size,
+                    pos,
+                    seals,
+                });
+                if files.len() % 100 == 0 {
+                    log::info(format_args!(
+                        "stashed {} files ({} MiB)",
+                        files.len(),
+                        bytes >> 20
+                    ));
+                }
+            }
+        }
+        let image = crate::kexec::KexecImage {
+            version: crate::kexec::IMAGE_VERSION,
+            store: self.store.to_image().0,
+            files,
+        };
+        let n = image.files.len();
+        let blob = serde_json::to_vec(&image).map_err(|e| e.to_string())?;
+        shim.publish(&blob)
+            .map_err(|e| format!("publishing the state failed: {e}"))?;
+        Ok((n, bytes))
+    }
+
+    fn undo_stash(&mut self, shim: &crate::shim::Shim) {
+        let _ = shim.unpublish();
+        for t in std::mem::take(&mut self.stashed) {
+            let _ = shim.unstash(t);
+        }
+    }
+
+    /// The kexec did not happen: everything back as it was.
+    fn kexec_abort(&mut self) -> Response {
+        if let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) {
+            self.undo_stash(&shim);
+        }
+        self.store.unfreeze();
+        self.thaw_workload();
+        log::info(format_args!("kexec called off; sessions unfrozen"));
+        Response {
+            ok: true,
+            message: Some("kexec called off; every session is as it was".into()),
+            ..Response::default()
+        }
+    }
+
+    /// After a kexec: rebuilds the incoming sessions from what kmod-shim
+    /// brought over, if it brought anything.
+    fn adopt_kexec(&mut self) -> std::result::Result<(), DaemonError> {
+        let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) else {
+            return Ok(());
+        };
+        match shim.info() {
+            Ok(i) if i.state == crate::shim::STATE_RESTORED && i.blob_len > 0 => {}
+            _ => return Ok(()),
+        }
+        let refused = |what: String| DaemonError::Setup {
+            what,
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        let blob = shim.fetch().map_err(|e| {
+            refused(format!(
+                "fetch the previous kernel's state from kmod-shim ({e})"
+            ))
+        })?;
+        let image: crate::kexec::KexecImage = serde_json::from_slice(&blob)
+            .map_err(|e| refused(format!("read the previous kernel's state ({e})")))?;
+        if image.version != crate::kexec::IMAGE_VERSION {
+            return Err(refused(format!(
+                "read the previous kernel's state: version {} (this daemon reads {})",
+                image.version,
+                crate::kexec::IMAGE_VERSION
+            )));
+        }
+        let start = std::time::Instant::now();
+        let total: u64 = image.files.iter().map(|f| f.size).sum();
+        let mut progress = |n: usize, bytes: u64| {
+            if n % 100 == 0 || bytes == total {
+                log::info(format_args!(
+                    "restored {n} files ({} of {} MiB)",
+                    bytes >> 20,
+                    total >> 20
+                ));
+            }
+        };
+        let mut fds = crate::kexec::restore_all(&shim, &image.files, &mut progress)
+            .map_err(|e| refused(format!("restore the previous kernel's files: {e}")))?;
+        let incoming = crate::kexec::incoming_image(image.store);
+        self.store
+            .load_image(&incoming, &mut |key| fds.remove(key))
+            .map_err(|e| refused(format!("rebuild the incoming sessions: {e}")))?;
+        self.store.take_changes();
+        log::info(format_args!(
+            "after kexec: epoch {}, {} incoming sessions, {} files ({} MiB) in {:.1} ms",
+            self.store.epoch(),
+            self.store.sessions().count(),
+            image.files.len(),
+            total >> 20,
+            start.elapsed().as_secs_f64() * 1e3
+        ));
+        Ok(())
     }
 
     fn simulate_update(&mut self) -> Response {

@@ -24,6 +24,14 @@ use crate::uapi;
 
 const PAGE: usize = 4096;
 const SESSION: &str = "demo-vm";
+
+/// The VMM's session: one per backing, so both can be held at once.
+fn session_name(backing: Backing) -> &'static str {
+    match backing {
+        Backing::Shmem => SESSION,
+        Backing::Hugetlb => "demo-vm-hugetlb",
+    }
+}
 const RAM_TOKEN: u64 = 1;
 const STATE_TOKEN: u64 = 2;
 const STATE_MAGIC: u64 = 0x4c55_4f44_454d_4f31; // "LUODEMO1"
@@ -435,7 +443,7 @@ pub fn vmm(
     )?;
     match stage {
         1 => vmm_stage1(dev, backing, mib, extra),
-        _ => vmm_stage2(dev, extra),
+        _ => vmm_stage2(dev, backing, extra),
     }
 }
 
@@ -467,7 +475,7 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
     let d = dev.as_raw_fd();
     let session = step(
         "creating the session",
-        session_ioctl(d, uapi::CREATE_SESSION, SESSION),
+        session_ioctl(d, uapi::CREATE_SESSION, session_name(backing)),
     )?;
     // The blackout starts here: a real VMM stops its vCPUs right before it
     // hands guest RAM to LUO (the checksums above only serve the check).
@@ -500,7 +508,10 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         )?;
         held.push(extra_session);
     }
-    println!("stage 1: preserved guest RAM and VMM state in session {SESSION:?} (+{extra} sessions); holding them for the update");
+    println!(
+        "stage 1: preserved guest RAM and VMM state in session {:?} (+{extra} sessions); holding them for the update",
+        session_name(backing)
+    );
     drop(dev);
     hold(held);
     Ok(())
@@ -571,11 +582,11 @@ pub(crate) fn hold(fds: Vec<OwnedFd>) {
     }
 }
 
-fn vmm_stage2(dev: File, extra: usize) -> Result<(), DemoError> {
+fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError> {
     let d = dev.as_raw_fd();
     let session = step(
         "retrieving the session",
-        session_ioctl(d, uapi::RETRIEVE_SESSION, SESSION),
+        session_ioctl(d, uapi::RETRIEVE_SESSION, session_name(backing)),
     )?;
     let s = session.as_raw_fd();
     let ram = step("retrieving guest RAM", retrieve(s, RAM_TOKEN))?;

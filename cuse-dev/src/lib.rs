@@ -21,6 +21,7 @@ pub mod failpoint;
 pub mod fuse;
 pub mod fuse_abi;
 pub mod keeper;
+pub mod kexec;
 pub mod log;
 pub mod opener;
 pub mod oracle;

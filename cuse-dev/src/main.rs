@@ -85,6 +85,30 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Live-update with a real kexec: load the kernel, have the daemon freeze
+    /// and stash every session through kmod-shim, then reboot into it. If
+    /// anything fails before the reboot, everything is unfrozen and nothing
+    /// changed.
+    Kexec {
+        /// The kernel image to boot.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Its initramfs.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Its command line.
+        #[arg(long, conflicts_with = "reuse_cmdline")]
+        cmdline: Option<String>,
+        /// Boot it with this kernel's command line.
+        #[arg(long)]
+        reuse_cmdline: bool,
+        /// Appended to the command line.
+        #[arg(long)]
+        append: Option<String>,
+        /// The daemon's state dir.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Replay the differential corpus against a device and print what each
     /// step observed (compare two runs line by line).
     Oracle {
@@ -110,6 +134,15 @@ enum Command {
         shmem_mib: u64,
         #[arg(long, default_value_t = 64)]
         hugetlb_mib: u64,
+    },
+    /// Leave a session whose memfd was resized after preserve (its freeze
+    /// fails), held by a detached child.
+    #[command(hide = true)]
+    HoldResized {
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        device: PathBuf,
+        #[arg(long)]
+        name: String,
     },
     /// The fd keeper (started by the daemon).
     #[command(hide = true)]
@@ -216,6 +249,23 @@ fn main() -> ExitCode {
             match demo::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
+            }
+        }
+        Command::Kexec {
+            kernel,
+            initrd,
+            cmdline,
+            reuse_cmdline,
+            append,
+            state_dir,
+        } => kexec_command(kernel, initrd, cmdline, reuse_cmdline, append, &state_dir),
+        Command::HoldResized { device, name } => {
+            match luo_cuse_dev::oracle::hold_resized(&device, &name) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("luo hold-resized: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::ShimCheck {
@@ -335,6 +385,73 @@ fn bench_compare(log: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn kexec_command(
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    reuse_cmdline: bool,
+    append: Option<String>,
+    state_dir: &std::path::Path,
+) -> ExitCode {
+    use luo_kexec_helper::kexec;
+    let mut line = match (cmdline, reuse_cmdline) {
+        (Some(c), _) => c,
+        (None, true) => match kexec::current_cmdline() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("luo: cannot read /proc/cmdline: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, false) => String::new(),
+    };
+    if let Some(a) = append {
+        line = format!("{line} {a}").trim().to_owned();
+    }
+    let target = kexec::Target {
+        kernel,
+        initrd,
+        cmdline: line,
+    };
+    // Checked first: a bad image must not freeze anything.
+    if let Err(e) = kexec::load(&target) {
+        eprintln!("luo: kexec aborted, nothing changed: {}", chain(&e));
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "loaded {}; freezing and stashing every session…",
+        target.kernel.display()
+    );
+    let resp = match ask(state_dir, &Request::KexecPrepare) {
+        Ok(r) => r,
+        Err(code) => {
+            kexec::unload();
+            return code;
+        }
+    };
+    if !resp.ok {
+        kexec::unload();
+        eprintln!("luo: {}", resp.error.unwrap_or_default());
+        return ExitCode::FAILURE;
+    }
+    println!("{}", resp.message.unwrap_or_default());
+    let e = kexec::reboot();
+    eprintln!("luo: {}; calling the kexec off", chain(&e));
+    let _ = ask(state_dir, &Request::KexecAbort);
+    kexec::unload();
+    ExitCode::FAILURE
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {

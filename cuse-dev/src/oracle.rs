@@ -642,3 +642,43 @@ pub fn run(device: &Path, phase: u8, label: &str) {
         _ => o.phase2(device),
     }
 }
+
+/// Creates session `name` holding a memfd that is resized after it is
+/// preserved (a freeze of it fails, as the kernel's would), and leaves it
+/// held by a detached child: the refused-freeze case of update tests.
+///
+/// # Errors
+/// What failed, as a sentence.
+pub fn hold_resized(device: &Path, name: &str) -> Result<(), String> {
+    let o = Oracle {
+        label: "hold".into(),
+        phase: 1,
+    };
+    let c =
+        std::ffi::CString::new(device.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: c is a valid C string.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "open {}: {}",
+            device.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh fd we own.
+    let dev = unsafe { OwnedFd::from_raw_fd(fd) };
+    let s = o
+        .create("create", dev.as_raw_fd(), name.as_bytes())
+        .ok_or("CREATE_SESSION failed")?;
+    let m = memfd("resized", &[1; 4096]);
+    if o.preserve("preserve", s.as_raw_fd(), m.as_raw_fd(), 1) != 0 {
+        return Err("PRESERVE_FD failed".into());
+    }
+    // SAFETY: plain syscall on our memfd.
+    if unsafe { libc::ftruncate(m.as_raw_fd(), 8192) } != 0 {
+        return Err(format!("ftruncate: {}", std::io::Error::last_os_error()));
+    }
+    drop(dev);
+    hold_until_killed(vec![s, m]);
+    Ok(())
+}

@@ -5,7 +5,10 @@
 //! incoming. In the kernel that is `kexec`; here it can also be simulated in
 //! place ([`simulate`]), in which case the workload is every process started
 //! under `luo run` in the epoch that ends, tracked in a cgroup ([`Workload`]).
+//! A real kexec ([`kexec`]) loads the next kernel, lets the daemon stash what
+//! must survive, and jumps.
 
+pub mod kexec;
 mod update;
 mod workload;
 

@@ -1,0 +1,175 @@
+//! The daemon's half of a real kexec: what it hands to kmod-shim before the
+//! jump and how the next kernel's daemon rebuilds the incoming sessions.
+//!
+//! Before: every outgoing session is frozen, the folios of each preserved
+//! memfd are stashed (one shim token per file), and a blob — the store image
+//! plus, per file, its stash token, kind, size, position and seals — is
+//! published. After: each file is read back into a fresh memfd of the same
+//! kind, which becomes the carried fd of an incoming file, exactly as after a
+//! simulated update.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use luo_store::{FileImage, StoreImage};
+use serde::{Deserialize, Serialize};
+
+use crate::shim::{Shim, HUGETLB};
+
+/// The blob's format version.
+pub const IMAGE_VERSION: u32 = 1;
+
+/// One stashed file.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StashedFile {
+    /// Its session's id.
+    pub session: u64,
+    /// Its LUO token.
+    pub token: u64,
+    /// Its stash in the shim.
+    pub shim_token: u64,
+    /// `shim::SHMEM` or `shim::HUGETLB`.
+    pub kind: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// File position.
+    pub pos: u64,
+    /// `F_GET_SEALS`.
+    pub seals: i32,
+}
+
+/// What crosses the kexec besides the folios.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct KexecImage {
+    /// Format version.
+    pub version: u32,
+    /// The store as it was at the freeze (outgoing sessions).
+    pub store: StoreImage,
+    /// The stashed files.
+    pub files: Vec<StashedFile>,
+}
+
+/// Position and seals of an open memfd.
+pub fn position_and_seals(fd: &OwnedFd) -> (u64, i32) {
+    // SAFETY: plain syscalls on an fd we hold.
+    unsafe {
+        let pos = libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_CUR);
+        let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);
+        (pos.max(0) as u64, seals.max(0))
+    }
+}
+
+/// A fresh memfd with the contents, size, position and seals of a stashed
+/// file, read from the shim; the shim lets the folios go afterwards.
+///
+/// # Errors
+/// What failed, as a sentence.
+pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
+    let flags = libc::MFD_CLOEXEC
+        | libc::MFD_ALLOW_SEALING
+        | if f.kind == HUGETLB {
+            libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+        } else {
+            0
+        };
+    // SAFETY: a valid C string.
+    let fd = unsafe { libc::memfd_create(c"luo-restored".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on our fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), f.size as i64) } != 0 {
+        return Err(format!(
+            "size a {} MiB memfd: {}",
+            f.size >> 20,
+            std::io::Error::last_os_error()
+        ));
+    }
+    if f.size > 0 {
+        copy_in(shim, f, &fd)?;
+    }
+    // SAFETY: plain syscalls on our fd.
+    unsafe {
+        libc::lseek(fd.as_raw_fd(), f.pos as i64, libc::SEEK_SET);
+        if f.seals != 0 && libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, f.seals) != 0 {
+            return Err(format!("seal: {}", std::io::Error::last_os_error()));
+        }
+    }
+    shim.release(f.shim_token)
+        .map_err(|e| format!("release stash {}: {e}", f.shim_token))?;
+    Ok(fd)
+}
+
+/// Reads the stash into a shared mapping of `fd`.
+fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), String> {
+    let len = f.size as usize;
+    // SAFETY: a shared mapping of our own file, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("map a memfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping is len bytes, ours until the munmap below.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+    let mut result = Ok(());
+    for start in (0..len).step_by(4 << 20) {
+        let end = (start + (4 << 20)).min(len);
+        if let Err(e) = shim.read(f.shim_token, start as u64, &mut bytes[start..end]) {
+            result = Err(format!("read stash {}: {e}", f.shim_token));
+            break;
+        }
+    }
+    // SAFETY: unmapping exactly what was mapped.
+    unsafe { libc::munmap(p, len) };
+    result
+}
+
+/// The store the next kernel starts with: the sessions frozen before the
+/// kexec become incoming (those that were incoming are dropped, as a kexec
+/// drops them), each file carried by the memfd rebuilt for it; a new epoch.
+pub fn incoming_image(mut image: StoreImage) -> StoreImage {
+    image.epoch += 1;
+    image.sessions.retain(|s| !s.incoming);
+    for s in &mut image.sessions {
+        s.incoming = true;
+        s.retrieved = false;
+        for f in &mut s.files {
+            f.has_file = false;
+            f.has_carried = true;
+            f.retrieve_status = 0;
+        }
+    }
+    image.flb_incoming = std::mem::take(&mut image.flb_outgoing);
+    image
+}
+
+/// Rebuilds every stashed file; the fds by the key the store image uses.
+///
+/// # Errors
+/// The first file that could not be rebuilt.
+pub fn restore_all(
+    shim: &Shim,
+    files: &[StashedFile],
+    progress: &mut dyn FnMut(usize, u64),
+) -> Result<HashMap<String, OwnedFd>, String> {
+    let mut fds = HashMap::new();
+    let mut bytes = 0;
+    for (i, f) in files.iter().enumerate() {
+        let fd = restore_memfd(shim, f)
+            .map_err(|e| format!("session {} token {:#x}: {e}", f.session, f.token))?;
+        fds.insert(FileImage::carried_key(f.session, f.token), fd);
+        bytes += f.size;
+        progress(i + 1, bytes);
+    }
+    Ok(fds)
+}

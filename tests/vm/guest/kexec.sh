@@ -1,0 +1,47 @@
+# `luo kexec`: the daemon (CUSE, in-kernel LUO off, kho=on) carries its
+# sessions across a real kexec through kmod-shim. Failed kexecs (a bad kernel
+# image, a freeze that fails) leave every session and page in place first.
+. /rig/lib.sh
+insmod /rig/luo_shim.ko || fail "insmod luo_shim.ko failed"
+start_daemon /dev/liveupdate /run/luo --cuse
+sessions() { luo status --json --state-dir /run/luo | tr ',' '\n' | grep -c '"name"'; }
+if [ "$RIG_STAGE" = 1 ]; then
+  two_stage 1 luo run --
+  luo run -- luo demo-vmm --device /dev/liveupdate --stage 1 --size-mib 256 --extra-sessions 0 --backing shmem \
+    || fail "the VMM (shmem) failed"
+  luo run -- luo demo-vmm --device /dev/liveupdate --stage 1 --size-mib 64 --extra-sessions 0 --backing hugetlb \
+    || fail "the VMM (hugetlb) failed"
+  before=$(sessions)
+  say "$before sessions before the kexec"
+
+  # A bad kernel image: refused before anything is frozen.
+  echo "not a kernel" > /tmp/bogus
+  if luo kexec --kernel /tmp/bogus --reuse-cmdline --state-dir /run/luo 2>/tmp/err; then fail "a bad image was kexec'd"; fi
+  say "bad image: $(cat /tmp/err)"
+  [ "$(sessions)" = "$before" ] || fail "sessions changed after a refused image"
+
+  # A freeze that fails: everything unfrozen, nothing stashed.
+  luo run -- luo hold-resized --device /dev/liveupdate --name resized || fail "hold-resized failed"
+  if luo kexec --kernel /boot/bzImage --initrd /boot/initramfs --reuse-cmdline --append rig.stage=2 \
+       --state-dir /run/luo 2>/tmp/err; then fail "a refused freeze was kexec'd"; fi
+  say "refused freeze: $(cat /tmp/err)"
+  grep -q "nothing changed" /tmp/err || fail "the refusal does not say nothing changed"
+  # Unfrozen: a new session takes a file again.
+  luo run -- luo hold-resized --device /dev/liveupdate --name after-refusal \
+    || fail "sessions are frozen after the refused kexec"
+  for p in $(pidof luo); do tr '\0' ' ' < /proc/$p/cmdline | grep -q hold-resized && kill $p; done
+  for _ in $(seq 50); do [ "$(sessions)" = "$before" ] && break; sleep 0.1; done
+  [ "$(sessions)" = "$before" ] || fail "$(sessions) sessions after the refused kexecs, $before before"
+  say "after two refused kexecs: $before sessions, unfrozen"
+
+  luo kexec --kernel /boot/bzImage --initrd /boot/initramfs --reuse-cmdline --append rig.stage=2 \
+    --state-dir /run/luo || { cat /tmp/luo.log; fail "luo kexec failed"; }
+  fail "luo kexec returned"
+fi
+grep -E "after kexec|restored" /tmp/luo.log
+two_stage 2 luo run --
+luo run -- luo demo-vmm --device /dev/liveupdate --stage 2 --size-mib 256 --extra-sessions 0 --backing shmem \
+  || fail "the VMM (shmem) did not get its RAM back"
+luo run -- luo demo-vmm --device /dev/liveupdate --stage 2 --size-mib 64 --extra-sessions 0 --backing hugetlb \
+  || fail "the VMM (hugetlb) did not get its RAM back"
+say "luo kexec: four two-stage selftests and 256 MiB shmem + 64 MiB hugetlb guest RAM across a real kexec"
