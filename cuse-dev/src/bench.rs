@@ -214,7 +214,7 @@ fn plan_args(plan: &Plan) -> Vec<String> {
 }
 
 /// A human size for a row name.
-fn size_name(kib: u64) -> String {
+pub fn size_name(kib: u64) -> String {
     match kib {
         k if k >= 1 << 20 && k % (1 << 20) == 0 => format!("{} GiB", k >> 20),
         k if k >= 1 << 10 && k % (1 << 10) == 0 => format!("{} MiB", k >> 10),
@@ -223,7 +223,7 @@ fn size_name(kib: u64) -> String {
 }
 
 /// A memfd of `kib` KiB, every page written.
-fn filled_memfd(kib: u64) -> std::io::Result<File> {
+pub fn filled_memfd(kib: u64) -> std::io::Result<File> {
     use std::io::Write;
     let mut f = memfd()?;
     let chunk = vec![0x5Au8; 1 << 20];

@@ -134,6 +134,10 @@ enum Command {
         shmem_mib: u64,
         #[arg(long, default_value_t = 64)]
         hugetlb_mib: u64,
+        /// Instead: time stash (stage 1) and restore (stage 2) of one shmem
+        /// memfd per size, printed as a `luo bench` stage report.
+        #[arg(long, value_delimiter = ',')]
+        bench_sizes_kib: Option<Vec<u64>>,
     },
     /// Leave a session whose memfd was resized after preserve (its freeze
     /// fails), held by a detached child.
@@ -271,8 +275,15 @@ fn main() -> ExitCode {
         Command::ShimCheck {
             device,
             stage,
+            bench_sizes_kib: Some(sizes),
+            ..
+        } => shim_bench(&device, stage, &sizes),
+        Command::ShimCheck {
+            device,
+            stage,
             shmem_mib,
             hugetlb_mib,
+            bench_sizes_kib: None,
         } => match luo_cuse_dev::shim::check::run(&device, stage, shmem_mib, hugetlb_mib) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -442,6 +453,29 @@ fn kexec_command(
     let _ = ask(state_dir, &Request::KexecAbort);
     kexec::unload();
     ExitCode::FAILURE
+}
+
+fn shim_bench(device: &std::path::Path, stage: u32, sizes: &[u64]) -> ExitCode {
+    use luo_cuse_dev::shim::{bench, Shim};
+    let report = Shim::open(device)
+        .map_err(|e| format!("open {}: {e}", device.display()))
+        .and_then(|shim| match stage {
+            1 => bench::stage1(&shim, sizes),
+            _ => bench::stage2(&shim),
+        });
+    match report {
+        Ok(r) => {
+            println!(
+                "{}",
+                serde_json::to_string(&r).expect("the report serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("luo shim-check: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -559,3 +559,75 @@ pub mod check {
         }
     }
 }
+
+/// The kexec case of `luo bench`: time to stash one shmem memfd of each size
+/// (stage 1, before the kexec) and to restore it into a fresh memfd (stage 2,
+/// after), with row names matching the device rows so that the side-by-side
+/// table lines them up with the in-kernel module's preserve and retrieve.
+pub mod bench {
+    use std::os::fd::AsFd;
+    use std::time::Instant;
+
+    use crate::bench::{filled_memfd, size_name, Row, StageReport};
+    use crate::kexec::{restore_memfd, StashedFile};
+
+    use super::Shim;
+
+    fn row(op: String, t: Instant) -> Row {
+        Row {
+            op,
+            micros: vec![t.elapsed().as_secs_f64() * 1e6],
+            floor: Vec::new(),
+        }
+    }
+
+    /// Stashes one filled memfd per size (token = size in KiB) and publishes.
+    ///
+    /// # Errors
+    /// What failed, as a sentence.
+    pub fn stage1(shim: &Shim, sizes_kib: &[u64]) -> Result<StageReport, String> {
+        let mut rows = Vec::new();
+        for &kib in sizes_kib {
+            let f = filled_memfd(kib).map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            shim.stash(f.as_fd(), kib)
+                .map_err(|e| format!("stash {}: {e}", size_name(kib)))?;
+            rows.push(row(format!("PRESERVE_FD {}", size_name(kib)), t));
+        }
+        shim.publish(b"bench")
+            .map_err(|e| format!("publish: {e}"))?;
+        Ok(StageReport {
+            rows,
+            session: "kmod-shim".into(),
+        })
+    }
+
+    /// Restores every stash into a fresh memfd.
+    ///
+    /// # Errors
+    /// What failed, as a sentence.
+    pub fn stage2(shim: &Shim) -> Result<StageReport, String> {
+        let mut files = shim.files().map_err(|e| e.to_string())?;
+        files.sort_by_key(|f| f.size);
+        let mut rows = Vec::new();
+        for f in files {
+            let stashed = StashedFile {
+                session: 0,
+                token: f.token,
+                shim_token: f.token,
+                kind: f.kind,
+                size: f.size,
+                pos: 0,
+                seals: 0,
+            };
+            let t = Instant::now();
+            let fd = restore_memfd(shim, &stashed)?;
+            rows.push(row(format!("RETRIEVE_FD {}", size_name(f.size / 1024)), t));
+            drop(fd);
+        }
+        Ok(StageReport {
+            rows,
+            session: "kmod-shim".into(),
+        })
+    }
+}
