@@ -588,7 +588,9 @@ fn bench_measures_every_ioctl_on_the_daemon() {
         "PRESERVE_FD 4 KiB",
         "RETRIEVE_FD 1 MiB",
         "20 sessions: CREATE_SESSION + PRESERVE_FD each",
-        "20 sessions: RETRIEVE_SESSION + RETRIEVE_FD + FINISH each",
+        "RETRIEVE_SESSION",
+        "SESSION_FINISH",
+        "20 sessions: RETRIEVE_SESSION + FINISH each",
         "20 files: PRESERVE_FD each",
         "20 files: RETRIEVE_FD each",
     ] {

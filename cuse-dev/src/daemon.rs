@@ -1753,11 +1753,16 @@ impl Daemon {
                 ));
             }
         };
-        let mut fds = crate::kexec::restore_all(&shim, &image.files, &mut progress)
-            .map_err(|e| refused(format!("restore the previous kernel's files: {e}")))?;
-        let incoming = crate::kexec::incoming_image(image.store);
+        let mut restored = crate::kexec::restore_all(&shim, &image.files, &mut progress);
+        for ((session, token), why) in &restored.lost {
+            log::warn(format_args!(
+                "session {session} token {token:#x} did not come back ({why}); retrieving it fails with EIO"
+            ));
+        }
+        let lost: Vec<(u64, u64)> = restored.lost.iter().map(|(k, _)| *k).collect();
+        let incoming = crate::kexec::incoming_image(image.store, &lost);
         self.store
-            .load_image(&incoming, &mut |key| fds.remove(key))
+            .load_image(&incoming, &mut |key| restored.fds.remove(key))
             .map_err(|e| refused(format!("rebuild the incoming sessions: {e}")))?;
         self.store.take_changes();
         log::info(format_args!(

@@ -137,39 +137,52 @@ fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), String> {
 /// The store the next kernel starts with: the sessions frozen before the
 /// kexec become incoming (those that were incoming are dropped, as a kexec
 /// drops them), each file carried by the memfd rebuilt for it; a new epoch.
-pub fn incoming_image(mut image: StoreImage) -> StoreImage {
+/// A file in `lost` could not be rebuilt: its retrieve fails with EIO, as a
+/// failed retrieve does, and the rest of its session is unaffected.
+pub fn incoming_image(mut image: StoreImage, lost: &[(u64, u64)]) -> StoreImage {
     image.epoch += 1;
     image.sessions.retain(|s| !s.incoming);
     for s in &mut image.sessions {
         s.incoming = true;
         s.retrieved = false;
         for f in &mut s.files {
+            let gone = lost.contains(&(s.id, f.token));
             f.has_file = false;
-            f.has_carried = true;
-            f.retrieve_status = 0;
+            f.has_carried = !gone;
+            f.retrieve_status = if gone { -libc::EIO } else { 0 };
         }
     }
     image.flb_incoming = std::mem::take(&mut image.flb_outgoing);
     image
 }
 
-/// Rebuilds every stashed file; the fds by the key the store image uses.
-///
-/// # Errors
-/// The first file that could not be rebuilt.
+/// What [`restore_all`] rebuilt.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The fds by the key the store image uses.
+    pub fds: HashMap<String, OwnedFd>,
+    /// (session, token) of the files that could not be rebuilt, and why.
+    pub lost: Vec<((u64, u64), String)>,
+}
+
+/// Rebuilds every stashed file.
 pub fn restore_all(
     shim: &Shim,
     files: &[StashedFile],
     progress: &mut dyn FnMut(usize, u64),
-) -> Result<HashMap<String, OwnedFd>, String> {
-    let mut fds = HashMap::new();
+) -> Restored {
+    let mut out = Restored::default();
     let mut bytes = 0;
     for (i, f) in files.iter().enumerate() {
-        let fd = restore_memfd(shim, f)
-            .map_err(|e| format!("session {} token {:#x}: {e}", f.session, f.token))?;
-        fds.insert(FileImage::carried_key(f.session, f.token), fd);
+        match restore_memfd(shim, f) {
+            Ok(fd) => {
+                out.fds
+                    .insert(FileImage::carried_key(f.session, f.token), fd);
+            }
+            Err(e) => out.lost.push(((f.session, f.token), e)),
+        }
         bytes += f.size;
         progress(i + 1, bytes);
     }
-    Ok(fds)
+    out
 }

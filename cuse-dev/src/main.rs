@@ -363,15 +363,17 @@ fn bench_command(
         }
     };
     match report {
-        Ok(r) => {
-            println!(
-                "{}",
-                serde_json::to_string(&r).expect("the report serializes")
-            );
-            ExitCode::SUCCESS
-        }
+        Ok(r) => print_json(&r),
         Err(e) => fail(&e),
     }
+}
+
+fn print_json(value: &impl serde::Serialize) -> ExitCode {
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("the report serializes")
+    );
+    ExitCode::SUCCESS
 }
 
 fn bench_compare(log: &std::path::Path) -> ExitCode {
@@ -464,13 +466,7 @@ fn shim_bench(device: &std::path::Path, stage: u32, sizes: &[u64]) -> ExitCode {
             _ => bench::stage2(&shim),
         });
     match report {
-        Ok(r) => {
-            println!(
-                "{}",
-                serde_json::to_string(&r).expect("the report serializes")
-            );
-            ExitCode::SUCCESS
-        }
+        Ok(r) => print_json(&r),
         Err(e) => {
             eprintln!("luo shim-check: {e}");
             ExitCode::FAILURE
@@ -489,13 +485,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    eprintln!("luo: {msg}");
+    eprintln!("luo: {}", chain(e));
     ExitCode::FAILURE
 }
 

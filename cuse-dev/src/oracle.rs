@@ -16,12 +16,14 @@ use std::path::Path;
 
 use serde::Serialize;
 
-const CREATE: u64 = 0xBA00;
-const RETRIEVE: u64 = 0xBA01;
-const PRESERVE: u64 = 0xBA40;
-const RETRIEVE_FD: u64 = 0xBA41;
-const FINISH: u64 = 0xBA42;
-const GET_NAME: u64 = 0xBA43;
+use crate::uapi;
+
+const CREATE: u64 = uapi::CREATE_SESSION as u64;
+const RETRIEVE: u64 = uapi::RETRIEVE_SESSION as u64;
+const PRESERVE: u64 = uapi::PRESERVE_FD as u64;
+const RETRIEVE_FD: u64 = uapi::RETRIEVE_FD as u64;
+const FINISH: u64 = uapi::FINISH as u64;
+const GET_NAME: u64 = uapi::GET_NAME as u64;
 
 /// One observed step.
 #[derive(Serialize)]

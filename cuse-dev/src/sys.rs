@@ -88,23 +88,7 @@ fn open_flags(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
 /// (`statx(AT_STATX_DONT_SYNC)`): on a FUSE file this sends no request, so
 /// the daemon can inspect its own files without waiting on itself.
 pub fn dev_ino(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    // SAFETY: all-zero is a valid statx to overwrite.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC;
-    // SAFETY: the path is a valid empty C string; stx is a valid out pointer.
-    check(unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            flags,
-            libc::STATX_INO,
-            &mut stx,
-        )
-    })?;
-    Ok((
-        libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
-        stx.stx_ino,
-    ))
+    file_identity(fd).map(|id| (id.dev, id.ino))
 }
 
 /// [`dev_ino`] of a path, opened `O_PATH` so that no filesystem `open` runs.

@@ -1,12 +1,14 @@
 #!/bin/bash
 # Boots the rig's bench scenario and prints the side-by-side table: the
 # in-kernel LUO (across a real kexec), the CUSE device and the FUSE-file
-# device, measured by the same `luo bench` workload in one guest, and
-# kmod-shim's stash and restore of the same memfd sizes across that kexec. Extra
+# device, measured by the same `luo bench` workload in one guest, then, in a
+# second boot, kmod-shim's stash and restore of the same memfd sizes across a
+# kexec. Extra
 # arguments go on the kernel command line (rig.calls=N rig.sizes=KIB,...
 # rig.sessions=N rig.files=N); the console is kept in $LOG (default
 # /tmp/luo-rig-bench.log).
 set -euo pipefail
+ARGS=("$@")
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 LOG=${LOG:-/tmp/luo-rig-bench.log}
@@ -17,6 +19,11 @@ init=$(mktemp -d)
 trap 'rm -rf "$init"' EXIT
 shim=$("$top/kmod-shim/build.sh" "$(dirname "$(dirname "$(dirname "$(dirname "$K")")")")" "$init/shim")
 "$here/make-initramfs.sh" "$init/initramfs.gz" "$K" "$top/target/release/luo" "$ST" "$shim"
-RIG_MEM=${RIG_MEM:-6G} "$here/boot.sh" "$K" "$init/initramfs.gz" bench 1800 liveupdate=on kho=on "$@" > "$LOG" \
-  || { grep -E "^RIG|luo\[" "$LOG" >&2; echo "bench: the guest failed; console in $LOG" >&2; exit 1; }
+boot() {
+  RIG_MEM=${RIG_MEM:-6G} "$here/boot.sh" "$K" "$init/initramfs.gz" bench 1800 "$@" >> "$LOG" \
+    || { grep -E "^RIG|luo\[" "$LOG" >&2; echo "bench: the guest failed; console in $LOG" >&2; exit 1; }
+}
+: > "$LOG"
+boot liveupdate=on kho=on "${ARGS[@]}"
+boot liveupdate=off kho=on rig.part=shim "${ARGS[@]}"
 "$top/target/release/luo" bench --compare "$LOG"

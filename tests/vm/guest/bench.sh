@@ -1,11 +1,19 @@
 # `luo bench` against the in-kernel LUO (across a real kexec), the CUSE
-# device and the FUSE-file device, in one guest, and the kexec case of
-# kmod-shim (stash before, restore after the same kexec). Prints BENCH lines
-# for `luo bench --compare`. The plan comes from the command line (rig.calls,
+# device and the FUSE-file device, in one guest; or, with rig.part=shim, the
+# kexec case of kmod-shim (stash before, restore after a kexec) in a boot of
+# its own with the in-kernel LUO off. Prints BENCH lines for
+# `luo bench --compare`. The plan comes from the command line (rig.calls,
 # rig.sizes, rig.sessions, rig.files).
 . /rig/lib.sh
 SIZES=$(arg rig.sizes 4,1024,65536,262144,1048576)
-insmod /rig/luo_shim.ko || fail "insmod luo_shim.ko failed"
+if [ "$(arg rig.part devices)" = shim ]; then
+  insmod /rig/luo_shim.ko || fail "insmod luo_shim.ko failed"
+  out=$(luo shim-check --stage "$RIG_STAGE" --bench-sizes-kib "$SIZES") \
+    || fail "stage $RIG_STAGE through kmod-shim failed"
+  echo "BENCH kmod-shim $out"
+  [ "$RIG_STAGE" = 1 ] && kexec_to_stage2
+  exit 0
+fi
 P="--calls $(arg rig.calls 2000) --sizes-kib $SIZES"
 P="$P --sessions $(arg rig.sessions 2000) --files $(arg rig.files 500)"
 if [ "$RIG_STAGE" = 1 ]; then
@@ -20,11 +28,7 @@ if [ "$RIG_STAGE" = 1 ]; then
   out=$(luo bench --device /tmp/fuse/liveupdate $P --json) || { cat /tmp/luo.log; fail "bench on the FUSE-file device failed"; }
   echo "BENCH fuse-file $out"
   luo shutdown --state-dir /run/luo-fuse >/dev/null
-  out=$(luo shim-check --stage 1 --bench-sizes-kib "$SIZES") || fail "stashing through kmod-shim failed"
-  echo "BENCH kmod-shim $out"
   kexec_to_stage2
 fi
-out=$(luo shim-check --stage 2 --bench-sizes-kib "$SIZES") || fail "restoring through kmod-shim failed"
-echo "BENCH kmod-shim $out"
 out=$(luo bench --device /dev/liveupdate $P --stage 2 --session rig) || fail "bench stage 2 on the kernel's device failed"
 echo "BENCH kernel $out"

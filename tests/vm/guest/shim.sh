@@ -7,7 +7,8 @@
 insmod /rig/luo_shim.ko || fail "insmod luo_shim.ko failed"
 [ -c /dev/luo-shim ] || fail "no /dev/luo-shim"
 if [ "$RIG_STAGE" = 1 ]; then
-  luo shim-check --stage 1 || fail "stage 1 of the shim check failed"
+  luo shim-check --stage 1 --shmem-mib "$(arg rig.shmem_mib 256)" --hugetlb-mib "$(arg rig.hugetlb_mib 64)" \
+    || fail "stage 1 of the shim check failed"
   if rmmod luo_shim 2>/dev/null; then fail "the module unloaded while holding stashes"; fi
   say "the module refuses to unload while it holds stashes"
   kexec_to_stage2
