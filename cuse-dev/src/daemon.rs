@@ -407,6 +407,7 @@ impl Daemon {
             daemon.redo(call);
         }
         daemon.recover_lost_call();
+        daemon.withdraw_stale_stashes();
         let n = daemon.store.sessions().count();
         log::info(format_args!(
             "resumed epoch {} with {n} sessions from {}",
@@ -1712,6 +1713,33 @@ impl Daemon {
             message: Some("kexec called off; every session is as it was".into()),
             ..Response::default()
         }
+    }
+
+    /// A daemon killed while preparing a kexec may have left stashes (and a
+    /// publication) in kmod-shim that nobody will use: withdrawn, so that
+    /// the next kexec starts clean and the module can be unloaded.
+    fn withdraw_stale_stashes(&mut self) {
+        let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) else {
+            return;
+        };
+        let Ok(info) = shim.info() else { return };
+        if info.state == crate::shim::STATE_RESTORED || info.files == 0 {
+            return;
+        }
+        let _ = shim.unpublish();
+        let tokens: Vec<u64> = shim
+            .files()
+            .unwrap_or_default()
+            .iter()
+            .map(|f| f.token)
+            .collect();
+        for t in &tokens {
+            let _ = shim.unstash(*t);
+        }
+        log::info(format_args!(
+            "withdrew {} stashes a kexec that did not happen left in kmod-shim",
+            tokens.len()
+        ));
     }
 
     /// After a kexec: rebuilds the incoming sessions from what kmod-shim
