@@ -270,6 +270,7 @@ fn luo_kexec_carries_the_sessions_across_a_real_kexec() {
         "all 16384 pages (64 MiB) match",
         "bad image: luo: kexec aborted, nothing changed",
         "refused freeze: luo: kexec aborted, nothing changed",
+        "stashed 512 of 512 files",
     ] {
         assert!(console.contains(line), "no '{line}':\n{console}");
     }

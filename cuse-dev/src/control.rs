@@ -85,6 +85,10 @@ pub struct Response {
     /// Status: `luo run` trees being served.
     #[serde(default)]
     pub luo_run_trees: usize,
+    /// A progress report sent before the answer of a long request; the
+    /// answer is the first line without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
 }
 
 impl Response {
@@ -151,6 +155,40 @@ pub fn exchange<Q: Serialize, R: DeserializeOwned>(
     let stream = UnixStream::connect(socket)?;
     send_line(&stream, req, fd)?;
     recv_line(&stream)
+}
+
+/// Sends a request to the daemon and waits for its answer, passing every
+/// progress report before it to `progress`; each may take up to `timeout`.
+///
+/// # Errors
+/// Connection or protocol failures.
+pub fn call_with_progress(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&str),
+) -> io::Result<Response> {
+    use std::io::BufRead;
+    let stream = UnixStream::connect(socket)?;
+    send_line(&stream, req, None)?;
+    stream.set_read_timeout(Some(timeout))?;
+    // Several lines may arrive in one read: a buffered reader keeps the rest.
+    let mut lines = io::BufReader::new(&stream);
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            ));
+        }
+        let r: Response = serde_json::from_str(&line)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match &r.progress {
+            Some(p) => progress(p),
+            None => return Ok(r),
+        }
+    }
 }
 
 /// Sends a request to the daemon and waits for its answer.

@@ -1539,7 +1539,7 @@ impl Daemon {
                 None => Response::error("register needs a seccomp listener fd attached"),
             },
             CtlRequest::Update => self.simulate_update(),
-            CtlRequest::KexecPrepare => self.kexec_prepare(),
+            CtlRequest::KexecPrepare => self.kexec_prepare(stream),
             CtlRequest::KexecAbort => self.kexec_abort(),
             CtlRequest::Shutdown => {
                 self.stop = true;
@@ -1579,7 +1579,7 @@ impl Daemon {
     /// Freezes the old workload and every outgoing session, stashes each
     /// preserved memfd through kmod-shim and publishes the state for the next
     /// kernel. On any failure everything is undone and nothing changed.
-    fn kexec_prepare(&mut self) -> Response {
+    fn kexec_prepare(&mut self, stream: &std::os::unix::net::UnixStream) -> Response {
         let shim = match crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) {
             Ok(s) => s,
             Err(e) => {
@@ -1608,7 +1608,15 @@ impl Daemon {
             self.thaw_workload();
             return Response::error(format!("kexec aborted, nothing changed: {f}"));
         }
-        match self.stash_and_publish(&shim) {
+        let mut progress = |text: String| {
+            let line = Response {
+                ok: true,
+                progress: Some(text),
+                ..Response::default()
+            };
+            let _ = control::send_line(stream, &line, None);
+        };
+        match self.stash_and_publish(&shim, &mut progress) {
             Ok((files, bytes)) => {
                 let message = format!(
                     "stashed {files} files ({} MiB) and the state of {} sessions in {:.1} ms; ready to reboot",
@@ -1643,7 +1651,14 @@ impl Daemon {
     fn stash_and_publish(
         &mut self,
         shim: &crate::shim::Shim,
+        progress: &mut dyn FnMut(String),
     ) -> std::result::Result<(usize, u64), String> {
+        let total: usize = self
+            .store
+            .sessions()
+            .filter(|s| s.direction == Direction::Outgoing)
+            .map(|s| s.files.len())
+            .sum();
         let mut files = Vec::new();
         let mut bytes = 0u64;
         for s in self
@@ -1672,9 +1687,9 @@ impl Daemon {
                     pos,
                     seals,
                 });
-                if files.len() % 100 == 0 {
-                    log::info(format_args!(
-                        "stashed {} files ({} MiB)",
+                if files.len() % 64 == 0 || files.len() == total {
+                    progress(format!(
+                        "stashed {} of {total} files ({} MiB)",
                         files.len(),
                         bytes >> 20
                     ));

@@ -437,11 +437,24 @@ fn kexec_command(
         "loaded {}; freezing and stashing every session…",
         target.kernel.display()
     );
-    let resp = match ask(state_dir, &Request::KexecPrepare) {
+    let socket = state_dir.join("control.sock");
+    let mut progress = |p: &str| println!("  {p}");
+    let resp = match control::call_with_progress(
+        &socket,
+        &Request::KexecPrepare,
+        std::time::Duration::from_secs(120),
+        &mut progress,
+    ) {
         Ok(r) => r,
-        Err(code) => {
+        Err(e) => {
+            // Whatever the daemon got to is undone.
+            let _ = control::call(&socket, &Request::KexecAbort, None);
             kexec::unload();
-            return code;
+            eprintln!(
+                "luo: kexec aborted: no answer from the daemon at {}: {e}",
+                socket.display()
+            );
+            return ExitCode::FAILURE;
         }
     };
     if !resp.ok {
