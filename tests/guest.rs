@@ -276,6 +276,19 @@ fn luo_kexec_carries_the_sessions_across_a_real_kexec() {
     }
 }
 
+/// The in-kernel LUO and kmod-shim each carry a 256 MiB memfd across the
+/// same kexec: KHO serves both.
+#[test]
+fn in_kernel_luo_and_kmod_shim_share_one_kexec() {
+    let Some(console) = boot("mix", &["kho=on", "liveupdate=on"]) else {
+        return;
+    };
+    assert!(
+        console.contains("token 1 (shmem): 256 MiB identical"),
+        "{console}"
+    );
+}
+
 #[test]
 fn in_kernel_luo_passes_the_selftests_across_a_real_kexec() {
     boot("kernel", &["liveupdate=on", "kho=on"]);
