@@ -91,8 +91,8 @@ enum Command {
     /// changed.
     Kexec {
         /// The kernel image to boot.
-        #[arg(long)]
-        kernel: PathBuf,
+        #[arg(long, required_unless_present = "abort")]
+        kernel: Option<PathBuf>,
         /// Its initramfs.
         #[arg(long)]
         initrd: Option<PathBuf>,
@@ -108,6 +108,10 @@ enum Command {
         /// The daemon's state dir.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Instead: call off a kexec that was prepared but never happened
+        /// (unfreeze, withdraw the stashes, thaw).
+        #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "reuse_cmdline", "append"])]
+        abort: bool,
     },
     /// Replay the differential corpus against a device and print what each
     /// step observed (compare two runs line by line).
@@ -256,13 +260,33 @@ fn main() -> ExitCode {
             }
         }
         Command::Kexec {
+            abort: true,
+            state_dir,
+            ..
+        } => match ask(&state_dir, &Request::KexecAbort) {
+            Ok(r) => {
+                println!("{}", r.message.unwrap_or_default());
+                luo_kexec_helper::kexec::unload();
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Kexec {
             kernel,
             initrd,
             cmdline,
             reuse_cmdline,
             append,
             state_dir,
-        } => kexec_command(kernel, initrd, cmdline, reuse_cmdline, append, &state_dir),
+            ..
+        } => kexec_command(
+            kernel.unwrap_or_default(),
+            initrd,
+            cmdline,
+            reuse_cmdline,
+            append,
+            &state_dir,
+        ),
         Command::HoldResized { device, name } => {
             match luo_cuse_dev::oracle::hold_resized(&device, &name) {
                 Ok(()) => ExitCode::SUCCESS,
