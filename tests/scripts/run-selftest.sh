@@ -28,7 +28,7 @@ mount --move "$WORK" /dev 2>/dev/null || mount --bind "$WORK" /dev
 STATE=$(mktemp -d /tmp/luo-state.XXXXXX)
 "$LUO" daemon --device /dev/liveupdate --state-dir "$STATE" 2> "$STATE.log" &
 DAEMON=$!
-trap '"$LUO" shutdown --state-dir "$STATE" || kill $DAEMON; wait $DAEMON 2>/dev/null; cat "$STATE.log" >&2; rm -rf "$STATE" "$STATE.log"' EXIT
+trap '"$LUO" shutdown --state-dir "$STATE" || kill $DAEMON; wait $DAEMON 2>/dev/null; cat "$STATE.log" >&2; rm -rf "$STATE" "$STATE.log"; rmdir "$WORK" 2>/dev/null' EXIT
 for _ in $(seq 100); do "$LUO" status --state-dir "$STATE" >/dev/null 2>&1 && break; sleep 0.05; done
 "$LUO" status --state-dir "$STATE" >/dev/null
 cd "$BIN"
