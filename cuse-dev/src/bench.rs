@@ -9,7 +9,6 @@
 //! load drift a lot on small shared machines). Rows of one sample (a size, a
 //! total) have no floor.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -109,14 +108,7 @@ fn create(dev: &File, name: &str, cmd: u32) -> std::io::Result<File> {
 }
 
 fn memfd() -> std::io::Result<File> {
-    let name = CString::new("luo-bench").expect("no NUL");
-    // SAFETY: name is a valid C string.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd we own.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    crate::memfd::memfd("luo-bench", 0, 0)
 }
 
 /// What a bench stage reports to the orchestrator.

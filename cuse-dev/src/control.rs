@@ -152,9 +152,20 @@ pub fn exchange<Q: Serialize, R: DeserializeOwned>(
     req: &Q,
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<(R, Option<OwnedFd>)> {
-    let stream = UnixStream::connect(socket)?;
-    send_line(&stream, req, fd)?;
-    recv_line(&stream)
+    exchange_on(&UnixStream::connect(socket)?, req, fd)
+}
+
+/// Sends one request on an open connection and waits for the answer.
+///
+/// # Errors
+/// Connection or protocol failures.
+pub fn exchange_on<Q: Serialize, R: DeserializeOwned>(
+    stream: &UnixStream,
+    req: &Q,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<(R, Option<OwnedFd>)> {
+    send_line(stream, req, fd)?;
+    recv_line(stream)
 }
 
 /// Sends a request to the daemon and waits for its answer, passing every

@@ -8,7 +8,6 @@
 //! everything in the new epoch and verifies every page. Reported: the blackout
 //! (vCPU pause → first retrieve), the update itself, and the totals.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -22,7 +21,7 @@ use thiserror::Error;
 use crate::control::{self, Request};
 use crate::uapi;
 
-const PAGE: usize = 4096;
+use crate::memfd::{memfd, Mapping};
 const SESSION: &str = "demo-vm";
 
 /// The VMM's session: one per backing, so both can be held at once.
@@ -301,73 +300,6 @@ fn retrieve(session: RawFd, token: u64) -> std::io::Result<File> {
         OwnedFd::from_raw_fd(i32::from_ne_bytes([a[4], a[5], a[6], a[7]]))
     }))
 }
-
-fn memfd(name: &str, flags: libc::c_uint, len: u64) -> std::io::Result<File> {
-    let c = CString::new(name).expect("no NUL");
-    // SAFETY: c is a valid C string.
-    let fd = unsafe { libc::memfd_create(c.as_ptr(), flags | libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno("memfd_create"));
-    }
-    // SAFETY: fresh fd we own.
-    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    f.set_len(len)?;
-    Ok(f)
-}
-
-/// A shared mapping of a whole memfd.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(fd: RawFd, len: usize) -> std::io::Result<Mapping> {
-        // SAFETY: a fresh shared mapping of `len` bytes of an fd we hold.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(errno("mmap guest RAM"));
-        }
-        Ok(Mapping { ptr: p.cast(), len })
-    }
-
-    fn pages(&self) -> usize {
-        self.len / PAGE
-    }
-
-    /// Page `i` as u64 words.
-    ///
-    /// # Safety
-    /// No other thread may write page `i` while the slice lives.
-    #[expect(
-        clippy::mut_from_ref,
-        reason = "pages are handed out under the caller's exclusivity contract"
-    )]
-    unsafe fn page(&self, i: usize) -> &mut [u64] {
-        // SAFETY: i < pages() keeps the page inside the mapping; the caller
-        // guarantees exclusive access to it.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * PAGE).cast(), PAGE / 8) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-// SAFETY: the mapping is plain shared memory; access discipline is per page.
-unsafe impl Sync for Mapping {}
 
 fn fill(page: &mut [u64], index: u64, generation: u64) {
     page[0] = index;

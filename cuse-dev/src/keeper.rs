@@ -151,15 +151,6 @@ fn answer(
     let _ = control::send_line(stream, &resp, out);
 }
 
-fn exchange_on(
-    stream: &UnixStream,
-    req: &KeeperRequest,
-    fd: Option<std::os::fd::BorrowedFd<'_>>,
-) -> std::io::Result<(KeeperResponse, Option<OwnedFd>)> {
-    control::send_line(stream, req, fd)?;
-    control::recv_line(stream)
-}
-
 /// The daemon's handle on its keeper: one connection, opened again if it
 /// breaks.
 #[derive(Debug)]
@@ -220,12 +211,12 @@ impl Keeper {
     ) -> std::io::Result<(KeeperResponse, Option<OwnedFd>)> {
         // Every request may be sent twice (put, get and drop are idempotent).
         if let Some(stream) = self.stream.borrow().as_ref() {
-            if let Ok(answer) = exchange_on(stream, req, fd) {
+            if let Ok(answer) = control::exchange_on(stream, req, fd) {
                 return Ok(answer);
             }
         }
         let stream = UnixStream::connect(&self.socket)?;
-        let answer = exchange_on(&stream, req, fd);
+        let answer = control::exchange_on(&stream, req, fd);
         *self.stream.borrow_mut() = answer.is_ok().then_some(stream);
         answer
     }

@@ -9,12 +9,13 @@
 //! simulated update.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use luo_store::{FileImage, StoreImage};
 use serde::{Deserialize, Serialize};
 
-use crate::shim::{Shim, HUGETLB};
+use crate::memfd::{memfd_of_kind, Mapping};
+use crate::shim::Shim;
 
 /// The blob's format version.
 pub const IMAGE_VERSION: u32 = 1;
@@ -65,28 +66,7 @@ pub fn position_and_seals(fd: &OwnedFd) -> (u64, i32) {
 /// # Errors
 /// What failed, as a sentence.
 pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
-    let flags = libc::MFD_CLOEXEC
-        | libc::MFD_ALLOW_SEALING
-        | if f.kind == HUGETLB {
-            libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
-        } else {
-            0
-        };
-    // SAFETY: a valid C string.
-    let fd = unsafe { libc::memfd_create(c"luo-restored".as_ptr(), flags) };
-    if fd < 0 {
-        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: plain syscall on our fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), f.size as i64) } != 0 {
-        return Err(format!(
-            "size a {} MiB memfd: {}",
-            f.size >> 20,
-            std::io::Error::last_os_error()
-        ));
-    }
+    let fd = memfd_of_kind("luo-restored", f.kind, f.size)?;
     if f.size > 0 {
         copy_in(shim, f, &fd)?;
     }
@@ -104,34 +84,15 @@ pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
 
 /// Reads the stash into a shared mapping of `fd`.
 fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), String> {
-    let len = f.size as usize;
-    // SAFETY: a shared mapping of our own file, unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("map a memfd: {}", std::io::Error::last_os_error()));
+    let map = Mapping::new(fd.as_raw_fd(), f.size as usize).map_err(|e| e.to_string())?;
+    // SAFETY: the mapping is ours alone until it is dropped below.
+    let bytes = unsafe { map.bytes() };
+    for start in (0..bytes.len()).step_by(4 << 20) {
+        let end = (start + (4 << 20)).min(bytes.len());
+        shim.read(f.shim_token, start as u64, &mut bytes[start..end])
+            .map_err(|e| format!("read stash {}: {e}", f.shim_token))?;
     }
-    // SAFETY: the mapping is len bytes, ours until the munmap below.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
-    let mut result = Ok(());
-    for start in (0..len).step_by(4 << 20) {
-        let end = (start + (4 << 20)).min(len);
-        if let Err(e) = shim.read(f.shim_token, start as u64, &mut bytes[start..end]) {
-            result = Err(format!("read stash {}: {e}", f.shim_token));
-            break;
-        }
-    }
-    // SAFETY: unmapping exactly what was mapped.
-    unsafe { libc::munmap(p, len) };
-    result
+    Ok(())
 }
 
 /// The store the next kernel starts with: the sessions frozen before the

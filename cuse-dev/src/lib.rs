@@ -23,6 +23,7 @@ pub mod fuse_abi;
 pub mod keeper;
 pub mod kexec;
 pub mod log;
+pub mod memfd;
 pub mod opener;
 pub mod oracle;
 pub mod persist;

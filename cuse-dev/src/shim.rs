@@ -301,6 +301,7 @@ pub mod check {
     use serde::{Deserialize, Serialize};
 
     use super::{Shim, HUGETLB, SHMEM, STATE_RESTORED};
+    use crate::memfd::{memfd_of_kind, Mapping};
 
     /// What stage 1 leaves in the blob about each file.
     #[derive(Serialize, Deserialize, Debug)]
@@ -320,47 +321,6 @@ pub mod check {
         match got {
             Err(e) if e == want => Ok(()),
             other => Err(format!("{what}: expected {want}, got {other:?}")),
-        }
-    }
-
-    fn memfd(kind: u32, size: u64) -> Result<OwnedFd, String> {
-        let flags = libc::MFD_ALLOW_SEALING
-            | if kind == HUGETLB {
-                libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
-            } else {
-                0
-            };
-        // SAFETY: a valid C string; the fd is ours.
-        let fd = unsafe { libc::memfd_create(c"luo-shim-check".as_ptr(), flags) };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: plain syscall on our fd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) } != 0 {
-            return Err(format!("ftruncate: {}", std::io::Error::last_os_error()));
-        }
-        Ok(fd)
-    }
-
-    /// Maps the whole file shared, for writing or checking the pattern.
-    fn map(fd: &OwnedFd, size: u64) -> Result<&'static mut [u64], String> {
-        // SAFETY: a shared mapping of our own file; the slice covers it exactly
-        // and lives until the process exits (the check is short-lived).
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-            }
-            Ok(std::slice::from_raw_parts_mut(p.cast(), size as usize / 8))
         }
     }
 
@@ -411,9 +371,11 @@ pub mod check {
                 continue;
             }
             let size = mib << 20;
-            let fd = memfd(kind, size)?;
-            for (i, w) in map(&fd, size)?.iter_mut().enumerate() {
-                *w = word(token, i as u64);
+            let fd = memfd_of_kind("luo-shim-check", kind, size)?;
+            let map = Mapping::new(fd.as_raw_fd(), size as usize).map_err(|e| e.to_string())?;
+            // SAFETY: the mapping is ours alone while it lives.
+            for (i, w) in unsafe { map.bytes() }.chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&word(token, i as u64).to_ne_bytes());
             }
             let pos = if kind == SHMEM { 12345 } else { 0 };
             let seals = if kind == SHMEM {
@@ -505,19 +467,21 @@ pub mod check {
                 Errno::EINVAL,
             )?;
             let t = Instant::now();
-            let fd = memfd(m.kind, m.size)?;
-            let words = map(&fd, m.size)?;
-            // SAFETY: the byte view of the same mapping.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), m.size as usize)
-            };
+            let fd = memfd_of_kind("luo-shim-check", m.kind, m.size)?;
+            let map = Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
+            // SAFETY: the mapping is ours alone while it lives.
+            let bytes = unsafe { map.bytes() };
             for chunk in (0..m.size).step_by(4 << 20) {
                 let end = (chunk + (4 << 20)).min(m.size);
                 shim.read(m.token, chunk, &mut bytes[chunk as usize..end as usize])
                     .map_err(|e| format!("read {}: {e}", m.token))?;
             }
             let took = t.elapsed();
-            if let Some(i) = (0..words.len()).find(|&i| words[i] != word(m.token, i as u64)) {
+            let differs = bytes
+                .chunks_exact(8)
+                .enumerate()
+                .find(|(i, w)| **w != word(m.token, *i as u64).to_ne_bytes());
+            if let Some((i, _)) = differs {
                 return Err(format!("token {}: word {i} differs", m.token));
             }
             let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
