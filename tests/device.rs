@@ -5,113 +5,13 @@
 //! with `LUO_PROBE_DEVICE` set; the `probe_*` functions (ignored otherwise) do
 //! the ioctls from inside the supervised tree.
 
+mod client;
 mod common;
 
-use std::ffi::CString;
+use client::*;
+
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
-
-const CREATE: u64 = 0xBA00;
-const RETRIEVE: u64 = 0xBA01;
-const PRESERVE: u64 = 0xBA40;
-const RETRIEVE_FD: u64 = 0xBA41;
-const FINISH: u64 = 0xBA42;
-const GET_NAME: u64 = 0xBA43;
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap()
-}
-
-/// ioctl on a raw pointer; Ok(()) or Err(errno).
-fn ioctl_ptr(fd: RawFd, cmd: u64, arg: *mut u8) -> Result<(), i32> {
-    // SAFETY: the probe passes deliberately bad pointers; the kernel (and the
-    // daemon) must answer EFAULT rather than touch our memory unsafely.
-    if unsafe { libc::ioctl(fd, cmd as _, arg) } < 0 {
-        Err(errno())
-    } else {
-        Ok(())
-    }
-}
-
-fn ioctl(fd: RawFd, cmd: u64, buf: &mut [u8]) -> Result<(), i32> {
-    ioctl_ptr(fd, cmd, buf.as_mut_ptr())
-}
-
-fn session_args(size: u32, name: &str) -> Vec<u8> {
-    let mut v = vec![0u8; 72];
-    v[..4].copy_from_slice(&size.to_ne_bytes());
-    v[8..8 + name.len()].copy_from_slice(name.as_bytes());
-    v
-}
-
-fn fd_args(fd: i32, token: u64) -> Vec<u8> {
-    let mut v = vec![0u8; 16];
-    v[..4].copy_from_slice(&16u32.to_ne_bytes());
-    v[4..8].copy_from_slice(&fd.to_ne_bytes());
-    v[8..].copy_from_slice(&token.to_ne_bytes());
-    v
-}
-
-fn create(dev: RawFd, name: &str) -> Result<OwnedFd, i32> {
-    let mut a = session_args(72, name);
-    ioctl(dev, CREATE, &mut a)?;
-    let fd = i32::from_ne_bytes(a[4..8].try_into().unwrap());
-    // SAFETY: the ioctl returned a new fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn get_name(s: RawFd) -> Result<String, i32> {
-    let mut a = vec![0u8; 72];
-    a[..4].copy_from_slice(&72u32.to_ne_bytes());
-    ioctl(s, GET_NAME, &mut a)?;
-    Ok(String::from_utf8(a[8..].split(|&b| b == 0).next().unwrap().to_vec()).unwrap())
-}
-
-fn open(path: &str) -> Result<OwnedFd, i32> {
-    let p = CString::new(path).unwrap();
-    // SAFETY: p is a valid C string.
-    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn memfd() -> OwnedFd {
-    // SAFETY: the name is a valid C string.
-    let fd = unsafe { libc::memfd_create(c"probe".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd we own.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-/// A struct whose first `readable` bytes end exactly at an unmapped page.
-fn struct_at_page_end(readable: usize) -> *mut u8 {
-    // SAFETY: anonymous mapping with no pointer inputs.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    // SAFETY: unmapping the second page of our own mapping.
-    unsafe { libc::munmap(p.cast::<u8>().add(4096).cast(), 4096) };
-    // SAFETY: the result stays inside the first (still mapped) page.
-    let s = unsafe { p.cast::<u8>().add(4096 - readable) };
-    // SAFETY: the first 4 bytes are inside the mapped page.
-    unsafe { std::ptr::write_unaligned(s.cast::<u32>(), 72) };
-    s
-}
-
-fn probe_device() -> Option<String> {
-    std::env::var("LUO_PROBE_DEVICE").ok()
-}
 
 #[test]
 #[ignore = "runs under `luo run`, started by bad_input_gets_the_kernels_errno"]
@@ -253,26 +153,6 @@ fn probe_errnos() {
         ioctl(null.as_raw_fd(), CREATE, &mut session_args(72, "x")),
         Err(libc::ENOTTY)
     );
-}
-
-/// Forks a child that keeps `fds` open until the update ends it, as the
-/// kernel's two-stage selftests do, and returns in the parent.
-fn hold_until_update(fds: Vec<OwnedFd>) {
-    // SAFETY: the child only closes its stdio and sleeps.
-    if unsafe { libc::fork() } == 0 {
-        let _keep = fds;
-        // Let whoever reads our output see its end, as a daemon would.
-        // SAFETY: closing the standard fds, which this child does not use again.
-        unsafe {
-            libc::setsid();
-            for fd in 0..3 {
-                libc::close(fd);
-            }
-        }
-        loop {
-            std::thread::sleep(Duration::from_secs(60));
-        }
-    }
 }
 
 #[test]

@@ -146,18 +146,25 @@ impl Caller {
         matches!(self, Caller::Seccomp { .. })
     }
 
+    /// A copy of the caller's fd `fd`, refused as the kernel's `fdget` would
+    /// refuse it: EBADF for a bad number and for an `O_PATH` fd (which was
+    /// opened without any permission check and can reach no ioctl).
     fn get_fd(&self, fd: i32) -> Result<OwnedFd> {
         let pidfd = caller::pidfd_open(self.tid()).map_err(|_| Errno::ESRCH)?;
         if !self.valid() {
             return Err(Errno::ESRCH);
         }
-        caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| {
+        let file = caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| {
             if e == Errno::ESRCH {
                 e
             } else {
                 Errno::EBADF
             }
-        })
+        })?;
+        match sys::status_flags(file.as_fd()) {
+            Ok(flags) if flags & libc::O_PATH == 0 => Ok(file),
+            _ => Err(Errno::EBADF),
+        }
     }
 
     fn install(&self, file: BorrowedFd<'_>) -> Result<i32> {

@@ -143,6 +143,13 @@ pub fn path_rdev(path: &Path) -> io::Result<u64> {
     Ok(id.rdev)
 }
 
+/// The file status flags of an open file description (`F_GETFL`): the
+/// access mode, `O_PATH`, `O_NONBLOCK`, ….
+pub fn status_flags(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    // SAFETY: F_GETFL takes no argument.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })
+}
+
 /// Sets `O_NONBLOCK` on an open file description.
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL take integer arguments.

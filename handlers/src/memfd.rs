@@ -3,7 +3,11 @@
 //! Accepts any shmem file with no links (a memfd, or an unlinked tmpfs file)
 //! and, unlike Linux 7.2, hugetlb memfds (`MFD_HUGETLB`) through a second
 //! handler with its own compatible string. Preserves contents, size, file
-//! position and seals; the retrieved file is opened read-write.
+//! position and seals. The retrieved file is opened with the access mode of
+//! the fd it was preserved through, never more: the kernel's retrieve makes a
+//! new read-write file in the new kernel, but here the retrieved file is the
+//! preserved inode itself, which other processes may still share, so a
+//! read-only holder must not come back with a writable file.
 //!
 //! Holding the file keeps its pages: the daemon's reference is what the kernel's
 //! pinned folios are. The kernel also freezes the size while a memfd is
@@ -47,10 +51,15 @@ pub struct MemfdState {
     pub size: u64,
     /// Seals at preserve.
     pub seals: u32,
+    /// Access mode of the preserved fd (`O_RDONLY`, `O_WRONLY`, `O_RDWR`).
+    pub access: i32,
 }
 
-const STATE_VERSION: u32 = 1;
-const STATE_LEN: usize = 4 + 8 + 8 + 4;
+const STATE_VERSION: u32 = 2;
+const STATE_LEN: usize = 4 + 8 + 8 + 4 + 4;
+/// Version 1 (no access mode) was written by earlier daemons; such files
+/// were always retrieved read-write, and still are.
+const STATE_V1_LEN: usize = 4 + 8 + 8 + 4;
 
 impl MemfdState {
     /// Little-endian, versioned encoding.
@@ -60,6 +69,7 @@ impl MemfdState {
         out.extend_from_slice(&self.pos.to_le_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&self.seals.to_le_bytes());
+        out.extend_from_slice(&self.access.to_le_bytes());
         out
     }
 
@@ -68,18 +78,21 @@ impl MemfdState {
     /// # Errors
     /// `EINVAL` for a wrong length or version.
     pub fn decode(data: &[u8]) -> Result<MemfdState> {
-        if data.len() != STATE_LEN {
-            return Err(Errno::EINVAL);
-        }
         let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().expect("8 bytes"));
-        if u32_at(0) != STATE_VERSION {
+        let access = match (data.len(), data.get(..4).map(|_| u32_at(0))) {
+            (STATE_LEN, Some(STATE_VERSION)) => u32_at(24) as i32,
+            (STATE_V1_LEN, Some(1)) => libc::O_RDWR,
+            _ => return Err(Errno::EINVAL),
+        };
+        if ![libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR].contains(&access) {
             return Err(Errno::EINVAL);
         }
         Ok(MemfdState {
             pos: u64_at(4),
             size: u64_at(12),
             seals: u32_at(20),
+            access,
         })
     }
 }
@@ -116,6 +129,7 @@ impl MemfdHandler {
             pos: sys::position(file)?,
             size,
             seals,
+            access: sys::access_mode(file)?,
         })
     }
 }
@@ -172,7 +186,7 @@ impl FileHandler for MemfdHandler {
         {
             return Err(Errno::EIO);
         }
-        let file = sys::reopen_rdwr(carried)?;
+        let file = sys::reopen(carried, saved.access)?;
         sys::seek_to(file.as_fd(), saved.pos)?;
         Ok(file)
     }

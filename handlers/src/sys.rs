@@ -53,13 +53,22 @@ pub fn seek_to(fd: BorrowedFd<'_>, pos: u64) -> Result<()> {
     Ok(())
 }
 
-/// Opens a new open file description of the same inode, read-write and
-/// close-on-exec, through `/proc/self/fd`.
-pub fn reopen_rdwr(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+/// The access mode of an open file description (`O_RDONLY`, `O_WRONLY` or
+/// `O_RDWR`).
+pub fn access_mode(fd: BorrowedFd<'_>) -> Result<i32> {
+    // SAFETY: F_GETFL takes no argument.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) }.into())?;
+    Ok(flags as i32 & libc::O_ACCMODE)
+}
+
+/// Opens a new open file description of the same inode with access mode
+/// `access`, close-on-exec, through `/proc/self/fd`.
+pub fn reopen(fd: BorrowedFd<'_>, access: i32) -> Result<OwnedFd> {
     let path =
         CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| Errno::EINVAL)?;
+    let flags = (access & libc::O_ACCMODE) | libc::O_CLOEXEC;
     // SAFETY: path is a valid NUL-terminated string.
-    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let raw = unsafe { libc::open(path.as_ptr(), flags) };
     let raw = check(raw.into())? as i32;
     // SAFETY: open returned a fresh descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })

@@ -188,10 +188,42 @@ fn state_encoding_round_trips_and_rejects_garbage() {
         pos: 5,
         size: 1 << 40,
         seals: 3,
+        access: libc::O_RDONLY,
     };
     assert_eq!(crate::MemfdState::decode(&st.encode()), Ok(st));
     assert_eq!(crate::MemfdState::decode(&[1, 2, 3]), Err(Errno::EINVAL));
     let mut bad = st.encode();
     bad[0] = 9;
     assert_eq!(crate::MemfdState::decode(&bad), Err(Errno::EINVAL));
+    let mut bad_mode = st.encode();
+    bad_mode[24] = 3;
+    assert_eq!(crate::MemfdState::decode(&bad_mode), Err(Errno::EINVAL));
+    // Version 1, written by earlier daemons, had no access mode: read-write.
+    let mut v1 = st.encode();
+    v1.truncate(24);
+    v1[..4].copy_from_slice(&1u32.to_le_bytes());
+    let old = crate::MemfdState::decode(&v1).unwrap();
+    assert_eq!((old.size, old.access), (st.size, libc::O_RDWR));
+}
+
+#[test]
+fn a_file_preserved_read_only_comes_back_read_only() {
+    let mut s = store();
+    let id = s.create_session(name("ro")).unwrap();
+    let mut f = memfd("ro", 0).unwrap();
+    f.write_all(b"root's data").unwrap();
+    let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+    let ro = File::open(&path).unwrap();
+    s.preserve_fd(id, 1, dup(&ro)).unwrap();
+    update(&mut s);
+    let inc = s.retrieve_session(&name("ro")).unwrap();
+    let got = File::from(s.retrieve_fd(inc, 1).unwrap().try_clone_to_owned().unwrap());
+    // SAFETY: F_GETFL takes no pointer.
+    let fl = unsafe { libc::fcntl(got.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    let err = (&got).write(b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    let mut back = String::new();
+    (&got).read_to_string(&mut back).unwrap();
+    assert_eq!(back, "root's data");
 }
