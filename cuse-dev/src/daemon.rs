@@ -393,8 +393,8 @@ impl Daemon {
         }
         daemon.load(&loaded)?;
         // Replies the previous daemon decided on may not have been delivered.
-        for (unique, msg) in &loaded.replies {
-            daemon.chan.resend(*unique, msg);
+        for reply in &loaded.replies {
+            daemon.chan.resend(reply);
         }
         let path = daemon.cfg.image();
         setup(

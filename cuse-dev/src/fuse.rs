@@ -136,12 +136,48 @@ fn read_request(fd: i32, buf: &mut [u8]) -> io::Result<Option<Request>> {
     }
 }
 
-/// A reply message and the request it answers (with [`CUSE_ROUTE`] set in
-/// the id if the request came from the CUSE device).
-pub type Reply = (u64, Vec<u8>);
+/// A reply held back in a batch: the whole message (its header names the
+/// request) and the device it goes to. The route is kept beside the request
+/// id, never in it: every bit of the id is the kernel's (a resent request
+/// has `FUSE_UNIQUE_RESEND`, bit 63, set).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "ReplyWire")]
+pub struct Reply {
+    /// The request came from the CUSE device.
+    pub cuse: bool,
+    /// Header and body.
+    pub msg: Vec<u8>,
+}
 
-/// Marks a [`Reply`] for the CUSE device (request ids never use this bit).
-pub const CUSE_ROUTE: u64 = 1 << 63;
+/// A [`Reply`] as journals hold it: earlier daemons wrote `(id, message)`
+/// with bit 63 of the id marking the CUSE device.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum ReplyWire {
+    Routed { cuse: bool, msg: Vec<u8> },
+    Tagged(u64, Vec<u8>),
+}
+
+impl From<ReplyWire> for Reply {
+    fn from(w: ReplyWire) -> Reply {
+        match w {
+            ReplyWire::Routed { cuse, msg } => Reply { cuse, msg },
+            ReplyWire::Tagged(id, msg) => Reply {
+                cuse: id & (1 << 63) != 0,
+                msg,
+            },
+        }
+    }
+}
+
+impl Reply {
+    /// The request this answers.
+    pub fn unique(&self) -> u64 {
+        self.msg
+            .get(8..16)
+            .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+    }
+}
 
 /// The daemon's connection to the kernel: the FUSE mount's `/dev/fuse` fd
 /// and, with the CUSE backend, a `/dev/cuse` fd. Replies go to the device the
@@ -152,7 +188,7 @@ pub struct Channel {
     /// Replies go to the CUSE device while set.
     to_cuse: std::cell::Cell<bool>,
     buf: Vec<u8>,
-    /// While a batch is open, replies are held here (unique, message) until
+    /// While a batch is open, replies are held here until
     /// [`Channel::end_batch`].
     batch: std::cell::RefCell<Option<Vec<Reply>>>,
 }
@@ -238,23 +274,23 @@ impl Channel {
     }
 
     /// The replies held back so far.
-    pub fn batch(&self) -> Vec<(u64, Vec<u8>)> {
+    pub fn batch(&self) -> Vec<Reply> {
         self.batch.borrow().clone().unwrap_or_default()
     }
 
     /// Sends the replies held back and stops holding them.
     pub fn end_batch(&self) {
         let held = self.batch.borrow_mut().take().unwrap_or_default();
-        for (unique, msg) in held {
-            self.write_message(unique, &msg);
+        for reply in held {
+            self.write_message(&reply);
         }
     }
 
     /// Sends a whole message again (a reply saved before a restart); a reply
     /// to a request that was already answered is refused by the kernel and
     /// ignored here.
-    pub fn resend(&self, unique: u64, msg: &[u8]) {
-        self.write_message(unique, msg);
+    pub fn resend(&self, reply: &Reply) {
+        self.write_message(reply);
     }
 
     /// Asks the kernel to queue again every request this connection's server
@@ -279,22 +315,23 @@ impl Channel {
         Ok(())
     }
 
-    /// The fd a reply to `tagged` goes to, and the request id without the tag.
-    fn target(&self, tagged: u64) -> (i32, u64) {
+    /// The fd a reply goes to.
+    fn target(&self, cuse: bool) -> i32 {
         match &self.cuse {
-            Some(c) if tagged & CUSE_ROUTE != 0 => (c.as_raw_fd(), tagged & !CUSE_ROUTE),
-            _ => (self.fd.as_raw_fd(), tagged & !CUSE_ROUTE),
+            Some(c) if cuse => c.as_raw_fd(),
+            _ => self.fd.as_raw_fd(),
         }
     }
 
-    fn write_message(&self, tagged: u64, msg: &[u8]) {
-        let (fd, unique) = self.target(tagged);
+    fn write_message(&self, reply: &Reply) {
+        let msg = &reply.msg;
         // SAFETY: writes msg.len() bytes from a live buffer.
-        let n = unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+        let n = unsafe { libc::write(self.target(reply.cuse), msg.as_ptr().cast(), msg.len()) };
         if n < 0 {
             // ENOENT: the caller was interrupted or already answered; nothing to do.
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ENOENT) {
+                let unique = reply.unique();
                 crate::log::warn(format_args!("FUSE reply to request {unique} failed: {err}"));
             }
         }
@@ -304,20 +341,16 @@ impl Channel {
         let body: usize = parts.iter().map(|p| p.len()).sum();
         let len = (std::mem::size_of::<OutHeader>() + body) as u32;
         let header = OutHeader { len, error, unique };
-        let tagged = if self.to_cuse.get() {
-            unique | CUSE_ROUTE
-        } else {
-            unique
-        };
+        let cuse = self.to_cuse.get();
         if let Some(batch) = self.batch.borrow_mut().as_mut() {
             let mut msg = header.as_bytes().to_vec();
             for p in parts {
                 msg.extend_from_slice(p);
             }
-            batch.push((tagged, msg));
+            batch.push(Reply { cuse, msg });
             return;
         }
-        let (fd, _) = self.target(tagged);
+        let fd = self.target(cuse);
         let mut iov = vec![libc::iovec {
             iov_base: header.as_bytes().as_ptr() as *mut _,
             iov_len: 16,
@@ -341,6 +374,7 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     fn request(opcode: u32, body: &[u8]) -> Vec<u8> {
         let h = InHeader {
@@ -385,6 +419,78 @@ mod tests {
         body.extend_from_slice(b"user.luo.control\0");
         let r = parse(&request(opcode::GETXATTR, &body)).unwrap();
         assert!(matches!(r.op, Op::Getxattr { size: 64, ref name } if name == b"user.luo.control"));
+    }
+
+    fn seqpacket() -> (OwnedFd, OwnedFd) {
+        let mut sv = [0; 2];
+        // SAFETY: sv has room for the two fds socketpair returns.
+        let r =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, sv.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: socketpair returned two fresh fds that we own.
+        unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) }
+    }
+
+    fn received_unique(fd: &OwnedFd) -> Option<u64> {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a live buffer of its own length, without waiting.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                64,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        (n >= 16).then(|| u64::from_ne_bytes(buf[8..16].try_into().unwrap()))
+    }
+
+    #[test]
+    fn replies_go_where_their_request_came_from_whatever_the_id() {
+        const RESENT: u64 = 1 << 63;
+        let (fuse, fuse_peer) = seqpacket();
+        let (cuse, cuse_peer) = seqpacket();
+        let mut chan = Channel::new(fuse);
+        chan.attach_cuse(cuse);
+        assert!(chan.begin_batch());
+        chan.route(false);
+        chan.reply(RESENT | 4, &[]);
+        chan.route(true);
+        chan.reply(6, &[]);
+        chan.reply(RESENT | 8, &[]);
+        // Saved and reloaded, as a restarted daemon resends them.
+        let saved = serde_json::to_vec(&chan.batch()).unwrap();
+        chan.end_batch();
+        assert_eq!(received_unique(&fuse_peer), Some(RESENT | 4));
+        assert_eq!(received_unique(&fuse_peer), None);
+        assert_eq!(received_unique(&cuse_peer), Some(6));
+        assert_eq!(received_unique(&cuse_peer), Some(RESENT | 8));
+        let reloaded: Vec<Reply> = serde_json::from_slice(&saved).unwrap();
+        for r in &reloaded {
+            chan.resend(r);
+        }
+        assert_eq!(received_unique(&fuse_peer), Some(RESENT | 4));
+        assert_eq!(received_unique(&cuse_peer), Some(6));
+        assert_eq!(received_unique(&cuse_peer), Some(RESENT | 8));
+    }
+
+    #[test]
+    fn replies_saved_by_earlier_daemons_still_read() {
+        let old = serde_json::json!([[(1u64 << 63) | 6, [1, 2]], [4, [3]]]);
+        let got: Vec<Reply> = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            got,
+            [
+                Reply {
+                    cuse: true,
+                    msg: vec![1, 2]
+                },
+                Reply {
+                    cuse: false,
+                    msg: vec![3]
+                }
+            ]
+        );
     }
 
     #[test]
