@@ -223,15 +223,16 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Starts a new journal at `path` holding one full snapshot.
+    /// Starts a new journal at `path` holding one full snapshot (always in
+    /// the current journal version, whatever version `path` had).
     ///
     /// # Errors
-    /// I/O failures.
+    /// I/O failures, or a record over [`luo_store::MAX_RECORD`] bytes.
     pub fn create(path: &Path, snapshot: &Record) -> std::io::Result<Journal> {
         let mut bytes = journal_header();
         bytes.extend(journal_record(
             &serde_json::to_vec(snapshot).expect("the record serializes"),
-        ));
+        )?);
         // Written aside and renamed: a crash leaves the old journal or the new.
         // No fsync: the journal only has to outlive the daemon, not the
         // machine (after a machine crash the keeper's fds are gone anyway).
@@ -250,10 +251,10 @@ impl Journal {
     /// Appends one record.
     ///
     /// # Errors
-    /// I/O failures.
+    /// I/O failures, or a record over [`luo_store::MAX_RECORD`] bytes.
     pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
         use std::io::Write;
-        let bytes = journal_record(&serde_json::to_vec(record).expect("the record serializes"));
+        let bytes = journal_record(&serde_json::to_vec(record).expect("the record serializes"))?;
         self.file.write_all(&bytes)?;
         self.size += bytes.len() as u64;
         Ok(())
@@ -330,5 +331,115 @@ impl KeptFds {
             self.held.remove(k);
         }
         self.keeper.drop_keys(gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: u64) -> SessionRecord {
+        SessionRecord {
+            session: SessionImage {
+                id,
+                name: format!("vm{id}").into_bytes(),
+                incoming: false,
+                retrieved: false,
+                files: Vec::new(),
+            },
+            slot: Some(id + 100),
+        }
+    }
+
+    /// A snapshot with session 1, then one record for each of sessions 2 and 3.
+    fn records() -> [Record; 3] {
+        [1, 2, 3].map(|id| Record {
+            full: id == 1,
+            sessions: vec![session(id)],
+            ..Record::default()
+        })
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("luo-persist-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("state.img")
+    }
+
+    fn ids(loaded: &Loaded) -> Vec<u64> {
+        loaded.sessions.keys().copied().collect()
+    }
+
+    #[test]
+    fn a_damaged_record_anywhere_refuses_the_journal_never_fewer_sessions() {
+        let path = scratch("damaged");
+        let [snapshot, two, three] = records();
+        let mut journal = Journal::create(&path, &snapshot).unwrap();
+        let second = std::fs::metadata(&path).unwrap().len() as usize;
+        journal.append(&two).unwrap();
+        let third = std::fs::metadata(&path).unwrap().len() as usize;
+        journal.append(&three).unwrap();
+        drop(journal);
+        let good = std::fs::read(&path).unwrap();
+        assert_eq!(ids(&read(&path).unwrap()), [1, 2, 3]);
+
+        // Any bit of the middle record's length (the attacker's finding: one
+        // flip made the rest look torn and 3 sessions came back as 1), or a
+        // byte of the last record's payload.
+        let spots = (second * 8..(second + 4) * 8)
+            .map(|bit| (bit / 8, 1u8 << (bit % 8)))
+            .chain([(good.len() - 2, 0x20)]);
+        for (at, mask) in spots {
+            let mut bad = good.clone();
+            bad[at] ^= mask;
+            std::fs::write(&path, &bad).unwrap();
+            match read(&path) {
+                Err(LoadError::Refused {
+                    reason: ImageError::Corrupted { record, .. },
+                    ..
+                }) => assert_eq!(record, if at < third { 2 } else { 3 }),
+                other => panic!("byte {at} ^ {mask:#x}: {other:?}"),
+            }
+        }
+        // A torn last append is dropped; the rest is there.
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert_eq!(ids(&read(&path).unwrap()), [1, 2]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_journal_is_resumed_and_rewritten_as_version_2() {
+        fn fnv1a(bytes: &[u8]) -> u64 {
+            bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+        }
+        // What the previous build wrote.
+        let mut v1 = b"LUOSTATE".to_vec();
+        v1.extend(1u32.to_le_bytes());
+        v1.extend(0u32.to_le_bytes());
+        for r in records() {
+            let payload = serde_json::to_vec(&r).unwrap();
+            v1.extend((payload.len() as u64).to_le_bytes());
+            v1.extend(fnv1a(&payload).to_le_bytes());
+            v1.extend(payload);
+        }
+        let path = scratch("v1");
+        std::fs::write(&path, &v1).unwrap();
+        let loaded = read(&path).unwrap();
+        assert_eq!(ids(&loaded), [1, 2, 3]);
+        assert_eq!(loaded.sessions[&3].slot, Some(103));
+
+        // The resumed daemon's snapshot replaces it with version 2.
+        let snapshot = Record {
+            full: true,
+            sessions: loaded.sessions.values().cloned().collect(),
+            ..Record::default()
+        };
+        drop(Journal::create(&path, &snapshot).unwrap());
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes[8..12], 2u32.to_le_bytes(), "journal version 2");
+        assert_eq!(ids(&read(&path).unwrap()), [1, 2, 3]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

@@ -1,17 +1,49 @@
 //! The store's serialized image: what a restarted daemon needs to rebuild
 //! every session, plus the codec of the state file that carries it.
 //!
-//! The state file is a journal (little-endian):
+//! The state file is a journal (little-endian). This build writes version 2:
 //!
 //! ```text
-//! "LUOSTATE" | version u32 | reserved u32 | record*
+//! "LUOSTATE" | version u32 = 2 | reserved u32 = 0 | record*
+//! record = length u32 | crc32c(payload) u32 | crc32c(length, payload crc) u32 | payload
+//! ```
+//!
+//! CRC-32C is Castagnoli's CRC (iSCSI, ext4, btrfs): it catches every burst
+//! of errors up to 32 bits long, so every single flipped bit, and misses other
+//! damage with odds of 2⁻³². Each record header carries its own checksum, so a
+//! damaged length is caught before it is believed. A payload is at most
+//! [`MAX_RECORD`] bytes (1 GiB); a longer length is refused as damage.
+//!
+//! Records are appended; the reader applies them in order. The only damage a
+//! daemon killed in the middle of an append leaves is a *torn tail*: the file
+//! ends inside the last record's header, or after a last header that checks
+//! but before the payload length it announces. That last record is dropped.
+//! Anything else refuses the whole file, nothing is half-loaded: a wrong magic,
+//! another version, non-zero reserved bytes, a record header whose checksum
+//! fails or whose length is over the limit, a complete record whose payload
+//! checksum fails (the last one too: a torn write leaves a prefix, never a
+//! full-length record with wrong bytes), or a file that ends before its first
+//! record is complete (the first record is a full snapshot, written aside in
+//! one piece and renamed into place). A file cut at a record boundary cannot be
+//! told from a journal that had fewer records (nothing counts them; an append
+//! that never started leaves the same file): it loads those.
+//!
+//! The checksums catch damage, not forgery: whoever can write the file can
+//! write any journal (it lives in the daemon's state dir, root's).
+//!
+//! Version 1, written by earlier builds, is still read (the daemon rewrites the
+//! journal as a version-2 snapshot right after it resumes):
+//!
+//! ```text
+//! "LUOSTATE" | version u32 = 1 | reserved u32 | record*
 //! record = payload length u64 | FNV-1a-64 of payload | payload
 //! ```
 //!
-//! Records are appended; the reader applies them in order. A record cut short
-//! at the very end of the file is a write that never completed and is
-//! ignored; a record that fails its checksum with data after it, a wrong
-//! magic or another version refuses the whole file: nothing is half-loaded.
+//! Its length is not checksummed, so version 1 cannot tell a damaged length
+//! from a torn tail: a length damaged upwards makes the records from there on
+//! look torn and they are dropped, and so is a last record whose payload fails
+//! its checksum. It is read with those rules, as earlier builds read it; a
+//! record that fails its checksum with data after it is refused.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -27,10 +59,14 @@ use crate::store::Store;
 use crate::Errno;
 
 const MAGIC: &[u8; 8] = b"LUOSTATE";
-/// The journal version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The journal version this build writes (it also reads version 1).
+pub const VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 4;
-const RECORD_HEADER: usize = 8 + 8;
+/// Length, payload checksum, header checksum.
+const RECORD_HEADER: usize = 4 + 4 + 4;
+const RECORD_HEADER_V1: usize = 8 + 8;
+/// The largest payload of a journal record (1 GiB).
+pub const MAX_RECORD: usize = 1 << 30;
 
 /// Why a state file was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -39,7 +75,7 @@ pub enum ImageError {
     #[error("it is not a luo state image (bad magic)")]
     BadMagic,
     /// Written by an incompatible version.
-    #[error("it has image version {found}, this luo reads version {VERSION}")]
+    #[error("it has image version {found}, this luo reads versions 1 to {VERSION}")]
     UnknownVersion {
         /// The version in the file.
         found: u32,
@@ -52,9 +88,22 @@ pub enum ImageError {
         /// Bytes the header promises.
         want: usize,
     },
-    /// The payload does not match its checksum.
+    /// The payload does not match its checksum (a version-1 journal).
     #[error("its checksum does not match (corrupted)")]
     Checksum,
+    /// The file header's reserved bytes are not zero (version 2 on).
+    #[error("its header is corrupted (reserved bytes {0:#010x}, not zero)")]
+    BadHeader(u32),
+    /// A record is damaged in a way no interrupted write leaves.
+    #[error("record {record} (at byte {offset}) is corrupted: {what}")]
+    Corrupted {
+        /// Its number, from 1.
+        record: usize,
+        /// Where its header starts in the file.
+        offset: usize,
+        /// What is wrong.
+        what: &'static str,
+    },
     /// The payload does not decode.
     #[error("its contents do not decode: {0}")]
     Payload(String),
@@ -66,10 +115,41 @@ pub enum ImageError {
     UnknownHandler(String),
 }
 
+/// CRC-32C (Castagnoli; reflected polynomial 0x82F63B78, initial value and
+/// final xor all ones), one table lookup a byte.
+pub(crate) fn crc32c(bytes: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    !bytes.iter().fold(!0u32, |c, &b| {
+        TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
+    })
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+fn le_u32(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))
 }
 
 /// The bytes a new journal starts with.
@@ -82,40 +162,112 @@ pub fn journal_header() -> Vec<u8> {
 }
 
 /// One journal record around `payload`.
-pub fn journal_record(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&fnv1a(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Checks a journal and returns its complete records' payloads, in order.
 ///
 /// # Errors
-/// Bad magic, unknown version, or a corrupted record before the end.
+/// `InvalidInput` if `payload` is over [`MAX_RECORD`] bytes.
+pub fn journal_record(payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    if payload.len() > MAX_RECORD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "a state journal record of {} bytes is over the limit of {MAX_RECORD}",
+                payload.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c(payload).to_le_bytes());
+    let header_sum = crc32c(&out);
+    out.extend_from_slice(&header_sum.to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Checks a journal and returns its complete records' payloads, in order
+/// (version 2, or version 1 with its weaker rules: see the module doc).
+///
+/// # Errors
+/// Bad magic, unknown version, a damaged header or record, or no complete
+/// first record.
 pub fn read_journal(bytes: &[u8]) -> Result<Vec<&[u8]>, ImageError> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(ImageError::BadMagic);
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(ImageError::UnknownVersion { found: version });
+    match le_u32(&bytes[8..]) {
+        1 => read_v1(bytes),
+        VERSION => read_v2(bytes),
+        found => Err(ImageError::UnknownVersion { found }),
     }
+}
+
+fn read_v2(bytes: &[u8]) -> Result<Vec<&[u8]>, ImageError> {
+    let reserved = le_u32(&bytes[12..]);
+    if reserved != 0 {
+        return Err(ImageError::BadHeader(reserved));
+    }
+    let mut records: Vec<&[u8]> = Vec::new();
+    let mut at = HEADER;
+    // What the first record promises, for the error if it is incomplete.
+    let mut want = HEADER + RECORD_HEADER;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < RECORD_HEADER {
+            break; // the file ends inside a record header: a torn append
+        }
+        let corrupted = |what| ImageError::Corrupted {
+            record: records.len() + 1,
+            offset: at,
+            what,
+        };
+        if crc32c(&rest[..8]) != le_u32(&rest[8..]) {
+            return Err(corrupted("its header checksum does not match"));
+        }
+        let len = le_u32(rest) as usize;
+        if len > MAX_RECORD {
+            return Err(corrupted("its length is over the 1 GiB limit"));
+        }
+        let end = RECORD_HEADER + len;
+        if records.is_empty() {
+            want = at + end;
+        }
+        if rest.len() < end {
+            break; // a valid header, the payload cut short: a torn append
+        }
+        let payload = &rest[RECORD_HEADER..end];
+        if crc32c(payload) != le_u32(&rest[4..]) {
+            return Err(corrupted("its payload checksum does not match"));
+        }
+        records.push(payload);
+        at += end;
+    }
+    if records.is_empty() {
+        // A journal starts with a full snapshot written in one piece.
+        return Err(ImageError::Truncated {
+            have: bytes.len(),
+            want,
+        });
+    }
+    Ok(records)
+}
+
+/// Version 1, read with the rules it was written with: a record cut short or
+/// failing its checksum at the very end is taken for a torn tail.
+fn read_v1(bytes: &[u8]) -> Result<Vec<&[u8]>, ImageError> {
     let mut records: Vec<&[u8]> = Vec::new();
     let mut at = HEADER;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        if rest.len() < RECORD_HEADER {
+        if rest.len() < RECORD_HEADER_V1 {
             break; // a record header cut short: the last write never completed
         }
         let len = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
         let sum = u64::from_le_bytes(rest[8..16].try_into().expect("8 bytes"));
-        let end = RECORD_HEADER.saturating_add(len);
+        let end = RECORD_HEADER_V1.saturating_add(len);
         if rest.len() < end {
-            break; // cut short at the end of the file
+            break; // cut short at the end of the file (or a damaged length)
         }
-        let payload = &rest[RECORD_HEADER..end];
+        let payload = &rest[RECORD_HEADER_V1..end];
         if fnv1a(payload) != sum {
             if rest.len() == end && !records.is_empty() {
                 break; // the last record, torn
@@ -126,10 +278,9 @@ pub fn read_journal(bytes: &[u8]) -> Result<Vec<&[u8]>, ImageError> {
         at += end;
     }
     if records.is_empty() {
-        // A journal starts with a full snapshot written in one piece.
         return Err(ImageError::Truncated {
             have: bytes.len(),
-            want: HEADER + RECORD_HEADER,
+            want: HEADER + RECORD_HEADER_V1,
         });
     }
     Ok(records)

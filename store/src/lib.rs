@@ -25,7 +25,7 @@ pub use flb::{FlbHandover, FlbId, FlbRegistry};
 pub use handler::{FileHandler, FileId, FileState, Flb, Preserved, RetrieveStatus};
 pub use image::{
     decode_image, encode_image, journal_header, journal_record, read_journal, FileImage,
-    ImageError, SessionDelta, SessionImage, StoreImage,
+    ImageError, SessionDelta, SessionImage, StoreImage, MAX_RECORD,
 };
 pub use name::{SessionName, SESSION_NAME_LENGTH};
 pub use session::{Direction, LuoFile, Session, SessionId};
