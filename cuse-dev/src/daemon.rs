@@ -23,13 +23,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use luo_store::{Direction, Errno, Result, SessionId, SessionName, Store};
 use thiserror::Error;
 use zerocopy::IntoBytes;
 
-use crate::caller::{self, CallerMem, ProcessVm};
+use crate::caller::{self, CallerMem, PinnedVm, ProcessVm};
 use crate::control::{self, FileStatus, Request as CtlRequest, Response, SessionStatus};
+use crate::deadline::{Guarded, Runner};
 use crate::fuse::{self, Channel, Op};
 use crate::fuse_abi::*;
 use crate::keeper::Keeper;
@@ -111,39 +113,68 @@ fn setup<T>(
 }
 
 /// A caller of an ioctl: through FUSE (blocked until we reply) or through a
-/// seccomp notification (may vanish; can receive fds).
-enum Caller {
-    Fuse {
-        tid: i32,
-    },
-    Seccomp {
-        listener: Rc<Listener>,
-        id: u64,
-        tid: i32,
-    },
+/// seccomp notification (may vanish; can receive fds). Its memory is reached
+/// through the deadline runner (see `deadline.rs`).
+struct Caller {
+    tid: i32,
+    uid: u32,
+    mem: Arc<dyn CallerMem + Send + Sync>,
+    runner: Rc<Runner>,
+    /// The notification, for a trapped call.
+    trap: Option<(Rc<Listener>, u64)>,
 }
 
 impl Caller {
-    fn tid(&self) -> i32 {
-        match self {
-            Caller::Fuse { tid } | Caller::Seccomp { tid, .. } => *tid,
+    /// A FUSE caller: the kernel keeps it blocked, unkillably, until we
+    /// reply, so its tid is its own for the whole request.
+    fn fuse(tid: i32, uid: u32, runner: &Rc<Runner>) -> Caller {
+        Caller {
+            tid,
+            uid,
+            mem: Arc::new(ProcessVm { tid }),
+            runner: runner.clone(),
+            trap: None,
         }
     }
 
-    fn mem(&self) -> ProcessVm {
-        ProcessVm { tid: self.tid() }
+    /// A trapped caller: its memory pinned first, then the call checked to
+    /// be still waiting (so what was pinned is the caller's).
+    fn trapped(listener: &Rc<Listener>, id: u64, tid: i32, runner: &Rc<Runner>) -> Result<Caller> {
+        let mem = PinnedVm::open(tid)?;
+        if !listener.id_valid(id) {
+            return Err(Errno::ESRCH);
+        }
+        Ok(Caller {
+            tid,
+            uid: mem.uid(),
+            mem: Arc::new(mem),
+            runner: runner.clone(),
+            trap: Some((listener.clone(), id)),
+        })
+    }
+
+    fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// The caller's memory, each access with a deadline.
+    fn mem(&self) -> Guarded {
+        Guarded {
+            mem: self.mem.clone(),
+            uid: self.uid,
+            runner: self.runner.clone(),
+        }
     }
 
     /// Still waiting for us (always true for FUSE callers, see `caller.rs`).
     fn valid(&self) -> bool {
-        match self {
-            Caller::Fuse { .. } => true,
-            Caller::Seccomp { listener, id, .. } => listener.id_valid(*id),
-        }
+        self.trap
+            .as_ref()
+            .is_none_or(|(listener, id)| listener.id_valid(*id))
     }
 
     fn can_install(&self) -> bool {
-        matches!(self, Caller::Seccomp { .. })
+        self.trap.is_some()
     }
 
     /// A copy of the caller's fd `fd`, refused as the kernel's `fdget` would
@@ -168,14 +199,12 @@ impl Caller {
     }
 
     fn install(&self, file: BorrowedFd<'_>) -> Result<i32> {
-        match self {
-            Caller::Seccomp { listener, id, .. } => {
-                listener.add_fd(*id, file).map_err(|e| match e {
-                    Errno::ENOENT => Errno::ESRCH,
-                    other => other,
-                })
-            }
-            Caller::Fuse { .. } => Err(Errno::EOPNOTSUPP),
+        match &self.trap {
+            Some((listener, id)) => listener.add_fd(*id, file).map_err(|e| match e {
+                Errno::ENOENT => Errno::ESRCH,
+                other => other,
+            }),
+            None => Err(Errno::EOPNOTSUPP),
         }
     }
 
@@ -219,6 +248,8 @@ pub struct Daemon {
     cuse_rdev: Option<u64>,
     /// A CUSE init reply is on its way: label the device after the batch.
     cuse_created: bool,
+    /// Where accesses to callers' memory run, each with a deadline.
+    runner: Rc<Runner>,
     /// Shim tokens stashed for a kexec being prepared.
     stashed: Vec<u64>,
     /// The cgroup of the current epoch's `luo run` trees.
@@ -533,6 +564,7 @@ impl Daemon {
             created_device: image.created_device,
             cuse_rdev: None,
             cuse_created: false,
+            runner: Rc::new(Runner::new()),
             stashed: Vec::new(),
             kept,
             next_slot: image.next_slot,
@@ -1137,7 +1169,7 @@ impl Daemon {
             // The caller is outside our pid namespace: we cannot reach it.
             Err(Errno::EPERM)
         } else {
-            let caller = Caller::Fuse { tid: h.pid as i32 };
+            let caller = Caller::fuse(h.pid as i32, h.uid, &self.runner);
             self.ioctl(h.nodeid, io.cmd, io.arg, &caller)
         };
         match result {
@@ -1374,15 +1406,13 @@ impl Daemon {
         self.commit();
         // Apply every close that happened before this call (see module docs).
         self.drain_fuse();
-        let caller = Caller::Seccomp {
-            listener: listener.clone(),
-            id: call.id,
-            tid: call.pid as i32,
-        };
         let [fd, cmd, arg] = call.args;
-        let outcome = match self.trapped(&caller, fd as i32, cmd as u32, arg) {
-            None => persist::Outcome::Continue,
-            Some(result) => persist::Outcome::Return(result.err().map_or(0, |e| e.0)),
+        let caller = Caller::trapped(&listener, call.id, call.pid as i32, &self.runner);
+        let result = caller.map(|c| self.trapped(&c, fd as i32, cmd as u32, arg));
+        let outcome = match result {
+            Ok(None) => persist::Outcome::Continue,
+            Ok(Some(Ok(()))) => persist::Outcome::Return(0),
+            Ok(Some(Err(e))) | Err(e) => persist::Outcome::Return(e.0),
         };
         // Saved with its outcome until the next commit: a daemon killed before
         // the reply is delivered is followed by one that delivers it.

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod caller;
 pub mod control;
 pub mod daemon;
+pub mod deadline;
 pub mod demo;
 pub mod failpoint;
 pub mod fuse;
