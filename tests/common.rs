@@ -50,16 +50,71 @@ fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)]) -> Child {
         .expect("start luo daemon")
 }
 
+/// A fresh temp dir (root-owned, 0755) for tests that lay out their own paths.
+pub fn temp_dir(what: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!(
+        "luo-test-{what}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Starts a daemon that must refuse to start: returns its exit status and
+/// stderr. One that is still running after 10 s is shut down and the test
+/// fails.
+pub fn refused_start(device: &Path, state: &Path) -> std::process::Output {
+    let mut child = Command::new(LUO)
+        .args(["daemon", "--device"])
+        .arg(device)
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start luo daemon");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new(LUO)
+        .args(["shutdown", "--state-dir"])
+        .arg(state)
+        .status();
+    let out = child.wait_with_output().unwrap();
+    panic!(
+        "the daemon started instead of refusing:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         Daemon::start_with(&[])
     }
 
+    /// A daemon on the given paths (in `dir`, removed on drop).
+    pub fn start_at(dir: PathBuf, device: PathBuf, state: PathBuf) -> Daemon {
+        let child = spawn_daemon(&device, &state, &[]);
+        let d = Daemon {
+            dir,
+            device,
+            state,
+            child,
+        };
+        d.wait_ready();
+        d
+    }
+
     /// A daemon with extra environment (such as a crash point).
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
-        let dir =
-            std::env::temp_dir().join(format!("luo-test-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("daemon");
         let device = dir.join("liveupdate");
         let state = dir.join("state");
         let child = spawn_daemon(&device, &state, env);

@@ -8,7 +8,7 @@ mod client;
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use client::*;
 
@@ -119,4 +119,376 @@ fn an_unprivileged_caller_cannot_use_a_device_it_cannot_open() {
     assert_eq!(sessions[0]["retrieved"], false, "{status}");
     drop(holder);
     daemon.run_probe("probe_owner_stage2");
+}
+
+// ---- Paths the daemon acts on as root -----------------------------------
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A root-owned 0600 file holding "secret", for an attacker to aim at.
+fn victim(dir: &Path) -> PathBuf {
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "secret").unwrap();
+    chmod(&victim, 0o600);
+    victim
+}
+
+fn assert_untouched(victim: &Path, identity: (u64, u64)) {
+    let m = std::fs::symlink_metadata(victim).unwrap();
+    assert_eq!((m.dev(), m.ino()), identity, "nothing is mounted over it");
+    let bytes = std::fs::read(victim).unwrap();
+    assert!(
+        bytes == b"secret",
+        "written through: it holds {} other bytes",
+        bytes.len()
+    );
+    assert_eq!(m.mode() & 0o7777, 0o600);
+}
+
+fn identity(path: &Path) -> (u64, u64) {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.dev(), m.ino())
+}
+
+/// Asserts a refused start: non-zero exit and every `words` in its sentence.
+fn assert_refused(out: &std::process::Output, words: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the daemon started:\n{err}");
+    for w in words {
+        assert!(err.contains(w), "{w:?} is not in:\n{err}");
+    }
+    err
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_link_planted_at_the_journals_temporary_name_is_never_written_through() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("planted");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    chmod(&state, 0o700);
+    let victim = victim(&dir);
+    let before = identity(&victim);
+    let tmp = state.join("state.tmp");
+    std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+    let mut daemon = common::Daemon::start_at(dir.clone(), dir.join("liveupdate"), state.clone());
+    let update = daemon.update();
+    assert!(update.status.success());
+    assert_untouched(&victim, before);
+    let image = std::fs::symlink_metadata(state.join("state.img")).unwrap();
+    assert!(image.is_file(), "the journal is a file of its own");
+    assert_eq!(image.mode() & 0o777, 0o600);
+    // Planted again while no daemon runs: the next one rewrites the journal.
+    daemon.kill(libc::SIGTERM);
+    std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+    daemon.start_again();
+    assert!(daemon.update().status.success());
+    assert_untouched(&victim, before);
+    assert!(std::fs::symlink_metadata(state.join("state.img"))
+        .unwrap()
+        .is_file());
+}
+
+#[test]
+fn a_state_dir_another_user_owns_or_may_write_to_is_refused_and_left_alone() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("owner");
+    let victim = victim(&dir);
+    let before = identity(&victim);
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::symlink(&victim, state.join("state.tmp")).unwrap();
+    let state_s = state.display().to_string();
+    for (uid, mode, why) in [
+        (65534, 0o755, "is owned by uid 65534, not by root"),
+        (65534, 0o700, "is owned by uid 65534, not by root"),
+        (0, 0o775, "is writable by its group (mode 0775)"),
+        (0, 0o1777, "is writable by its group and others (mode 1777)"),
+    ] {
+        std::os::unix::fs::lchown(&state, Some(uid), Some(uid)).unwrap();
+        chmod(&state, mode);
+        let out = common::refused_start(&dir.join("liveupdate"), &state);
+        let cannot = format!("cannot use {state_s} as the state dir: {state_s} {why}");
+        assert_refused(&out, &[&cannot]);
+        // Nothing written, nothing changed.
+        assert_eq!(entries(&state), ["state.tmp"]);
+        let m = std::fs::symlink_metadata(&state).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o7777), (uid, mode));
+        assert_untouched(&victim, before);
+        assert!(!dir.join("liveupdate").exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_state_dir_reached_through_a_symbolic_link_is_refused() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("state-link");
+    let real = dir.join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    for state in [link.clone(), link.join("state")] {
+        let out = common::refused_start(&dir.join("liveupdate"), &state);
+        let what = format!(
+            "cannot use {} as the state dir: {} is a symbolic link (to {})",
+            state.display(),
+            link.display(),
+            real.display()
+        );
+        assert_refused(&out, &[&what]);
+        assert!(entries(&real).is_empty(), "nothing written");
+        assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o7777, 0o755);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A tmpfs mounted at a path; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: PathBuf) -> Tmpfs {
+        std::fs::create_dir(&at).unwrap();
+        let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: every pointer is a valid C string or null.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        std::fs::write(at.join("marker"), "mounted").unwrap();
+        Tmpfs(at)
+    }
+
+    fn mounted(&self) -> bool {
+        self.0.join("marker").exists()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: c is a valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn a_device_path_linked_to_a_mount_point_is_refused_and_nothing_unmounted() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("device-mnt");
+    let tmpfs = Tmpfs::mount(dir.join("mnt"));
+    let device = dir.join("liveupdate");
+    std::os::unix::fs::symlink(&tmpfs.0, &device).unwrap();
+    let out = common::refused_start(&device, &dir.join("state"));
+    let what = format!(
+        "cannot use {} as the device: {} is a symbolic link (to {})",
+        device.display(),
+        device.display(),
+        tmpfs.0.display()
+    );
+    assert!(tmpfs.mounted(), "the tmpfs was unmounted");
+    assert_refused(&out, &[&what]);
+    drop(tmpfs);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_device_path_linked_to_a_root_file_is_refused_and_the_file_untouched() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("device-file");
+    let victim = victim(&dir);
+    let before = identity(&victim);
+    let device = dir.join("liveupdate");
+    std::os::unix::fs::symlink(&victim, &device).unwrap();
+    let out = common::refused_start(&device, &dir.join("state"));
+    assert_refused(&out, &["as the device", "is a symbolic link"]);
+    assert_untouched(&victim, before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_device_path_in_a_directory_others_may_change_is_refused_unless_sticky() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("device-dir");
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    let out = common::refused_start(&open.join("liveupdate"), &dir.join("state"));
+    let what = format!(
+        "its directory {} is writable by its group and others (mode 0777) and not sticky",
+        open.display()
+    );
+    assert_refused(&out, &["as the device", &what]);
+    assert!(entries(&open).is_empty(), "nothing created");
+    // A sticky one (like /tmp) is fine: others cannot rename or remove our entry.
+    chmod(&open, 0o1777);
+    let device = open.join("liveupdate");
+    let daemon = common::Daemon::start_at(dir.clone(), device.clone(), dir.join("state"));
+    assert!(daemon.status_ok());
+    assert!(
+        std::fs::metadata(&device).unwrap().is_file(),
+        "the device is served"
+    );
+}
+
+/// A process that binds `socket` as root, then becomes `uid` and listens
+/// there, answering every connection as a keeper with nothing would; it
+/// reports each request it hears on a pipe.
+struct FakeKeeper {
+    pid: libc::pid_t,
+    heard: OwnedFd,
+}
+
+impl FakeKeeper {
+    fn start(socket: &Path, uid: libc::uid_t) -> FakeKeeper {
+        // Everything the child needs is made before the fork: a child of a
+        // threaded process may only make async-signal-safe calls.
+        // SAFETY: sockaddr_un is plain data.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let path = socket.as_os_str().as_encoded_bytes();
+        assert!(path.len() < addr.sun_path.len());
+        for (d, s) in addr.sun_path.iter_mut().zip(path) {
+            *d = *s as libc::c_char;
+        }
+        let answer = b"{\"ok\":true,\"keys\":[],\"pid\":1}\n";
+        let mut ready = [0; 2];
+        // SAFETY: ready has room for two fds.
+        let piped = unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(piped, 0);
+        // SAFETY: the child makes only async-signal-safe calls, then _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: raw syscalls on plain data prepared above; never returns.
+            unsafe { fake_keeper(&addr, uid, ready[1], answer) };
+        }
+        // SAFETY: the write end is ours to close; the read end is a fresh fd
+        // we own.
+        let heard = unsafe {
+            libc::close(ready[1]);
+            OwnedFd::from_raw_fd(ready[0])
+        };
+        let mut byte = [0u8];
+        let mut pipe = std::fs::File::from(heard.try_clone().unwrap());
+        pipe.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"r", "the fake keeper listens");
+        FakeKeeper { pid, heard }
+    }
+
+    /// How many requests it heard so far.
+    fn requests_heard(&self) -> usize {
+        let mut n = 0;
+        while sys_readable(&self.heard) {
+            let mut byte = [0u8];
+            let mut pipe = std::fs::File::from(self.heard.try_clone().unwrap());
+            pipe.read_exact(&mut byte).unwrap();
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Whether `fd` has something to read right now.
+fn sys_readable(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: p is one valid pollfd; a zero timeout never blocks.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
+}
+
+/// The fake keeper's child: bind as root, become `uid`, listen, report ready,
+/// then for each connection report a request if one comes and answer.
+///
+/// # Safety
+/// Only in a freshly forked child.
+unsafe fn fake_keeper(addr: &libc::sockaddr_un, uid: libc::uid_t, ready: i32, answer: &[u8]) -> ! {
+    // SAFETY: the caller is a forked child; every call is async-signal-safe
+    // and takes pointers to live data.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let ok = libc::bind(s, (addr as *const libc::sockaddr_un).cast(), len) == 0
+            && libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
+            && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+            && libc::listen(s, 16) == 0;
+        if !ok {
+            libc::_exit(1);
+        }
+        libc::write(ready, b"r".as_ptr().cast(), 1);
+        let mut buf = [0u8; 4096];
+        loop {
+            let c = libc::accept(s, std::ptr::null_mut(), std::ptr::null_mut());
+            if c < 0 {
+                continue;
+            }
+            let mut p = libc::pollfd {
+                fd: c,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut p, 1, 2000) == 1 && libc::read(c, buf.as_mut_ptr().cast(), 4096) > 0
+            {
+                libc::write(ready, b"h".as_ptr().cast(), 1);
+            }
+            libc::write(c, answer.as_ptr().cast(), answer.len());
+            libc::close(c);
+        }
+    }
+}
+
+impl Drop for FakeKeeper {
+    fn drop(&mut self) {
+        // SAFETY: kill and waitpid on our own child take no pointers.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+#[test]
+fn a_keeper_socket_answered_by_another_user_is_refused() {
+    skip_unless_capable!();
+    let dir = common::temp_dir("fake-keeper");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    chmod(&state, 0o700);
+    let socket = state.join("keeper.sock");
+    let fake = FakeKeeper::start(&socket, 65534);
+    let out = common::refused_start(&dir.join("liveupdate"), &state);
+    let what = format!(
+        "cannot trust the fd keeper: {} is answered by a process of uid 65534, not by root",
+        socket.display()
+    );
+    assert_eq!(fake.requests_heard(), 0, "the daemon talked to it");
+    assert_refused(&out, &[&what]);
+    assert!(!dir.join("liveupdate").exists(), "nothing set up");
+    assert!(socket.exists(), "its socket is left for the admin to see");
+    drop(fake);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

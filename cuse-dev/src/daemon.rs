@@ -295,12 +295,8 @@ impl Daemon {
         sys::raise_fd_limit();
         let state = cfg.state_dir.clone();
         setup(
-            || format!("create the state dir {}", state.display()),
-            std::fs::create_dir_all(&state),
-        )?;
-        setup(
-            || format!("restrict the state dir {}", state.display()),
-            std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)),
+            || format!("use {} as the state dir", state.display()),
+            crate::paths::secure_state_dir(&state),
         )?;
         if control::call(&cfg.socket(), &CtlRequest::Status, None).is_ok() {
             return Err(DaemonError::Setup {
@@ -309,7 +305,11 @@ impl Daemon {
             });
         }
         let image_exists = cfg.image().exists();
-        match Keeper::connect(&cfg.keeper_socket()) {
+        let keeper = setup(
+            || "trust the fd keeper".into(),
+            Keeper::connect(&cfg.keeper_socket()),
+        )?;
+        match keeper {
             Some(keeper) if image_exists => Daemon::resume(cfg, keeper),
             Some(keeper) => {
                 // A daemon that died before it saved anything: start over.
@@ -330,19 +330,19 @@ impl Daemon {
 
     /// A first start: mount, bind the device, start a keeper.
     fn fresh(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
-        let fs = cfg.fs_dir();
-        // A stale mount from a daemon whose keeper is gone would make the mkdir fail.
-        let _ = sys::umount_detach(&fs);
-        setup(
-            || format!("create {}", fs.display()),
-            std::fs::create_dir_all(&fs),
-        )?;
         let created_device = if cfg.cuse {
             cuse_device_name(&cfg.device)?;
             false
         } else {
             prepare_device_path(&cfg.device)?
         };
+        let fs = cfg.fs_dir();
+        // A stale mount from a daemon whose keeper is gone would make the mkdir fail.
+        let _ = sys::umount_detach(&fs);
+        setup(
+            || format!("create {}", fs.display()),
+            crate::paths::trusted_dir(&fs),
+        )?;
         let cuse_fd = if cfg.cuse {
             Some(setup(
                 || "open /dev/cuse (is CUSE built in or loaded?)".into(),
@@ -2042,13 +2042,11 @@ fn refuse(caller: &Caller, what: &str) -> Errno {
     Errno::EOPNOTSUPP
 }
 
-/// Makes sure the device path exists as something a file can be mounted on;
-/// returns whether we created it.
 /// Points `luo run` at the control socket: a character device cannot carry
 /// the `user.luo.control` attribute, so `/run/luo/NAME.control` links to it.
 fn link_cuse_control(device: &Path, socket: &Path) -> std::io::Result<()> {
     let dir = Path::new(crate::run::CUSE_LINKS);
-    std::fs::create_dir_all(dir)?;
+    crate::paths::trusted_dir(dir)?;
     let name = device
         .file_name()
         .and_then(|n| n.to_str())
@@ -2073,9 +2071,19 @@ fn cuse_device_name(device: &Path) -> std::result::Result<String, DaemonError> {
     }
 }
 
+/// Makes sure the device path exists as something a file can be mounted on;
+/// returns whether we created it. Refuses a symbolic link or a directory other
+/// users may change (see [`crate::paths`]); nothing is unmounted or mounted
+/// through a link.
 fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> {
+    let refused = |source| DaemonError::Setup {
+        what: format!("use {} as the device", device.display()),
+        source,
+    };
+    crate::paths::check_device_dir(device).map_err(refused)?;
     // A daemon killed earlier may have left its bind mount behind.
     let _ = sys::umount_detach(device);
+    crate::paths::refuse_symlink(device).map_err(refused)?;
     match std::fs::symlink_metadata(device) {
         Ok(m) if m.is_dir() => Err(DaemonError::Setup {
             what: format!("use {} as the device: it is a directory", device.display()),
@@ -2083,10 +2091,7 @@ fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> 
         }),
         Ok(_) => Ok(false),
         Err(_) => {
-            let create = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(device);
+            let create = crate::paths::create_new(device);
             setup(|| format!("create {}", device.display()), create)?;
             Ok(true)
         }

@@ -95,6 +95,11 @@ impl DemoDaemon {
     fn start(exe: &Path) -> Result<DemoDaemon, DemoError> {
         let dir = std::env::temp_dir().join(format!("luo-demo-{}", std::process::id()));
         step("creating the demo directory", std::fs::create_dir_all(&dir))?;
+        // Only root may change the device's directory, whatever the umask.
+        step(
+            "restricting the demo directory",
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)),
+        )?;
         let log = step(
             "creating the daemon log",
             File::create(dir.join("daemon.log")),

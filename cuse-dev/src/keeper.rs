@@ -163,14 +163,53 @@ fn refused(what: &str) -> std::io::Error {
     std::io::Error::other(format!("the keeper refused to {what}"))
 }
 
+/// A process of another user answers on the keeper's socket.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{socket} is answered by a process of uid {uid}, not by root: it is no keeper of ours; \
+     end that process and remove the socket"
+)]
+pub struct ForeignKeeper {
+    /// The socket.
+    pub socket: PathBuf,
+    /// The uid the peer listened as.
+    pub uid: u32,
+}
+
+/// Connects to `socket` and makes sure our own user (root) listens on it
+/// (`SO_PEERCRED`: the credentials of the process that called listen(2)).
+fn connect_own(socket: &Path) -> std::io::Result<UnixStream> {
+    let stream = UnixStream::connect(socket)?;
+    let uid = crate::sys::peer_uid(stream.as_fd())?;
+    // SAFETY: geteuid cannot fail.
+    if uid != unsafe { libc::geteuid() } {
+        let socket = socket.to_owned();
+        return Err(std::io::Error::other(ForeignKeeper { socket, uid }));
+    }
+    Ok(stream)
+}
+
+/// Whether `e` is a [`ForeignKeeper`].
+fn is_foreign(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<ForeignKeeper>())
+}
+
 impl Keeper {
     /// The keeper listening on `socket`, if one answers.
-    pub fn connect(socket: &Path) -> Option<Keeper> {
+    ///
+    /// # Errors
+    /// [`ForeignKeeper`] (inside an `io::Error`) if a process of another
+    /// user answers: nothing was sent to it.
+    pub fn connect(socket: &Path) -> std::io::Result<Option<Keeper>> {
         let k = Keeper {
             socket: socket.to_owned(),
             stream: RefCell::new(None),
         };
-        k.list().ok().map(|_| k)
+        match k.list() {
+            Ok(_) => Ok(Some(k)),
+            Err(e) if is_foreign(&e) => Err(e),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Starts a keeper (detached, in its own session) and waits for it.
@@ -194,7 +233,7 @@ impl Keeper {
         cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(k) = Keeper::connect(socket) {
+            if let Some(k) = Keeper::connect(socket)? {
                 return Ok(k);
             }
             if Instant::now() > deadline {
@@ -215,7 +254,7 @@ impl Keeper {
                 return Ok(answer);
             }
         }
-        let stream = UnixStream::connect(&self.socket)?;
+        let stream = connect_own(&self.socket)?;
         let answer = control::exchange_on(&stream, req, fd);
         *self.stream.borrow_mut() = answer.is_ok().then_some(stream);
         answer

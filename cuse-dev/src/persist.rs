@@ -174,7 +174,7 @@ pub enum LoadError {
 /// # Errors
 /// See [`LoadError`].
 pub fn read(path: &Path) -> Result<Loaded, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = read_nofollow(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
     })?;
@@ -212,6 +212,19 @@ pub fn read(path: &Path) -> Result<Loaded, LoadError> {
     Ok(loaded)
 }
 
+/// The whole file at `path`, which must not be a symbolic link.
+fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The journal being written.
 #[derive(Debug)]
 pub struct Journal {
@@ -236,10 +249,13 @@ impl Journal {
         // Written aside and renamed: a crash leaves the old journal or the new.
         // No fsync: the journal only has to outlive the daemon, not the
         // machine (after a machine crash the keeper's fds are gone anyway).
+        // The file is created new, never through a link left at its name,
+        // and kept open for the appends: its name is not opened again.
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)?;
+        remove_stale(&tmp)?;
+        let mut file = crate::paths::create_new(&tmp)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
         std::fs::rename(&tmp, path)?;
-        let file = std::fs::OpenOptions::new().append(true).open(path)?;
         Ok(Journal {
             path: path.to_owned(),
             file,
@@ -268,6 +284,15 @@ impl Journal {
     /// The journal's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Removes whatever a killed daemon left at `path` (unlink: a symbolic link
+/// is removed, not followed).
+fn remove_stale(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -405,6 +430,32 @@ mod tests {
         std::fs::write(&path, &good[..good.len() - 1]).unwrap();
         assert_eq!(ids(&read(&path).unwrap()), [1, 2]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_link_left_at_the_temporary_name_is_replaced_never_written_through() {
+        let path = scratch("planted");
+        let dir = path.parent().unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        let _ = std::fs::remove_file(dir.join("state.tmp"));
+        std::os::unix::fs::symlink(&victim, dir.join("state.tmp")).unwrap();
+        let [snapshot, two, _] = records();
+        let mut journal = Journal::create(&path, &snapshot).unwrap();
+        journal.append(&two).unwrap();
+        drop(journal);
+        assert!(
+            std::fs::read(&victim).unwrap() == b"secret",
+            "written through"
+        );
+        assert!(!dir.join("state.tmp").exists());
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(ids(&read(&path).unwrap()), [1, 2]);
+        // Nor is the journal read through a link.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(matches!(read(&path), Err(LoadError::Read { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 fn cstring(p: &Path) -> io::Result<CString> {
@@ -44,16 +44,35 @@ pub fn mount(
     Ok(())
 }
 
-/// Bind-mounts `src` onto `target`.
+/// Bind-mounts `src` onto the file at `target` itself, never through a
+/// symbolic link: `target` is opened `O_PATH|O_NOFOLLOW` and the mount goes
+/// onto that open file (through its `/proc/self/fd` link, which mount(2)
+/// resolves to the opened file), so the entry cannot be swapped for a link
+/// between a check and the mount. ELOOP if `target` is a symbolic link.
 pub fn bind(src: &Path, target: &Path) -> io::Result<()> {
-    mount(&src.to_string_lossy(), target, None, libc::MS_BIND, None)
+    let fd = open_flags(target, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)?;
+    if file_type(fd.as_fd())? == libc::S_IFLNK {
+        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    let at = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    mount(&src.to_string_lossy(), &at, None, libc::MS_BIND, None)
 }
 
-/// Lazily unmounts `target`.
+/// The `S_IFMT` bits of an open file (an `O_PATH` fd too).
+fn file_type(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
+    // SAFETY: stat is plain data; fstat overwrites it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid out pointer; fd is open.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// Lazily unmounts `target`, never through a symbolic link
+/// (`UMOUNT_NOFOLLOW`: a link at `target` is not followed, and is no mount).
 pub fn umount_detach(target: &Path) -> io::Result<()> {
     let t = cstring(target)?;
     // SAFETY: t is a valid C string.
-    check(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) })?;
+    check(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) })?;
     Ok(())
 }
 
@@ -422,5 +441,71 @@ pub fn raise_fd_limit() {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: as above; the soft limit may always go up to the hard one.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A scratch dir for mount tests, or None when not root.
+    fn scratch(name: &str) -> Option<PathBuf> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root (mounts)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("luo-sys-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Some(dir)
+    }
+
+    fn identity(path: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn nothing_is_unmounted_through_a_symbolic_link() {
+        let Some(dir) = scratch("umount") else { return };
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        mount("tmpfs", &mnt, Some("tmpfs"), 0, None).unwrap();
+        let mounted = identity(&mnt);
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&mnt, &link).unwrap();
+        assert!(umount_detach(&link).is_err());
+        assert_eq!(identity(&mnt), mounted, "the tmpfs was unmounted");
+        umount_detach(&mnt).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nothing_is_bound_through_a_symbolic_link() {
+        let Some(dir) = scratch("bind") else { return };
+        let src = dir.join("src");
+        std::fs::write(&src, "device").unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        let before = identity(&victim);
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let bound = bind(&src, &link);
+        let after = identity(&victim);
+        if after != before {
+            let _ = umount_detach(&victim);
+        }
+        assert_eq!(bound.unwrap_err().raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(after, before, "bound over the link's target");
+        // The file itself is bound onto, through the fd that was checked.
+        let target = dir.join("target");
+        std::fs::write(&target, "").unwrap();
+        bind(&src, &target).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "device");
+        umount_detach(&target).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
