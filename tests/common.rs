@@ -37,14 +37,17 @@ pub struct Daemon {
     pub device: PathBuf,
     pub state: PathBuf,
     child: Child,
+    /// Extra `luo daemon` arguments, kept for restarts.
+    args: Vec<String>,
 }
 
-fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)]) -> Child {
+fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)], args: &[String]) -> Child {
     Command::new(LUO)
         .args(["daemon", "--device"])
         .arg(device)
         .arg("--state-dir")
         .arg(state)
+        .args(args)
         .envs(env.iter().copied())
         .spawn()
         .expect("start luo daemon")
@@ -101,12 +104,13 @@ impl Daemon {
 
     /// A daemon on the given paths (in `dir`, removed on drop).
     pub fn start_at(dir: PathBuf, device: PathBuf, state: PathBuf) -> Daemon {
-        let child = spawn_daemon(&device, &state, &[]);
+        let child = spawn_daemon(&device, &state, &[], &[]);
         let d = Daemon {
             dir,
             device,
             state,
             child,
+            args: Vec::new(),
         };
         d.wait_ready();
         d
@@ -114,15 +118,26 @@ impl Daemon {
 
     /// A daemon with extra environment (such as a crash point).
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(env, &[])
+    }
+
+    /// A daemon with extra `luo daemon` arguments (kept for restarts).
+    pub fn start_with_args(args: &[&str]) -> Daemon {
+        Daemon::start_full(&[], args)
+    }
+
+    fn start_full(env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = temp_dir("daemon");
         let device = dir.join("liveupdate");
         let state = dir.join("state");
-        let child = spawn_daemon(&device, &state, env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_daemon(&device, &state, env, &args);
         let d = Daemon {
             dir,
             device,
             state,
             child,
+            args,
         };
         d.wait_ready();
         d
@@ -151,7 +166,7 @@ impl Daemon {
 
     /// Starts a daemon on the same state and waits until it is ready.
     pub fn start_again(&mut self) {
-        self.child = spawn_daemon(&self.device, &self.state, &[]);
+        self.child = spawn_daemon(&self.device, &self.state, &[], &self.args);
         self.wait_ready();
     }
 

@@ -492,3 +492,169 @@ fn a_keeper_socket_answered_by_another_user_is_refused() {
     drop(fake);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// ---- the control socket ---------------------------------------------------
+
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+/// `luo ARGS --state-dir STATE` as `uid`/`gid`, given at most `limit` to end
+/// (killed then): its output, and whether it ended in time.
+fn luo_as(uid: u32, gid: u32, args: &[&str], state: &Path, limit: Duration) -> (bool, String) {
+    let child = std::process::Command::new(common::LUO)
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .uid(uid)
+        .gid(gid)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let (in_time, out) = match rx.recv_timeout(limit) {
+        Ok(out) => (true, out),
+        Err(_) => {
+            // SAFETY: kill takes no pointers; the child is not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            (false, rx.recv().unwrap())
+        }
+    };
+    let ok = in_time && out.status.success();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (ok, text)
+}
+
+/// `luo status` as root must answer within `limit` while others misbehave.
+fn assert_status_answers(daemon: &common::Daemon, limit: Duration) {
+    let t = Instant::now();
+    let (ok, text) = luo_as(0, 0, &["status"], &daemon.state, limit);
+    assert!(ok, "status did not answer within {limit:?}: {text}");
+    eprintln!("status answered in {:?}", t.elapsed());
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_client_that_never_reads_its_answer_stalls_nobody"]
+fn probe_many_sessions() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let sessions: Vec<OwnedFd> = (0..3000)
+        .map(|i| create(dev.as_raw_fd(), &format!("{i:0>60}")).unwrap())
+        .collect();
+    hold_until_update(sessions);
+}
+
+#[test]
+fn a_control_client_that_trickles_its_request_stalls_nobody() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let socket = daemon.state.join("control.sock");
+    // One byte every second: the daemon used to wait for each (5 s apiece).
+    let slow = UnixStream::connect(&socket).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let trickle = std::thread::spawn(move || {
+        for b in br#"{"op":"status"}"# {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || (&slow).write_all(&[*b]).is_err()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    // And one that connects and says nothing at all.
+    let _silent = UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_status_answers(&daemon, Duration::from_secs(3));
+    assert_status_answers(&daemon, Duration::from_secs(3));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickle.join().unwrap();
+}
+
+#[test]
+fn a_client_that_never_reads_its_answer_stalls_nobody() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    // An answer far larger than a socket buffer: 3000 sessions.
+    daemon.run_probe("probe_many_sessions");
+    let socket = daemon.state.join("control.sock");
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let s = UnixStream::connect(&socket).unwrap();
+        (&s).write_all(b"{\"op\":\"status\"}\n").unwrap();
+        idle.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_status_answers(&daemon, Duration::from_secs(5));
+}
+
+#[test]
+fn a_request_without_end_is_cut_off() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let socket = daemon.state.join("control.sock");
+    let s = UnixStream::connect(&socket).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 50 << 20 {
+        match (&s).write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < 4 << 20,
+        "the daemon took {sent} bytes of a request without a newline"
+    );
+    // It said why before it closed.
+    let mut answer = String::new();
+    let _ = (&s).read_to_string(&mut answer);
+    assert!(
+        answer.contains("without a newline") || answer.is_empty(),
+        "{answer}"
+    );
+    assert_status_answers(&daemon, Duration::from_secs(3));
+}
+
+#[test]
+fn the_control_socket_serves_root_and_the_status_group_only_status() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start_with_args(&["--status-group", "65534"]);
+    let state = &daemon.state;
+    let long = Duration::from_secs(10);
+    let (ok, text) = luo_as(65534, 65534, &["status"], state, long);
+    assert!(ok, "the status group may ask for status: {text}");
+    for args in [&["update", "--simulate"][..], &["shutdown"]] {
+        let (ok, text) = luo_as(65534, 65534, args, state, long);
+        assert!(!ok, "{args:?} by the status group: {text}");
+        assert!(text.contains("only root may ask that"), "{text}");
+    }
+    // Neither root nor in the group: cannot even reach the socket.
+    let (ok, text) = luo_as(65533, 65533, &["status"], state, long);
+    assert!(!ok, "{text}");
+    assert!(daemon.status_ok(), "the daemon still serves");
+}
+
+#[test]
+fn the_control_socket_checks_who_connects_not_only_its_file_mode() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    // An administrator opens the socket to everyone by mistake.
+    chmod(&daemon.state, 0o711);
+    chmod(&daemon.state.join("control.sock"), 0o666);
+    let long = Duration::from_secs(10);
+    for args in [&["status"][..], &["update", "--simulate"], &["shutdown"]] {
+        let (ok, text) = luo_as(65534, 65534, args, &daemon.state, long);
+        assert!(!ok, "{args:?} by nobody: {text}");
+        assert!(text.contains("control requests need root"), "{text}");
+    }
+    assert!(daemon.status_ok(), "the daemon still serves");
+}

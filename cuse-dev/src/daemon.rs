@@ -31,6 +31,7 @@ use zerocopy::IntoBytes;
 
 use crate::caller::{self, CallerMem, PinnedVm, ProcessVm};
 use crate::control::{self, FileStatus, Request as CtlRequest, Response, SessionStatus};
+use crate::control_server::{ControlServer, Event, Incoming, Policy};
 use crate::deadline::{Guarded, Runner};
 use crate::fuse::{self, Channel, Op};
 use crate::fuse_abi::*;
@@ -51,6 +52,8 @@ const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_CONTROL: u64 = 4;
 const TOKEN_CUSE: u64 = 5;
 const TOKEN_LISTENER_BASE: u64 = 1 << 20;
+/// Control connections' tokens (listeners never get this far).
+const TOKEN_CONN_BASE: u64 = 1 << 48;
 
 /// Where the daemon lives.
 #[derive(Clone, Debug)]
@@ -62,6 +65,9 @@ pub struct Config {
     /// Serve the device as a CUSE character device (`/dev/NAME`) instead of
     /// a FUSE file bound onto the device path.
     pub cuse: bool,
+    /// A group whose members may ask for `status` (everything else on the
+    /// control socket is root's alone).
+    pub status_group: Option<u32>,
 }
 
 impl Config {
@@ -240,7 +246,7 @@ pub struct Daemon {
     next_fh: u64,
     device_mode: u32,
     device_owner: (u32, u32),
-    control: Option<UnixListener>,
+    control: Option<ControlServer>,
     listeners: HashMap<u64, Rc<Listener>>,
     next_listener: u64,
     created_device: bool,
@@ -702,7 +708,8 @@ impl Daemon {
             if !self.backlog.is_empty() {
                 self.drain_fuse();
             }
-            let events = setup(|| "wait for events".into(), self.epoll.wait(-1))?;
+            let timeout = self.expire_control();
+            let events = setup(|| "wait for events".into(), self.epoll.wait(timeout))?;
             for (token, events) in events {
                 match token {
                     TOKEN_FUSE | TOKEN_CUSE => self.drain_fuse(),
@@ -711,7 +718,8 @@ impl Daemon {
                         log::info(format_args!("termination signal received; stopping"));
                         self.stop = true;
                     }
-                    TOKEN_CONTROL => self.on_control(),
+                    TOKEN_CONTROL => self.accept_control(),
+                    t if t >= TOKEN_CONN_BASE => self.on_control(t),
                     t => self.on_notification(t, events),
                 }
                 if self.stop {
@@ -800,14 +808,21 @@ impl Daemon {
             UnixListener::bind(&path),
         )?;
         setup(
+            || format!("restrict {}", path.display()),
+            crate::paths::share_with_group(&path, &self.cfg.state_dir, self.cfg.status_group),
+        )?;
+        let policy = Policy {
+            status_group: self.cfg.status_group,
+        };
+        let server = setup(
             || "make the control socket non-blocking".into(),
-            listener.set_nonblocking(true),
+            ControlServer::new(listener, policy, TOKEN_CONN_BASE),
         )?;
         setup(
             || "watch the control socket".into(),
-            self.epoll.add(listener.as_raw_fd(), TOKEN_CONTROL),
+            self.epoll.add(server.listener().as_raw_fd(), TOKEN_CONTROL),
         )?;
-        self.control = Some(listener);
+        self.control = Some(server);
         log::info(format_args!(
             "serving {} (control socket {})",
             self.cfg.device.display(),
@@ -1548,35 +1563,38 @@ impl Daemon {
 
     // ---- control socket ---------------------------------------------------
 
-    fn on_control(&mut self) {
-        let Some(listener) = &self.control else {
-            return;
-        };
-        let Ok((stream, _)) = listener.accept() else {
-            return;
-        };
-        let _ = stream.set_nonblocking(false);
-        let response = match control::recv_line(&stream) {
-            Ok((req, fd)) => self.control_request(req, fd, &stream),
-            Err(e) => Response::error(format!("unreadable request: {e}")),
-        };
-        let _ = control::send_line(&stream, &response, None);
+    fn accept_control(&mut self) {
+        if let Some(c) = &mut self.control {
+            c.accept(&self.epoll);
+        }
     }
 
-    fn control_request(
-        &mut self,
-        req: CtlRequest,
-        fd: Option<OwnedFd>,
-        stream: &std::os::unix::net::UnixStream,
-    ) -> Response {
-        match req {
+    /// Drops stalled control connections; the event loop's timeout (ms).
+    fn expire_control(&mut self) -> i32 {
+        let next = self.control.as_mut().and_then(|c| c.expire(&self.epoll));
+        next.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32 + 1)
+    }
+
+    fn on_control(&mut self, token: u64) {
+        let Some(c) = &mut self.control else { return };
+        let Event::Request(incoming) = c.on_event(token, &self.epoll) else {
+            return;
+        };
+        let response = self.control_request(incoming, token);
+        if let Some(c) = &mut self.control {
+            c.answer(token, &response, &self.epoll);
+        }
+    }
+
+    fn control_request(&mut self, incoming: Incoming, token: u64) -> Response {
+        match incoming.request {
             CtlRequest::Status => self.status(),
-            CtlRequest::Register => match fd {
-                Some(fd) => self.register(fd, sys::peer_pid(stream.as_fd()).unwrap_or(0)),
+            CtlRequest::Register => match incoming.fd {
+                Some(fd) => self.register(fd, incoming.pid),
                 None => Response::error("register needs a seccomp listener fd attached"),
             },
             CtlRequest::Update => self.simulate_update(),
-            CtlRequest::KexecPrepare => self.kexec_prepare(stream),
+            CtlRequest::KexecPrepare => self.kexec_prepare(token),
             CtlRequest::KexecAbort => self.kexec_abort(),
             CtlRequest::Shutdown => {
                 self.stop = true;
@@ -1616,7 +1634,7 @@ impl Daemon {
     /// Freezes the old workload and every outgoing session, stashes each
     /// preserved memfd through kmod-shim and publishes the state for the next
     /// kernel. On any failure everything is undone and nothing changed.
-    fn kexec_prepare(&mut self, stream: &std::os::unix::net::UnixStream) -> Response {
+    fn kexec_prepare(&mut self, token: u64) -> Response {
         let shim = match crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) {
             Ok(s) => s,
             Err(e) => {
@@ -1645,15 +1663,21 @@ impl Daemon {
             self.thaw_workload();
             return Response::error(format!("kexec aborted, nothing changed: {f}"));
         }
+        // Progress goes out as the client takes it (never waiting on it).
+        let mut control = self.control.take();
         let mut progress = |text: String| {
             let line = Response {
                 ok: true,
                 progress: Some(text),
                 ..Response::default()
             };
-            let _ = control::send_line(stream, &line, None);
+            if let Some(c) = &mut control {
+                c.progress(token, &line);
+            }
         };
-        match self.stash_and_publish(&shim, &mut progress) {
+        let stashed = self.stash_and_publish(&shim, &mut progress);
+        self.control = control;
+        match stashed {
             Ok((files, bytes)) => {
                 let message = format!(
                     "stashed {files} files ({} MiB) and the state of {} sessions in {:.1} ms; ready to reboot",

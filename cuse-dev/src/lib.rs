@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod caller;
 pub mod control;
+pub mod control_server;
 pub mod daemon;
 pub mod deadline;
 pub mod demo;

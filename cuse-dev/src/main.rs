@@ -36,6 +36,10 @@ enum Command {
         /// must then be /dev/NAME) instead of a FUSE file bound onto the path.
         #[arg(long)]
         cuse: bool,
+        /// Let the members of this group (a name or a number) ask for
+        /// `status` on the control socket; everything else stays root's.
+        #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+        status_group: Option<u32>,
     },
     /// Run a program (and its descendants) so that ioctls returning fds work.
     Run {
@@ -222,10 +226,12 @@ fn main() -> ExitCode {
             device,
             state_dir,
             cuse,
+            status_group,
         } => match Daemon::run(Config {
             device,
             state_dir,
             cuse,
+            status_group,
         }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -539,6 +545,10 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    if !resp.ok {
+        eprintln!("luo: {}", resp.error.unwrap_or_default());
+        return ExitCode::FAILURE;
+    }
     if json {
         println!(
             "{}",
@@ -614,4 +624,20 @@ fn update(state_dir: &std::path::Path) -> ExitCode {
         }
         Err(code) => code,
     }
+}
+
+/// A group by name or number.
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(text).map_err(|_| format!("{text:?} is no group name"))?;
+    // SAFETY: name is a valid C string; the result is read at once, before
+    // any other getgr* call.
+    let group = unsafe { libc::getgrnam(name.as_ptr()) };
+    if group.is_null() {
+        return Err(format!("there is no group {text:?}"));
+    }
+    // SAFETY: getgrnam returned a valid group entry.
+    Ok(unsafe { (*group).gr_gid })
 }

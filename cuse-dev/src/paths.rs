@@ -204,6 +204,28 @@ pub fn secure_state_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets who may reach the control socket `socket` in `state_dir`: root
+/// alone (socket 0600), or also the members of `status_group` (state dir
+/// 0710 and socket 0660, both of that group), who may then ask for `status`.
+///
+/// # Errors
+/// I/O errors.
+pub fn share_with_group(
+    socket: &Path,
+    state_dir: &Path,
+    status_group: Option<u32>,
+) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(gid) = status_group else {
+        return std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+    };
+    for (path, mode) in [(state_dir, 0o710), (socket, 0o660)] {
+        std::os::unix::fs::lchown(path, Some(0), Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
 /// A directory only the daemon's user may change (created 0755 if missing),
 /// reached without symbolic links: for files others read but must not plant.
 ///

@@ -247,6 +247,17 @@ impl Epoll {
         Ok(())
     }
 
+    /// Watches `fd` (already added under `token`) for room to write instead.
+    pub fn watch_output(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLOUT as u32,
+            u64: token,
+        };
+        // SAFETY: ev is a valid epoll_event.
+        check(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) })?;
+        Ok(())
+    }
+
     /// Stops watching `fd`.
     pub fn delete(&self, fd: RawFd) {
         // SAFETY: a null event is allowed for EPOLL_CTL_DEL.
@@ -388,7 +399,9 @@ pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
     peer_cred(sock).map(|c| c.uid)
 }
 
-fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<libc::ucred> {
+/// The peer's credentials on a unix socket (`SO_PEERCRED`), as they were
+/// when it connected.
+pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<libc::ucred> {
     // SAFETY: ucred is plain data.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -403,6 +416,33 @@ fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<libc::ucred> {
         )
     })?;
     Ok(cred)
+}
+
+/// The peer's supplementary groups on a unix socket (`SO_PEERGROUPS`).
+pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: groups/len describe a writable buffer of len bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            groups.truncate(len as usize / 4);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || len as usize <= groups.len() * 4 {
+            return Err(e);
+        }
+        groups.resize(len as usize / 4, 0);
+    }
 }
 
 /// Whether `fd` has something to read right now.

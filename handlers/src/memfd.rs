@@ -143,6 +143,13 @@ impl FileHandler for MemfdHandler {
     }
 
     fn can_preserve(&self, file: BorrowedFd<'_>) -> bool {
+        // F_GET_SEALS answers for shmem and hugetlbfs files alone, from the
+        // inode, and fails for every other file without asking its
+        // filesystem: the fstat below never reaches a FUSE or network
+        // filesystem that could leave the daemon waiting.
+        if sys::get_seals(file).is_err() {
+            return false;
+        }
         let Ok(st) = sys::fstat(file) else {
             return false;
         };

@@ -68,6 +68,11 @@ pub trait FileHandler: Send {
     fn compatible(&self) -> &'static str;
 
     /// Whether this handler takes the file (`can_preserve`).
+    ///
+    /// The file is any fd a caller passed. Deciding must never wait on the
+    /// file's filesystem (a FUSE or network file's `fstat` can wait forever
+    /// on a server that does not answer): recognise the file by something
+    /// answered from the inode or the open file alone before anything else.
     fn can_preserve(&self, file: BorrowedFd<'_>) -> bool;
 
     /// Identity of the underlying object (`get_id`).
