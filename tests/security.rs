@@ -6,6 +6,7 @@
 
 mod client;
 mod common;
+mod stuck_fuse;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -657,4 +658,114 @@ fn the_control_socket_checks_who_connects_not_only_its_file_mode() {
         assert!(text.contains("control requests need root"), "{text}");
     }
     assert!(daemon.status_ok(), "the daemon still serves");
+}
+
+// ---- callers that would stall the daemon -----------------------------------
+
+fn pipe_pair() -> [i32; 2] {
+    let mut p = [0; 2];
+    // SAFETY: p has room for two fds.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    p
+}
+
+/// A page of the stuck filesystem's file, mapped (nothing read yet).
+fn stuck_page(path: &str) -> (OwnedFd, *mut u8) {
+    let f = open_with(path, libc::O_RDONLY).unwrap();
+    // SAFETY: maps 4 KiB of a file we hold; nothing is read until touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    (f, p.cast())
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_caller_on_a_filesystem_that_never_answers_stalls_nobody"]
+fn probe_stuck_fuse() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_nobody();
+    let s = create(dev.as_raw_fd(), "s").unwrap();
+    let file = std::env::var("LUO_STUCK_FILE").unwrap();
+    let (f, page) = stuck_page(&file);
+    // Its fd: no handler takes it, and nothing asks its filesystem.
+    assert_eq!(preserve(s.as_raw_fd(), f.as_raw_fd(), 1), Err(libc::ENOENT));
+    // Its pages as an ioctl struct: the daemon gives up on them. (A child
+    // asks: the access left waiting holds its address space's lock, so its
+    // own next page fault would wait too. That harms only itself.)
+    let [r, w] = pipe_pair();
+    // SAFETY: the child makes two ioctls, writes their errnos and exits.
+    if unsafe { libc::fork() } == 0 {
+        let errnos = [
+            ioctl_ptr(s.as_raw_fd(), GET_NAME, page).err().unwrap_or(0),
+            ioctl_ptr(dev.as_raw_fd(), CREATE, page).err().unwrap_or(0),
+        ];
+        // SAFETY: writes a live buffer, then ends without unwinding.
+        unsafe {
+            libc::write(w, errnos.as_ptr().cast(), 8);
+            libc::_exit(0);
+        }
+    }
+    let mut errnos = [0i32; 2];
+    // SAFETY: reads into a live buffer of its own length.
+    assert_eq!(unsafe { libc::read(r, errnos.as_mut_ptr().cast(), 8) }, 8);
+    assert_eq!(errnos, [libc::EFAULT; 2], "through FUSE, and trapped");
+    // And serves us as ever.
+    let m = memfd();
+    preserve(s.as_raw_fd(), m.as_raw_fd(), 2).unwrap();
+    assert_eq!(get_name(s.as_raw_fd()).unwrap(), "s");
+    // Closing it would wait on the server too (FLUSH); the test's end
+    // aborts the filesystem, and then this process can exit.
+    std::mem::forget(f);
+}
+
+#[test]
+fn a_caller_on_a_filesystem_that_never_answers_stalls_nobody() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start();
+    let fs = stuck_fuse::StuckFs::mount(&daemon.dir.join("stuck"));
+    let mut probe = daemon.probe_command("probe_stuck_fuse");
+    probe.env("LUO_STUCK_FILE", fs.file());
+    probe.stdout(std::process::Stdio::piped());
+    let mut child = probe.spawn().unwrap();
+    // The probe's own closes of the stuck file wait until the filesystem
+    // goes away: read its verdict, then abort the filesystem, then reap it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut text = String::new();
+    while !text.contains("test result") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => text.push_str(&(line + "\n")),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the daemon stalled on the stuck filesystem:\n{text}");
+            }
+        }
+    }
+    assert!(text.contains("1 passed"), "{text}");
+    assert!(daemon.alive(), "the daemon died");
+    assert_status_answers(&daemon, Duration::from_secs(3));
+    assert!(
+        fs.ignored.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the daemon never touched the stuck file: the test tested nothing"
+    );
+    drop(fs);
+    assert!(child.wait().unwrap().success());
 }

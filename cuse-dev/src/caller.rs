@@ -99,6 +99,7 @@ impl CallerMem for ProcessVm {
 pub struct PinnedVm {
     mem: OwnedFd,
     maps: OwnedFd,
+    status: OwnedFd,
 }
 
 /// `struct procmap_query` (`include/uapi/linux/fs.h`, Linux 6.11).
@@ -149,19 +150,28 @@ impl PinnedVm {
         Ok(PinnedVm {
             mem: open("mem", libc::O_RDWR)?,
             maps: open("maps", libc::O_RDONLY)?,
+            status: open("status", libc::O_RDONLY)?,
         })
     }
 
-    /// The owner of the address space (the caller's effective uid, or root
-    /// for a process that is not dumpable).
+    /// The caller's effective uid (`Uid:` in `/proc/TID/status`, read
+    /// through the pinned file; root if it cannot be read).
     pub fn uid(&self) -> u32 {
-        // SAFETY: all-zero is a valid stat to overwrite.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: the fd is open; st is a valid out pointer.
-        if unsafe { libc::fstat(self.mem.as_raw_fd(), &mut st) } != 0 {
-            return 0;
-        }
-        st.st_uid
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into a live buffer of its own length.
+        let n = unsafe {
+            libc::pread(
+                self.status.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        let text = String::from_utf8_lossy(&buf[..n.max(0) as usize]);
+        text.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// EFAULT unless every byte of `[addr, addr+len)` lies in mappings with

@@ -150,6 +150,9 @@ impl Caller {
         if !listener.id_valid(id) {
             return Err(Errno::ESRCH);
         }
+        if runner.over_limit(mem.uid()) {
+            return Err(Errno::EAGAIN);
+        }
         Ok(Caller {
             tid,
             uid: mem.uid(),
@@ -219,6 +222,23 @@ impl Caller {
             return Err(Errno::ESRCH);
         }
         self.mem().write(addr, bytes)
+    }
+
+    /// Closes a copy of one of the caller's fds that the daemon does not
+    /// keep, off the daemon's thread: closing a file of a filesystem that
+    /// does not answer (FUSE `FLUSH`) would wait for good.
+    fn dispose(&self, file: OwnedFd) {
+        if self.runner.over_limit(self.uid) {
+            // No thread may be spent on this uid; the copy stays open.
+            std::mem::forget(file);
+            return;
+        }
+        if self.runner.run(self.uid, move || drop(file)).is_err() {
+            log::warn(format_args!(
+                "closing a file pid {} passed did not finish; it is left to a helper thread",
+                self.tid
+            ));
+        }
     }
 }
 
@@ -1185,7 +1205,12 @@ impl Daemon {
             Err(Errno::EPERM)
         } else {
             let caller = Caller::fuse(h.pid as i32, h.uid, &self.runner);
-            self.ioctl(h.nodeid, io.cmd, io.arg, &caller)
+            if self.runner.over_limit(h.uid) {
+                // Its earlier calls left helper threads waiting for good.
+                Err(Errno::EAGAIN)
+            } else {
+                self.ioctl(h.nodeid, io.cmd, io.arg, &caller)
+            }
         };
         match result {
             Ok(()) => self.chan.reply_struct(h.unique, &IoctlOut::default()),
@@ -1297,7 +1322,7 @@ impl Daemon {
         match d.op.cmd {
             uapi::PRESERVE_FD => {
                 let a: uapi::FdArgs = d.get();
-                let file = caller.get_fd(a.fd).and_then(|f| self.foreign(f));
+                let file = caller.get_fd(a.fd).and_then(|f| self.foreign(f, caller));
                 self.store.preserve_fd(sid, a.token, file)?;
                 caller.write(arg, &d.buf[..d.respond_len()])
             }
@@ -1341,10 +1366,16 @@ impl Daemon {
 
     /// Refuses our own device and session files as files to preserve (no
     /// handler takes them, as in the kernel); handlers must never `fstat` them,
-    /// since that would wait on this very thread.
-    fn foreign(&mut self, file: OwnedFd) -> Result<OwnedFd> {
+    /// since that would wait on this very thread. A file no handler takes is
+    /// closed off this thread: the close of a FUSE file waits for its
+    /// server's answer to `FLUSH`.
+    fn foreign(&mut self, file: OwnedFd, caller: &Caller) -> Result<OwnedFd> {
         let (dev, _) = sys::dev_ino(file.as_fd())?;
         if dev == self.fs_dev {
+            return Err(Errno::ENOENT);
+        }
+        if !self.store.takes(file.as_fd()) {
+            caller.dispose(file);
             return Err(Errno::ENOENT);
         }
         Ok(file)
@@ -1545,20 +1576,23 @@ impl Daemon {
     fn trapped(&mut self, caller: &Caller, fd: i32, cmd: u32, arg: u64) -> Option<Result<()>> {
         // The copy only identifies the file; it is closed at once so that it
         // is never the reference that keeps a dead caller's file open.
-        let identity = caller
-            .get_fd(fd)
-            .and_then(|file| Ok(sys::file_identity(file.as_fd())?));
-        let id = match identity {
-            Ok(id) => id,
+        let file = match caller.get_fd(fd) {
+            Ok(file) => file,
             Err(e) => return Some(Err(e)),
         };
-        if id.chr && self.cuse_rdev.is_some_and(|r| r == id.rdev) {
-            return Some(self.ioctl(DEVICE_INO, cmd, arg, caller));
-        }
-        if id.chr || id.dev != self.fs_dev {
-            return None;
-        }
-        Some(self.ioctl(id.ino, cmd, arg, caller))
+        let id = sys::file_identity(file.as_fd());
+        let ino = match id {
+            Ok(id) if id.chr && self.cuse_rdev.is_some_and(|r| r == id.rdev) => DEVICE_INO,
+            Ok(id) if !id.chr && id.dev == self.fs_dev => id.ino,
+            // Not ours: the kernel runs the ioctl.
+            _ => {
+                caller.dispose(file);
+                return None;
+            }
+        };
+        // Ours (opened FOPEN_NOFLUSH, or the CUSE device): closing sends nothing.
+        drop(file);
+        Some(self.ioctl(ino, cmd, arg, caller))
     }
 
     // ---- control socket ---------------------------------------------------

@@ -58,7 +58,7 @@ impl Runner {
         uid: u32,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> std::result::Result<T, Missed> {
-        if self.stuck_jobs(uid) >= STUCK_PER_UID {
+        if self.over_limit(uid) {
             return Err(Missed::TooManyStuck);
         }
         let slot = Arc::new((Mutex::new(Slot::Running), Condvar::new()));
@@ -76,6 +76,12 @@ impl Runner {
         });
         self.submit(wrapped).ok_or(Missed::TooManyStuck)?;
         self.wait(&slot, uid).ok_or(Missed::Deadline)
+    }
+
+    /// Whether `uid` has [`STUCK_PER_UID`] stuck jobs: its calls should be
+    /// refused before they take anything from it.
+    pub fn over_limit(&self, uid: u32) -> bool {
+        self.stuck_jobs(uid) >= STUCK_PER_UID
     }
 
     fn stuck_jobs(&self, uid: u32) -> usize {

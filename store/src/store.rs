@@ -233,6 +233,12 @@ impl Store {
         Ok((s.direction, s.retrieved))
     }
 
+    /// Whether any registered handler takes `file` (`can_preserve`, which
+    /// never waits on the file's filesystem).
+    pub fn takes(&self, file: BorrowedFd<'_>) -> bool {
+        self.handlers.iter().any(|h| h.can_preserve(file))
+    }
+
     /// SESSION_PRESERVE_FD (`luo_preserve_file`). `file` is the caller's fd as
     /// resolved by the device (its error is reported after the token check, as
     /// the kernel does).
