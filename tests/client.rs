@@ -104,12 +104,42 @@ pub fn retrieve_fd(session: RawFd, token: u64) -> Result<OwnedFd, i32> {
 
 /// Becomes `nobody` (uid and gid 65534, no supplementary groups) for good.
 pub fn become_nobody() {
+    become_uid(65534);
+}
+
+/// Becomes `uid` (and gid `uid`, no supplementary groups) for good.
+pub fn become_uid(uid: u32) {
     // SAFETY: plain credential syscalls; glibc applies them to every thread.
     unsafe {
         assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
-        assert_eq!(libc::setgid(65534), 0);
-        assert_eq!(libc::setuid(65534), 0);
+        assert_eq!(libc::setgid(uid), 0);
+        assert_eq!(libc::setuid(uid), 0);
     }
+}
+
+/// Runs `f` as `uid` in a forked child and asserts it passed (a panic in
+/// it is reported on stderr and fails the caller).
+pub fn in_child_as(uid: u32, f: impl FnOnce()) {
+    // SAFETY: the child runs `f` and _exits; it never returns into the test
+    // harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        let passed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            become_uid(uid);
+            f();
+        }))
+        .is_ok();
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(if passed { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: pid is our child; status is a valid out pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the part run as uid {uid} failed (status {status:#x})"
+    );
 }
 
 pub fn memfd() -> OwnedFd {

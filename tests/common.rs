@@ -37,20 +37,53 @@ pub struct Daemon {
     pub device: PathBuf,
     pub state: PathBuf,
     child: Child,
-    /// Extra `luo daemon` arguments, kept for restarts.
-    args: Vec<String>,
+    launch: Launch,
 }
 
-fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)], args: &[String]) -> Child {
-    Command::new(LUO)
-        .args(["daemon", "--device"])
+/// How a daemon is started, the first time and at every restart.
+#[derive(Default)]
+struct Launch {
+    /// Extra `luo daemon` arguments.
+    args: Vec<String>,
+    /// Where its stderr goes, if it is kept (see [`Daemon::log`]).
+    log: Option<PathBuf>,
+    /// Its `RLIMIT_NOFILE` (soft and hard), if not ours.
+    nofile: Option<u64>,
+}
+
+fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)], launch: &Launch) -> Child {
+    let mut c = Command::new(LUO);
+    c.args(["daemon", "--device"])
         .arg(device)
         .arg("--state-dir")
         .arg(state)
-        .args(args)
-        .envs(env.iter().copied())
-        .spawn()
-        .expect("start luo daemon")
+        .args(&launch.args)
+        .envs(env.iter().copied());
+    if let Some(log) = &launch.log {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        c.stderr(file);
+    }
+    if let Some(n) = launch.nofile {
+        use std::os::unix::process::CommandExt;
+        let lim = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: setrlimit is async-signal-safe and lim lives in the closure.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    c.spawn().expect("start luo daemon")
 }
 
 /// A fresh temp dir (root-owned, 0755) for tests that lay out their own paths.
@@ -104,13 +137,14 @@ impl Daemon {
 
     /// A daemon on the given paths (in `dir`, removed on drop).
     pub fn start_at(dir: PathBuf, device: PathBuf, state: PathBuf) -> Daemon {
-        let child = spawn_daemon(&device, &state, &[], &[]);
+        let launch = Launch::default();
+        let child = spawn_daemon(&device, &state, &[], &launch);
         let d = Daemon {
             dir,
             device,
             state,
             child,
-            args: Vec::new(),
+            launch,
         };
         d.wait_ready();
         d
@@ -118,29 +152,51 @@ impl Daemon {
 
     /// A daemon with extra environment (such as a crash point).
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
-        Daemon::start_full(env, &[])
+        Daemon::start_in(env, |_| Launch::default())
     }
 
-    /// A daemon with extra `luo daemon` arguments (kept for restarts).
+    /// A daemon with extra `luo daemon` arguments (given again at every
+    /// restart), its stderr kept for [`Daemon::log`].
     pub fn start_with_args(args: &[&str]) -> Daemon {
-        Daemon::start_full(&[], args)
+        Daemon::start_with_fd_limit(None, args)
     }
 
-    fn start_full(env: &[(&str, &str)], args: &[&str]) -> Daemon {
+    /// [`Daemon::start_with_args`] with the daemon's `RLIMIT_NOFILE` set
+    /// (soft and hard) to `nofile`, if given.
+    pub fn start_with_fd_limit(nofile: Option<u64>, args: &[&str]) -> Daemon {
+        Daemon::start_in(&[], |dir| Launch {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: Some(dir.join("daemon.log")),
+            nofile,
+        })
+    }
+
+    fn start_in(env: &[(&str, &str)], launch: impl FnOnce(&Path) -> Launch) -> Daemon {
         let dir = temp_dir("daemon");
         let device = dir.join("liveupdate");
         let state = dir.join("state");
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let child = spawn_daemon(&device, &state, env, &args);
+        let launch = launch(&dir);
+        let child = spawn_daemon(&device, &state, env, &launch);
         let d = Daemon {
             dir,
             device,
             state,
             child,
-            args,
+            launch,
         };
         d.wait_ready();
         d
+    }
+
+    /// What the daemon (and every restarted one) wrote to stderr, if it was
+    /// started with [`Daemon::start_with_args`].
+    pub fn log(&self) -> String {
+        let path = self
+            .launch
+            .log
+            .as_ref()
+            .expect("a daemon whose stderr is kept");
+        std::fs::read_to_string(path).unwrap()
     }
 
     fn wait_ready(&self) {
@@ -166,7 +222,7 @@ impl Daemon {
 
     /// Starts a daemon on the same state and waits until it is ready.
     pub fn start_again(&mut self) {
-        self.child = spawn_daemon(&self.device, &self.state, &[], &self.args);
+        self.child = spawn_daemon(&self.device, &self.state, &[], &self.launch);
         self.wait_ready();
     }
 
@@ -265,6 +321,16 @@ impl Daemon {
     /// Waits for the daemon to exit by itself (a crash point).
     pub fn wait_exit(&mut self) {
         let _ = self.child.wait();
+    }
+
+    /// The daemon's soft `RLIMIT_NOFILE` (from `/proc/PID/limits`).
+    pub fn fd_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id())).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        line.split_whitespace().nth(3).unwrap().parse().unwrap()
     }
 
     pub fn alive(&mut self) -> bool {

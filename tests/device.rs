@@ -377,6 +377,12 @@ fn a_refused_freeze_changes_nothing() {
     let err = String::from_utf8_lossy(&update.stderr);
     assert!(err.contains("update aborted, nothing changed"), "{err}");
     assert!(err.contains("token 0x77") && err.contains("EPERM"), "{err}");
+    // It names whose session refused: the tree it was made in and the uid.
+    assert!(
+        err.contains("session resized (luo run tree of pid "),
+        "{err}"
+    );
+    assert!(err.contains(", uid 0) token 0x77 (memfd-v1)"), "{err}");
     let status = daemon.status_json();
     assert_eq!(status["epoch"], 0);
     let sessions = status["sessions"].as_array().unwrap();

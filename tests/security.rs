@@ -9,7 +9,7 @@ mod common;
 mod stuck_fuse;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
 use client::*;
 
@@ -768,4 +768,339 @@ fn a_caller_on_a_filesystem_that_never_answers_stalls_nobody() {
     );
     drop(fs);
     assert!(child.wait().unwrap().success());
+}
+
+// ---- Limits per owner ---------------------------------------------------
+
+/// Sessions created (each kept) until one fails; returns them and the errno.
+fn create_until_refused(dev: i32, prefix: &str) -> (Vec<OwnedFd>, i32) {
+    let mut made = Vec::new();
+    loop {
+        match create(dev, &format!("{prefix}{}", made.len() + 1)) {
+            Ok(s) => made.push(s),
+            Err(e) => return (made, e),
+        }
+        assert!(made.len() < 1000, "no limit");
+    }
+}
+
+/// Fresh memfds preserved into `session` until one fails; returns them, the
+/// refused memfd (still ours) and the errno.
+fn preserve_until_refused(session: i32, first_token: u64) -> (Vec<OwnedFd>, OwnedFd, i32) {
+    let mut done = Vec::new();
+    loop {
+        let m = memfd_with(b"ours").into();
+        let token = first_token + done.len() as u64;
+        match preserve(session, std::os::fd::AsRawFd::as_raw_fd(&m), token) {
+            Ok(()) => done.push(m),
+            Err(e) => return (done, m, e),
+        }
+        assert!(done.len() < 1000, "no limit");
+    }
+}
+
+/// Keeps `fds` open until the update, without the device (which only one
+/// process may have open at a time): `dev` is this process's copy, closed
+/// first so that the holder does not inherit it.
+fn hold_without_device(dev: i32, fds: Vec<OwnedFd>) {
+    // SAFETY: closing our own fd, which no one uses after this.
+    unsafe { libc::close(dev) };
+    hold_until_update(fds);
+}
+
+/// The refused memfd is still the caller's, with what it held.
+fn assert_still_ours(m: OwnedFd) {
+    let mut f = std::fs::File::from(m);
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut back = String::new();
+    f.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "ours");
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_unprivileged_owner_stops_exactly_at_its_limits_and_root_does_not"]
+fn probe_nobody_to_its_limits() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_nobody();
+    let d = dev.as_raw_fd();
+    let (mut sessions, err) = create_until_refused(d, "n");
+    assert_eq!((sessions.len(), err), (3, libc::EMFILE), "sessions");
+    let (mut files, refused, err) = preserve_until_refused(sessions[0].as_raw_fd(), 1);
+    assert_eq!((files.len(), err), (5, libc::ENOSPC), "files");
+    assert_still_ours(refused);
+    // Into another of its sessions, too: the files count per uid.
+    let (more, _, err) = preserve_until_refused(sessions[1].as_raw_fd(), 1);
+    assert_eq!((more.len(), err), (0, libc::ENOSPC));
+    // Nothing was lost: every session is there, with its name.
+    for (i, s) in sessions.iter().enumerate() {
+        assert_eq!(get_name(s.as_raw_fd()).unwrap(), format!("n{}", i + 1));
+    }
+    // A session closed makes room at once (the close is seen first).
+    drop(sessions.pop());
+    let again = create(d, "again").unwrap();
+    assert_eq!(create(d, "over").err(), Some(libc::EMFILE));
+    drop(again);
+    // Kept: 2 sessions, 5 files.
+    files.extend(sessions);
+    hold_without_device(dev.into_raw_fd(), files);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_unprivileged_owner_stops_exactly_at_its_limits_and_root_does_not"]
+fn probe_root_past_the_limits() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let tag = std::process::id();
+    let mut keep = Vec::new();
+    for i in 0..6 {
+        keep.push(create(dev.as_raw_fd(), &format!("root-{tag}-{i}")).unwrap());
+    }
+    let s = keep[0].as_raw_fd();
+    for token in 0..8 {
+        let m = memfd();
+        preserve(s, m.as_raw_fd(), token).unwrap();
+        keep.push(m);
+    }
+    hold_without_device(dev.into_raw_fd(), keep);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_unprivileged_owner_stops_exactly_at_its_limits_and_root_does_not"]
+fn probe_nobody_after_restart() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_nobody();
+    // Its 2 sessions and 5 files from before the restart still count.
+    let d = dev.as_raw_fd();
+    let (sessions, err) = create_until_refused(d, "after");
+    assert_eq!((sessions.len(), err), (1, libc::EMFILE), "sessions");
+    let (files, refused, err) = preserve_until_refused(sessions[0].as_raw_fd(), 1);
+    assert_eq!((files.len(), err), (0, libc::ENOSPC), "files");
+    assert_still_ours(refused);
+}
+
+#[test]
+fn an_unprivileged_owner_stops_exactly_at_its_limits_and_root_does_not() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start_with_args(&[
+        "--max-sessions-per-uid",
+        "3",
+        "--max-files-per-uid",
+        "5",
+    ]);
+    daemon.run_probe("probe_nobody_to_its_limits");
+    daemon.run_probe("probe_root_past_the_limits");
+    let log = daemon.log();
+    for line in [
+        ", uid 65534 is at its limit of 3 sessions per uid; refused with EMFILE \
+         (--max-sessions-per-uid)",
+        ", uid 65534 is at its limit of 5 files per uid; refused with ENOSPC \
+         (--max-files-per-uid)",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
+    assert!(log.contains("luo run tree of pid "), "{log}");
+    // The owners are in the journal: a restarted daemon counts them again.
+    daemon.restart_after(libc::SIGKILL);
+    daemon.run_probe("probe_nobody_after_restart");
+    daemon.run_probe("probe_root_past_the_limits");
+    let sessions = daemon.status_json()["sessions"].as_array().unwrap().len();
+    assert_eq!(sessions, 2 + 6 + 6, "nobody's 2, root's 6 twice");
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_luo_run_tree_stops_at_its_limits_whatever_uids_it_runs_as"]
+fn probe_two_uids_in_one_tree() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let d = dev.as_raw_fd();
+    in_child_as(65534, || {
+        let a = create(d, "a1").unwrap();
+        let b = create(d, "a2").unwrap();
+        let mut keep = Vec::new();
+        for token in 0..2 {
+            let m = memfd();
+            preserve(a.as_raw_fd(), m.as_raw_fd(), token).unwrap();
+            keep.push(m);
+        }
+        keep.extend([a, b]);
+        hold_without_device(d, keep);
+    });
+    in_child_as(65533, || {
+        // The tree holds 2 sessions and 2 files of uid 65534.
+        let (sessions, err) = create_until_refused(d, "b");
+        assert_eq!(
+            (sessions.len(), err),
+            (1, libc::EMFILE),
+            "sessions per tree"
+        );
+        let (mut files, refused, err) = preserve_until_refused(sessions[0].as_raw_fd(), 1);
+        assert_eq!((files.len(), err), (2, libc::ENOSPC), "files per tree");
+        assert_still_ours(refused);
+        files.extend(sessions);
+        hold_without_device(d, files);
+    });
+    // Root in the same tree is not limited.
+    let r = create(d, "root").unwrap();
+    let m = memfd();
+    preserve(r.as_raw_fd(), m.as_raw_fd(), 1).unwrap();
+    hold_without_device(dev.into_raw_fd(), vec![r, m]);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_luo_run_tree_stops_at_its_limits_whatever_uids_it_runs_as"]
+fn probe_another_tree() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_uid(65533);
+    let (sessions, err) = create_until_refused(dev.as_raw_fd(), "c");
+    assert_eq!(
+        (sessions.len(), err),
+        (3, libc::EMFILE),
+        "a tree of its own"
+    );
+}
+
+#[test]
+fn a_luo_run_tree_stops_at_its_limits_whatever_uids_it_runs_as() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start_with_args(&[
+        "--max-sessions-per-tree",
+        "3",
+        "--max-files-per-tree",
+        "4",
+    ]);
+    daemon.run_probe("probe_two_uids_in_one_tree");
+    daemon.run_probe("probe_another_tree");
+    let log = daemon.log();
+    for line in [
+        "is at its limit of 3 sessions per tree (uid 65533 asked); refused with EMFILE \
+         (--max-sessions-per-tree)",
+        "is at its limit of 4 files per tree (uid 65533 asked); refused with ENOSPC \
+         (--max-files-per-tree)",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
+}
+
+/// `comm` of this test binary: its file name, cut to 15 bytes.
+fn own_comm() -> String {
+    let exe = std::env::current_exe().unwrap();
+    let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+    name.chars().take(15).collect()
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_update_refused_by_a_resized_memfd_names_the_tree_that_blocks_it"]
+fn probe_nobody_resizes_what_it_preserved() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_nobody();
+    let s = create(dev.as_raw_fd(), "vetoed").unwrap();
+    let m = memfd();
+    preserve(s.as_raw_fd(), m.as_raw_fd(), 0x77).unwrap();
+    // SAFETY: ftruncate takes no pointers.
+    assert_eq!(unsafe { libc::ftruncate(m.as_raw_fd(), 4096) }, 0);
+    println!("TREE ROOT PID {}", std::process::id());
+    hold_without_device(dev.into_raw_fd(), vec![s, m]);
+}
+
+#[test]
+fn an_update_refused_by_a_resized_memfd_names_the_tree_that_blocks_it() {
+    skip_unless_capable!();
+    let daemon = common::Daemon::start();
+    let out = daemon
+        .probe_command("probe_nobody_resizes_what_it_preserved")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.split("TREE ROOT PID ").nth(1))
+        .unwrap_or_else(|| panic!("no pid in:\n{text}"))
+        .parse()
+        .unwrap();
+    let update = daemon.update();
+    assert!(!update.status.success());
+    let err = String::from_utf8_lossy(&update.stderr);
+    let names = format!(
+        "session vetoed (luo run tree of pid {pid} `{}`, uid 65534) token 0x77 (memfd-v1) \
+         refused the freeze: EPERM",
+        own_comm()
+    );
+    assert!(err.contains(&names), "no {names:?} in:\n{err}");
+    assert!(err.contains("resized after it was preserved"), "{err}");
+    assert_eq!(daemon.status_json()["epoch"], 0);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_unprivileged_owner_never_takes_the_fds_kept_for_root"]
+fn probe_nobody_to_the_fd_reserve() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_nobody();
+    let s = create(dev.as_raw_fd(), "many").unwrap();
+    let (mut files, refused, err) = preserve_until_refused(s.as_raw_fd(), 1);
+    assert_eq!(err, libc::ENOSPC);
+    // 1300 fds, 1024 kept for root: each file is budgeted two of the rest.
+    assert!((50..=138).contains(&files.len()), "{}", files.len());
+    assert_still_ours(refused);
+    files.push(s);
+    hold_without_device(dev.into_raw_fd(), files);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_unprivileged_owner_never_takes_the_fds_kept_for_root"]
+fn probe_root_into_the_reserve() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let s = create(dev.as_raw_fd(), "root").unwrap();
+    let mut keep = Vec::new();
+    for token in 0..400 {
+        let m = memfd();
+        preserve(s.as_raw_fd(), m.as_raw_fd(), token).unwrap();
+        keep.push(m);
+    }
+    keep.push(s);
+    hold_without_device(dev.into_raw_fd(), keep);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by an_unprivileged_owner_never_takes_the_fds_kept_for_root"]
+fn probe_nobody_finds_no_room() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    become_nobody();
+    let s = create(dev.as_raw_fd(), "late").unwrap();
+    let (files, refused, err) = preserve_until_refused(s.as_raw_fd(), 1);
+    assert_eq!((files.len(), err), (0, libc::ENOSPC));
+    assert_still_ours(refused);
+}
+
+#[test]
+fn an_unprivileged_owner_never_takes_the_fds_kept_for_root() {
+    skip_unless_capable!();
+    let mut daemon = common::Daemon::start_with_fd_limit(Some(1300), &[]);
+    if daemon.fd_limit() != 1300 {
+        // A daemon with CAP_SYS_RESOURCE raises its limit to fs.nr_open.
+        eprintln!(
+            "SKIPPED: the daemon raised its fd limit to {}",
+            daemon.fd_limit()
+        );
+        return;
+    }
+    daemon.run_probe("probe_nobody_to_the_fd_reserve");
+    // Root preserves past the ceiling, into the reserve.
+    daemon.run_probe("probe_root_into_the_reserve");
+    daemon.run_probe("probe_nobody_finds_no_room");
+    let log = daemon.log();
+    assert!(
+        log.contains(", 276 of 1300 fds (the rest kept for root)"),
+        "{log}"
+    );
+    let line = "uid 65534: the files of non-root owners may come to need ";
+    assert!(log.contains(line), "no {line:?} in:\n{log}");
+    assert!(log.contains("reserve kept for root; refused with ENOSPC (RLIMIT_NOFILE)"));
 }

@@ -99,7 +99,6 @@ impl CallerMem for ProcessVm {
 pub struct PinnedVm {
     mem: OwnedFd,
     maps: OwnedFd,
-    status: OwnedFd,
 }
 
 /// `struct procmap_query` (`include/uapi/linux/fs.h`, Linux 6.11).
@@ -150,28 +149,7 @@ impl PinnedVm {
         Ok(PinnedVm {
             mem: open("mem", libc::O_RDWR)?,
             maps: open("maps", libc::O_RDONLY)?,
-            status: open("status", libc::O_RDONLY)?,
         })
-    }
-
-    /// The caller's effective uid (`Uid:` in `/proc/TID/status`, read
-    /// through the pinned file; root if it cannot be read).
-    pub fn uid(&self) -> u32 {
-        let mut buf = [0u8; 4096];
-        // SAFETY: reads into a live buffer of its own length.
-        let n = unsafe {
-            libc::pread(
-                self.status.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-            )
-        };
-        let text = String::from_utf8_lossy(&buf[..n.max(0) as usize]);
-        text.lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
     }
 
     /// EFAULT unless every byte of `[addr, addr+len)` lies in mappings with
@@ -298,7 +276,6 @@ mod tests {
     #[test]
     fn pinned_memory_honours_page_protections() {
         let me = PinnedVm::open(std::process::id() as i32).unwrap();
-        assert_eq!(me.uid(), unsafe_geteuid());
         let mut src = [1u8, 2, 3, 4];
         let mut dst = [0u8; 4];
         me.read(src.as_ptr() as u64, &mut dst).unwrap();

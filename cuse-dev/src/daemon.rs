@@ -18,14 +18,16 @@
 //! served in order, so a close followed at once by an open or a create of the
 //! same name sees the close first, as with the kernel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use luo_store::{Direction, Errno, Result, SessionId, SessionName, Store};
+use luo_store::{
+    Direction, Errno, FreezeFailure, Limits, Owner, Result, SessionId, SessionName, Store,
+};
 use thiserror::Error;
 use zerocopy::IntoBytes;
 
@@ -37,6 +39,7 @@ use crate::fuse::{self, Channel, Op};
 use crate::fuse_abi::*;
 use crate::keeper::Keeper;
 use crate::opener::Opener;
+use crate::owners::{self, FdBudget, TreeRoot};
 use crate::persist::{self, Header, Journal, KeptFds, Loaded, Record, SessionRecord};
 use crate::seccomp::{Listener, Notif};
 use crate::{failpoint, log, recover, sys, uapi};
@@ -68,6 +71,8 @@ pub struct Config {
     /// A group whose members may ask for `status` (everything else on the
     /// control socket is root's alone).
     pub status_group: Option<u32>,
+    /// What session owners other than root may hold (see [`owners`]).
+    pub limits: Limits,
 }
 
 impl Config {
@@ -123,11 +128,14 @@ fn setup<T>(
 /// through the deadline runner (see `deadline.rs`).
 struct Caller {
     tid: i32,
+    /// Its effective uid.
     uid: u32,
     mem: Arc<dyn CallerMem + Send + Sync>,
     runner: Rc<Runner>,
     /// The notification, for a trapped call.
     trap: Option<(Rc<Listener>, u64)>,
+    /// The token of its `luo run` tree's listener, for a trapped call.
+    tree: Option<u64>,
 }
 
 impl Caller {
@@ -140,25 +148,34 @@ impl Caller {
             mem: Arc::new(ProcessVm { tid }),
             runner: runner.clone(),
             trap: None,
+            tree: None,
         }
     }
 
-    /// A trapped caller: its memory pinned first, then the call checked to
-    /// be still waiting (so what was pinned is the caller's).
-    fn trapped(listener: &Rc<Listener>, id: u64, tid: i32, runner: &Rc<Runner>) -> Result<Caller> {
+    /// A trapped call of the tree `call.listener`: the caller's memory
+    /// pinned and its uid read first, then the call checked to be still
+    /// waiting (so what was read is the caller's).
+    fn trapped(
+        listener: &Rc<Listener>,
+        call: &persist::Inflight,
+        runner: &Rc<Runner>,
+    ) -> Result<Caller> {
+        let tid = call.pid as i32;
         let mem = PinnedVm::open(tid)?;
-        if !listener.id_valid(id) {
+        let uid = owners::effective_uid(tid).ok_or(Errno::ESRCH)?;
+        if !listener.id_valid(call.id) {
             return Err(Errno::ESRCH);
         }
-        if runner.over_limit(mem.uid()) {
+        if runner.over_limit(uid) {
             return Err(Errno::EAGAIN);
         }
         Ok(Caller {
             tid,
-            uid: mem.uid(),
+            uid,
             mem: Arc::new(mem),
             runner: runner.clone(),
-            trap: Some((listener.clone(), id)),
+            trap: Some((listener.clone(), call.id)),
+            tree: Some(call.listener),
         })
     }
 
@@ -188,18 +205,19 @@ impl Caller {
 
     /// A copy of the caller's fd `fd`, refused as the kernel's `fdget` would
     /// refuse it: EBADF for a bad number and for an `O_PATH` fd (which was
-    /// opened without any permission check and can reach no ioctl).
+    /// opened without any permission check and can reach no ioctl); EMFILE
+    /// or ENFILE when the daemon has no fd to spare.
     fn get_fd(&self, fd: i32) -> Result<OwnedFd> {
-        let pidfd = caller::pidfd_open(self.tid()).map_err(|_| Errno::ESRCH)?;
+        let pidfd = caller::pidfd_open(self.tid()).map_err(|e| match e {
+            Errno::EMFILE | Errno::ENFILE => e,
+            _ => Errno::ESRCH,
+        })?;
         if !self.valid() {
             return Err(Errno::ESRCH);
         }
-        let file = caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| {
-            if e == Errno::ESRCH {
-                e
-            } else {
-                Errno::EBADF
-            }
+        let file = caller::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| match e {
+            Errno::ESRCH | Errno::EMFILE | Errno::ENFILE => e,
+            _ => Errno::EBADF,
         })?;
         match sys::status_flags(file.as_fd()) {
             Ok(flags) if flags & libc::O_PATH == 0 => Ok(file),
@@ -268,6 +286,10 @@ pub struct Daemon {
     device_owner: (u32, u32),
     control: Option<ControlServer>,
     listeners: HashMap<u64, Rc<Listener>>,
+    /// The process each `luo run` tree started as, by listener token.
+    trees: BTreeMap<u64, TreeRoot>,
+    /// The fds owners other than root may make the daemon hold.
+    fds: FdBudget,
     next_listener: u64,
     created_device: bool,
     /// The CUSE device's number, once it exists.
@@ -312,6 +334,10 @@ impl Daemon {
     /// image that cannot be trusted.
     pub fn run(cfg: Config) -> std::result::Result<(), DaemonError> {
         let mut daemon = Daemon::start(cfg)?;
+        log::info(format_args!(
+            "{}",
+            owners::describe(&daemon.cfg.limits, &daemon.fds)
+        ));
         let result = daemon.serve();
         daemon.stop_serving();
         result
@@ -566,6 +592,7 @@ impl Daemon {
         let workload = workload_tracker(&cfg.state_dir, image.store.epoch);
         let mut store = Store::new();
         luo_handlers::register_all(&mut store).expect("built-in handlers register once");
+        store.set_limits(cfg.limits);
         Ok(Daemon {
             cfg,
             store,
@@ -585,6 +612,8 @@ impl Daemon {
             device_owner: image.device_owner,
             control: None,
             listeners: HashMap::new(),
+            trees: image.trees.clone(),
+            fds: FdBudget::current(),
             next_listener: image.next_listener,
             workload,
             created_device: image.created_device,
@@ -646,6 +675,7 @@ impl Daemon {
                 .collect(),
             next_listener: self.next_listener,
             created_device: self.created_device,
+            trees: self.trees.clone(),
         }
     }
 
@@ -1240,13 +1270,13 @@ impl Daemon {
             "RETRIEVE_SESSION"
         };
         if !caller.can_install() {
-            self.check_session_op(cmd, &name)?;
+            self.check_session_op(cmd, &name, caller)?;
             return Err(refuse(caller, what));
         }
         // Checks the struct can be written back before anything changes.
         caller.write(arg, &d.buf[..d.respond_len()])?;
         let (ino, file) = self.take_slot()?;
-        let sid = match self.session_for(cmd, name) {
+        let sid = match self.session_for(cmd, name, caller) {
             Ok(sid) => sid,
             Err(e) => {
                 self.spare.push((ino, file));
@@ -1272,10 +1302,12 @@ impl Daemon {
         }
     }
 
-    fn check_session_op(&mut self, cmd: u32, name: &SessionName) -> Result<()> {
+    fn check_session_op(&mut self, cmd: u32, name: &SessionName, caller: &Caller) -> Result<()> {
         if cmd == uapi::CREATE_SESSION {
-            let sid = self.store.create_session(name.clone())?;
-            self.store.release_session(sid)
+            let owner = self.owner_of(caller);
+            let created = self.store.create_session_as(name.clone(), Some(owner));
+            self.log_refusal();
+            self.store.release_session(created?)
         } else {
             let found = self
                 .store
@@ -1289,22 +1321,50 @@ impl Daemon {
         }
     }
 
-    fn session_for(&mut self, cmd: u32, name: SessionName) -> Result<SessionId> {
-        match self.store_session_for(cmd, &name) {
-            // The session in the way may be released by a queued RELEASE.
-            Err(Errno::EEXIST) | Err(Errno::EINVAL) => {
+    fn session_for(&mut self, cmd: u32, name: SessionName, caller: &Caller) -> Result<SessionId> {
+        let result = match self.store_session_for(cmd, &name, caller) {
+            // The session in the way, or one that holds the owner at its
+            // limit, may be released by a queued RELEASE.
+            Err(Errno::EEXIST | Errno::EINVAL | Errno::EMFILE) => {
                 self.settle_releases();
-                self.store_session_for(cmd, &name)
+                self.store_session_for(cmd, &name, caller)
             }
             other => other,
+        };
+        self.log_refusal();
+        result
+    }
+
+    fn store_session_for(
+        &mut self,
+        cmd: u32,
+        name: &SessionName,
+        caller: &Caller,
+    ) -> Result<SessionId> {
+        if cmd == uapi::CREATE_SESSION {
+            let owner = self.owner_of(caller);
+            self.store.create_session_as(name.clone(), Some(owner))
+        } else {
+            self.store.retrieve_session(name)
         }
     }
 
-    fn store_session_for(&mut self, cmd: u32, name: &SessionName) -> Result<SessionId> {
-        if cmd == uapi::CREATE_SESSION {
-            self.store.create_session(name.clone())
-        } else {
-            self.store.retrieve_session(name)
+    /// Who a session the caller creates belongs to: its uid and its tree.
+    fn owner_of(&mut self, caller: &Caller) -> Owner {
+        let tree = caller.tree.map(|token| match self.trees.get_mut(&token) {
+            Some(root) => root.tree(token),
+            None => owners::unknown_tree(token),
+        });
+        Owner {
+            uid: caller.uid,
+            tree,
+        }
+    }
+
+    /// Logs why a limit refused the last create or preserve, if one did.
+    fn log_refusal(&mut self) {
+        if let Some(r) = self.store.take_refusal() {
+            log::warn(format_args!("{r} ({})", owners::flag(&r)));
         }
     }
 
@@ -1322,8 +1382,7 @@ impl Daemon {
         match d.op.cmd {
             uapi::PRESERVE_FD => {
                 let a: uapi::FdArgs = d.get();
-                let file = caller.get_fd(a.fd).and_then(|f| self.foreign(f, caller));
-                self.store.preserve_fd(sid, a.token, file)?;
+                self.preserve(sid, (a.fd, a.token), caller)?;
                 caller.write(arg, &d.buf[..d.respond_len()])
             }
             uapi::RETRIEVE_FD => self.retrieve_fd(sid, arg, &d, caller),
@@ -1364,17 +1423,56 @@ impl Daemon {
         caller.write(arg, &a.as_bytes()[..d.respond_len()])
     }
 
+    /// SESSION_PRESERVE_FD of the caller's `fd` under `token`; the fd is
+    /// taken only once the session's owner may hold one more file.
+    fn preserve(&mut self, sid: SessionId, (fd, token): (i32, u64), caller: &Caller) -> Result<()> {
+        let result = match self.try_preserve(sid, (fd, token), caller) {
+            // A queued RELEASE may give back files that hold the owner at
+            // its limit.
+            Err(Errno::ENOSPC) if self.store.refusal().is_some() => {
+                self.settle_releases();
+                self.try_preserve(sid, (fd, token), caller)
+            }
+            other => other,
+        };
+        self.log_refusal();
+        result
+    }
+
+    fn try_preserve(
+        &mut self,
+        sid: SessionId,
+        (fd, token): (i32, u64),
+        caller: &Caller,
+    ) -> Result<()> {
+        let counted =
+            self.store.held_fds() + self.listeners.len() + self.pool.len() + self.spare.len();
+        self.store.set_fd_room(Some(self.fds.room(counted)));
+        let fs_dev = self.fs_dev;
+        self.store
+            .preserve_fd_with(sid, token, |takes| match caller.get_fd(fd) {
+                // No fd to spare (root may use them all): no room, not a bad fd.
+                Err(Errno::EMFILE | Errno::ENFILE) => Err(Errno::ENOSPC),
+                got => got.and_then(|f| Daemon::foreign(fs_dev, f, takes, caller)),
+            })
+    }
+
     /// Refuses our own device and session files as files to preserve (no
     /// handler takes them, as in the kernel); handlers must never `fstat` them,
-    /// since that would wait on this very thread. A file no handler takes is
-    /// closed off this thread: the close of a FUSE file waits for its
-    /// server's answer to `FLUSH`.
-    fn foreign(&mut self, file: OwnedFd, caller: &Caller) -> Result<OwnedFd> {
+    /// since that would wait on this very thread. A file no handler takes
+    /// (`takes`) is closed off this thread: the close of a FUSE file waits
+    /// for its server's answer to `FLUSH`.
+    fn foreign(
+        fs_dev: u64,
+        file: OwnedFd,
+        takes: &dyn Fn(BorrowedFd<'_>) -> bool,
+        caller: &Caller,
+    ) -> Result<OwnedFd> {
         let (dev, _) = sys::dev_ino(file.as_fd())?;
-        if dev == self.fs_dev {
+        if dev == fs_dev {
             return Err(Errno::ENOENT);
         }
-        if !self.store.takes(file.as_fd()) {
+        if !takes(file.as_fd()) {
             caller.dispose(file);
             return Err(Errno::ENOENT);
         }
@@ -1435,6 +1533,7 @@ impl Daemon {
                 // Every process of that tree is gone.
                 self.epoll.delete(listener.fd().as_raw_fd());
                 self.listeners.remove(&token);
+                self.trees.remove(&token);
                 self.dirty = true;
                 self.commit();
                 return;
@@ -1453,7 +1552,7 @@ impl Daemon {
         // Apply every close that happened before this call (see module docs).
         self.drain_fuse();
         let [fd, cmd, arg] = call.args;
-        let caller = Caller::trapped(&listener, call.id, call.pid as i32, &self.runner);
+        let caller = Caller::trapped(&listener, &call, &self.runner);
         let result = caller.map(|c| self.trapped(&c, fd as i32, cmd as u32, arg));
         let outcome = match result {
             Ok(None) => persist::Outcome::Continue,
@@ -1656,6 +1755,7 @@ impl Daemon {
         }
         self.listeners
             .insert(token, Rc::new(Listener::new(fd, None)));
+        self.trees.insert(token, TreeRoot::of(pid));
         log::debug(format_args!("registered luo run tree of pid {pid}"));
         self.dirty = true;
         self.commit();
@@ -1695,7 +1795,8 @@ impl Daemon {
         self.drain_fuse();
         if let Err(f) = self.store.freeze() {
             self.thaw_workload();
-            return Response::error(format!("kexec aborted, nothing changed: {f}"));
+            let why = refused_freeze(&f);
+            return Response::error(format!("kexec aborted, nothing changed: {why}"));
         }
         // Progress goes out as the client takes it (never waiting on it).
         let mut control = self.control.take();
@@ -1981,7 +2082,7 @@ impl luo_kexec_helper::Updatable for Daemon {
 
     fn freeze_sessions(&mut self) -> std::result::Result<(), String> {
         self.drain_fuse();
-        self.store.freeze().map_err(|f| f.to_string())
+        self.store.freeze().map_err(|f| refused_freeze(&f))
     }
 
     fn flip(&mut self) -> u64 {
@@ -1998,6 +2099,17 @@ impl luo_kexec_helper::Updatable for Daemon {
         self.dirty = true;
         self.commit();
         self.store.epoch()
+    }
+}
+
+/// A refused freeze as a sentence naming the session, its owner and the
+/// file.
+fn refused_freeze(f: &FreezeFailure) -> String {
+    if f.errno == Errno::EPERM && f.compatible.starts_with("memfd") {
+        // The kernel fails the resize itself; we can only refuse the update.
+        format!("{f}; the memfd was resized after it was preserved")
+    } else {
+        f.to_string()
     }
 }
 

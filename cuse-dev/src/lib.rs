@@ -28,6 +28,7 @@ pub mod log;
 pub mod memfd;
 pub mod opener;
 pub mod oracle;
+pub mod owners;
 pub mod paths;
 pub mod persist;
 pub mod recover;

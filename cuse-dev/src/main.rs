@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use luo_cuse_dev::control::{self, Request};
 use luo_cuse_dev::daemon::{Config, Daemon};
 use luo_cuse_dev::{bench, demo, log, run};
+use luo_store::Limits;
 
 const DEFAULT_DEVICE: &str = "/dev/liveupdate";
 const DEFAULT_STATE_DIR: &str = "/run/luo";
@@ -22,9 +23,48 @@ struct Cli {
     command: Command,
 }
 
+const LIMITS_HELP: &str = "\
+Limits: a session belongs to the uid that created it and to the `luo run` tree
+it was created in, and every file preserved into it counts against them.
+Sessions and files of uids other than root are limited (CREATE_SESSION then
+fails with EMFILE, SESSION_PRESERVE_FD with ENOSPC, and the daemon logs which
+limit); root's never are. Uids other than root may also never make the daemon
+hold more than its RLIMIT_NOFILE minus a reserve for root (an eighth of it, at
+least 1024 fds).";
+
+/// What session owners other than root may hold.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Sessions (outgoing and incoming) one uid other than root may hold.
+    #[arg(long, default_value_t = Limits::DEFAULT.sessions_per_uid)]
+    max_sessions_per_uid: usize,
+    /// Files the sessions of one uid other than root may hold.
+    #[arg(long, default_value_t = Limits::DEFAULT.files_per_uid)]
+    max_files_per_uid: usize,
+    /// Sessions uids other than root may create in one `luo run` tree.
+    #[arg(long, default_value_t = Limits::DEFAULT.sessions_per_tree)]
+    max_sessions_per_tree: usize,
+    /// Files the sessions created in one `luo run` tree by uids other than
+    /// root may hold.
+    #[arg(long, default_value_t = Limits::DEFAULT.files_per_tree)]
+    max_files_per_tree: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            sessions_per_uid: self.max_sessions_per_uid,
+            files_per_uid: self.max_files_per_uid,
+            sessions_per_tree: self.max_sessions_per_tree,
+            files_per_tree: self.max_files_per_tree,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the device in the foreground until SIGTERM or SIGINT.
+    #[command(after_help = LIMITS_HELP)]
     Daemon {
         /// Where the device appears.
         #[arg(long, default_value = DEFAULT_DEVICE)]
@@ -40,6 +80,8 @@ enum Command {
         /// `status` on the control socket; everything else stays root's.
         #[arg(long, value_name = "GROUP", value_parser = parse_group)]
         status_group: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Run a program (and its descendants) so that ioctls returning fds work.
     Run {
@@ -227,11 +269,13 @@ fn main() -> ExitCode {
             state_dir,
             cuse,
             status_group,
+            limits,
         } => match Daemon::run(Config {
             device,
             state_dir,
             cuse,
             status_group,
+            limits: limits.limits(),
         }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

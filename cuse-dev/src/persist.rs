@@ -23,6 +23,7 @@ use luo_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::keeper::Keeper;
+use crate::owners::TreeRoot;
 
 /// Key of the FUSE connection in the keeper.
 pub const FUSE_KEY: &str = "fuse";
@@ -59,6 +60,9 @@ pub struct Header {
     pub next_listener: u64,
     /// Whether the daemon created the device path (and removes it at shutdown).
     pub created_device: bool,
+    /// The process each `luo run` tree started as, by listener token.
+    #[serde(default)]
+    pub trees: BTreeMap<u64, TreeRoot>,
 }
 
 /// A session and the session file that stands for it in clients.
@@ -371,6 +375,7 @@ mod tests {
                 incoming: false,
                 retrieved: false,
                 files: Vec::new(),
+                owner: None,
             },
             slot: Some(id + 100),
         }
@@ -456,6 +461,29 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         assert!(matches!(read(&path), Err(LoadError::Read { .. })));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_written_before_owners_were_kept_loads_with_none() {
+        let mut record = serde_json::to_value(Record {
+            full: true,
+            sessions: vec![session(1)],
+            ..Record::default()
+        })
+        .unwrap();
+        record["header"].as_object_mut().unwrap().remove("trees");
+        record["sessions"][0]["session"]
+            .as_object_mut()
+            .unwrap()
+            .remove("owner");
+        let path = scratch("owners");
+        let mut bytes = journal_header();
+        bytes.extend(journal_record(&serde_json::to_vec(&record).unwrap()).unwrap());
+        std::fs::write(&path, bytes).unwrap();
+        let loaded = read(&path).unwrap();
+        assert!(loaded.header.trees.is_empty());
+        assert_eq!(loaded.sessions[&1].session.owner, None);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

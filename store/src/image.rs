@@ -53,6 +53,7 @@ use thiserror::Error;
 
 use crate::flb::FlbHandover;
 use crate::handler::RetrieveStatus;
+use crate::limits::Owner;
 use crate::name::SessionName;
 use crate::session::{Direction, LuoFile, Session, SessionId};
 use crate::store::Store;
@@ -316,6 +317,9 @@ pub struct SessionImage {
     pub retrieved: bool,
     /// Files in preservation order.
     pub files: Vec<FileImage>,
+    /// Who created it (absent in images written before owners were recorded).
+    #[serde(default)]
+    pub owner: Option<Owner>,
 }
 
 /// Everything the store needs to come back.
@@ -432,6 +436,7 @@ impl Store {
             incoming: s.direction == Direction::Incoming,
             retrieved: s.retrieved,
             files,
+            owner: s.owner.clone(),
         };
         Some((image, fds))
     }
@@ -553,6 +558,7 @@ impl Store {
             direction,
             retrieved: s.retrieved,
             files,
+            owner: s.owner.clone(),
         })
     }
 }

@@ -11,11 +11,17 @@
 //! This crate mirrors `luo_session.c`, `luo_file.c` and `luo_flb.c` of Linux 7.2:
 //! same lists, same checks in the same order, same errno. It holds no policy
 //! about how fds reach callers; that is the device's job.
+//!
+//! Unlike the kernel, each session records its [`Owner`] (a uid and a `luo
+//! run` tree), and owners other than root are held to [`Limits`]: a refused
+//! CREATE_SESSION fails with `EMFILE`, a refused SESSION_PRESERVE_FD with
+//! `ENOSPC`, and [`Store::take_refusal`] says which limit refused.
 
 mod errno;
 mod flb;
 mod handler;
 mod image;
+mod limits;
 mod name;
 mod session;
 mod store;
@@ -27,6 +33,7 @@ pub use image::{
     decode_image, encode_image, journal_header, journal_record, read_journal, FileImage,
     ImageError, SessionDelta, SessionImage, StoreImage, MAX_RECORD,
 };
+pub use limits::{Count, Limits, Owner, Refusal, Resource, Scope, Tree};
 pub use name::{SessionName, SESSION_NAME_LENGTH};
 pub use session::{Direction, LuoFile, Session, SessionId};
 pub use store::{Changes, Dirty, FreezeFailure, Store};

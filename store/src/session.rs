@@ -3,6 +3,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::handler::{FileState, RetrieveStatus};
+use crate::limits::{Count, Owner};
 use crate::name::SessionName;
 
 /// Unique id of a session in this daemon (never reused).
@@ -45,6 +46,15 @@ impl LuoFile {
             retrieve_status: self.retrieve_status,
         }
     }
+
+    /// What it is charged to its session's owner: one file and the fds held.
+    pub(crate) fn charge(&self) -> Count {
+        Count {
+            sessions: 0,
+            files: 1,
+            fds: usize::from(self.file.is_some()) + usize::from(self.carried.is_some()),
+        }
+    }
 }
 
 /// A session (`struct luo_session`).
@@ -60,6 +70,8 @@ pub struct Session {
     pub retrieved: bool,
     /// Its files, in preservation order.
     pub files: Vec<LuoFile>,
+    /// Who created it (None: recorded before owners were).
+    pub owner: Option<Owner>,
 }
 
 impl Session {
@@ -71,5 +83,16 @@ impl Session {
     /// The file with this token.
     pub fn file_mut(&mut self, token: u64) -> Option<&mut LuoFile> {
         self.files.iter_mut().find(|f| f.token == token)
+    }
+
+    /// What it is charged to its owner: itself and its files.
+    pub(crate) fn charge(&self) -> Count {
+        let mut c = Count {
+            sessions: 1,
+            files: self.files.len(),
+            fds: 0,
+        };
+        c.fds = self.files.iter().map(|f| f.charge().fds).sum();
+        c
     }
 }

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use crate::errno::{Errno, Result};
 use crate::flb::FlbRegistry;
 use crate::handler::{FileHandler, FileId, RetrieveStatus};
+use crate::limits::{Count, Limits, Owner, OwnerText, Refusal, Resource, Usage};
 use crate::name::SessionName;
 use crate::session::{Direction, LuoFile, Session, SessionId};
 
@@ -20,14 +21,20 @@ pub struct FreezeFailure {
     pub compatible: &'static str,
     /// The errno it returned.
     pub errno: Errno,
+    /// Who owns that session.
+    pub owner: Option<Owner>,
 }
 
 impl std::fmt::Display for FreezeFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "freezing token {:#x} ({}) of session {} failed: {}",
-            self.token, self.compatible, self.session, self.errno
+            "session {} ({}) token {:#x} ({}) refused the freeze: {}",
+            self.session,
+            OwnerText(&self.owner),
+            self.token,
+            self.compatible,
+            self.errno
         )
     }
 }
@@ -73,6 +80,15 @@ pub struct Store {
     frozen: bool,
     /// Changes since the last [`Store::take_changes`].
     changes: Changes,
+    /// What owners other than root may hold.
+    limits: Limits,
+    /// How many more fds the daemon may open for owners other than root
+    /// (None: no budget).
+    fd_room: Option<usize>,
+    /// What every owner holds.
+    usage: Usage,
+    /// Why the last create or preserve was refused, if a limit refused it.
+    refusal: Option<Refusal>,
 }
 
 impl Store {
@@ -136,7 +152,12 @@ impl Store {
         }
     }
 
-    fn insert(&mut self, name: SessionName, direction: Direction) -> Result<SessionId> {
+    fn insert(
+        &mut self,
+        name: SessionName,
+        direction: Direction,
+        owner: Option<Owner>,
+    ) -> Result<SessionId> {
         if self.names(direction).contains_key(&name) {
             return Err(Errno::EEXIST);
         }
@@ -149,7 +170,9 @@ impl Store {
             direction,
             retrieved: false,
             files: Vec::new(),
+            owner,
         };
+        self.usage.add(session.owner.as_ref(), session.charge());
         self.sessions.insert(id, session);
         self.touch_whole(id);
         Ok(id)
@@ -159,19 +182,56 @@ impl Store {
         self.changes.changed.remove(&id);
         self.changes.removed.insert(id);
         if let Some(session) = self.sessions.remove(&id) {
+            self.usage.sub(session.owner.as_ref(), session.charge());
             self.names(session.direction).remove(&session.name);
         }
     }
 
-    /// CREATE_SESSION: a new outgoing session (`luo_session_create`).
+    /// CREATE_SESSION for no one in particular (an owner no limit applies
+    /// to); see [`Store::create_session_as`].
     ///
     /// # Errors
     /// `EEXIST` if an outgoing session has this name; `EBUSY` while frozen.
     pub fn create_session(&mut self, name: SessionName) -> Result<SessionId> {
+        self.create_session_as(name, None)
+    }
+
+    /// CREATE_SESSION: a new outgoing session (`luo_session_create`) owned
+    /// by `owner`.
+    ///
+    /// # Errors
+    /// `EBUSY` while frozen, `EEXIST` if an outgoing session has this name,
+    /// `EMFILE` if the owner is at a session limit (see
+    /// [`Store::take_refusal`]).
+    pub fn create_session_as(
+        &mut self,
+        name: SessionName,
+        owner: Option<Owner>,
+    ) -> Result<SessionId> {
+        self.refusal = None;
         if self.frozen {
             return Err(Errno::EBUSY);
         }
-        self.insert(name, Direction::Outgoing)
+        if self.outgoing.contains_key(&name) {
+            return Err(Errno::EEXIST);
+        }
+        let verdict = self.usage.admit(
+            owner.as_ref(),
+            Resource::Sessions,
+            &self.limits,
+            self.fd_room,
+        );
+        self.refuse(verdict)?;
+        self.insert(name, Direction::Outgoing, owner)
+    }
+
+    /// Records a limit's refusal and turns it into its errno.
+    fn refuse(&mut self, verdict: std::result::Result<(), Refusal>) -> Result<()> {
+        verdict.map_err(|refusal| {
+            let errno = refusal.errno();
+            self.refusal = Some(refusal);
+            errno
+        })
     }
 
     /// RETRIEVE_SESSION: hands out an incoming session (`luo_session_retrieve`).
@@ -213,6 +273,7 @@ impl Store {
             return;
         };
         while let Some(file) = session.files.pop() {
+            self.usage.sub(session.owner.as_ref(), file.charge());
             let handler = &self.handlers[file.handler];
             handler.unpreserve(&file.state());
             self.flbs.file_unpreserve(&handler.flbs());
@@ -233,20 +294,31 @@ impl Store {
         Ok((s.direction, s.retrieved))
     }
 
-    /// Whether any registered handler takes `file` (`can_preserve`, which
-    /// never waits on the file's filesystem).
-    pub fn takes(&self, file: BorrowedFd<'_>) -> bool {
-        self.handlers.iter().any(|h| h.can_preserve(file))
-    }
-
     /// SESSION_PRESERVE_FD (`luo_preserve_file`). `file` is the caller's fd as
     /// resolved by the device (its error is reported after the token check, as
     /// the kernel does).
     ///
     /// # Errors
-    /// `EEXIST` token used, `EBADF` bad fd, `ENOENT` no handler, `EBUSY`
-    /// already preserved, `EBUSY` while frozen, or the handler's/FLB's errno.
+    /// See [`Store::preserve_fd_with`].
     pub fn preserve_fd(&mut self, id: SessionId, token: u64, file: Result<OwnedFd>) -> Result<()> {
+        self.preserve_fd_with(id, token, |_| file)
+    }
+
+    /// SESSION_PRESERVE_FD, the caller's fd taken by `file` only once the
+    /// call is known to be allowed (so a refused call never takes it).
+    ///
+    /// # Errors
+    /// `EBUSY` while frozen, `EINVAL` incoming session, `EEXIST` token used,
+    /// `ENOSPC` the session's owner is at a file limit (see
+    /// [`Store::take_refusal`]), `EBADF` bad fd, `ENOENT` no handler,
+    /// `EBUSY` already preserved, or the handler's/FLB's errno.
+    pub fn preserve_fd_with(
+        &mut self,
+        id: SessionId,
+        token: u64,
+        file: impl FnOnce(&dyn Fn(BorrowedFd<'_>) -> bool) -> Result<OwnedFd>,
+    ) -> Result<()> {
+        self.refusal = None;
         self.touch_file(id, token);
         if self.frozen {
             return Err(Errno::EBUSY);
@@ -258,7 +330,17 @@ impl Store {
         if session.token_used(token) {
             return Err(Errno::EEXIST);
         }
-        let file = file?;
+        let verdict = self.usage.admit(
+            session.owner.as_ref(),
+            Resource::Files,
+            &self.limits,
+            self.fd_room,
+        );
+        self.refuse(verdict)?;
+        // `file` may ask whether any handler takes what it found (and, if
+        // none does, close it where it cannot wait on its filesystem).
+        let handlers = &self.handlers;
+        let file = file(&|f| handlers.iter().any(|h| h.can_preserve(f)))?;
         let handler_index = self
             .handlers
             .iter()
@@ -287,11 +369,9 @@ impl Store {
             carried: None,
             retrieve_status: RetrieveStatus::NotAttempted,
         };
-        self.sessions
-            .get_mut(&id)
-            .ok_or(Errno::EBADF)?
-            .files
-            .push(luo_file);
+        let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
+        self.usage.add(session.owner.as_ref(), luo_file.charge());
+        session.files.push(luo_file);
         Ok(())
     }
 
@@ -304,7 +384,12 @@ impl Store {
     pub fn retrieve_fd(&mut self, id: SessionId, token: u64) -> Result<BorrowedFd<'_>> {
         self.touch_file(id, token);
         let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
-        let file = session.file_mut(token).ok_or(Errno::ENOENT)?;
+        let owner = session.owner.as_ref();
+        let file = session
+            .files
+            .iter_mut()
+            .find(|f| f.token == token)
+            .ok_or(Errno::ENOENT)?;
         match file.retrieve_status {
             RetrieveStatus::Failed(err) => return Err(err),
             RetrieveStatus::Retrieved => {}
@@ -315,7 +400,10 @@ impl Store {
                         if let Ok(fid) = handler.get_id(fd.as_fd()) {
                             self.preserved.insert(fid, id);
                         }
+                        let before = file.charge();
                         file.file = Some(fd);
+                        self.usage.sub(owner, before);
+                        self.usage.add(owner, file.charge());
                         file.retrieve_status = RetrieveStatus::Retrieved;
                     }
                     Err(err) => {
@@ -343,6 +431,7 @@ impl Store {
             }
         }
         while let Some(file) = session.files.pop() {
+            self.usage.sub(session.owner.as_ref(), file.charge());
             let handler = &self.handlers[file.handler];
             handler.finish(&file.state());
             self.flbs.file_finish(&handler.flbs());
@@ -378,6 +467,7 @@ impl Store {
                         token: file.token,
                         compatible: handler.compatible(),
                         errno,
+                        owner: session.owner.clone(),
                     };
                     self.unfreeze_files(&done);
                     return Err(failure);
@@ -454,7 +544,63 @@ impl Store {
         self.flbs.flip();
         self.frozen = false;
         self.epoch += 1;
+        self.recount();
         Ok(())
+    }
+}
+
+/// Owners and limits (see the `limits` module).
+impl Store {
+    /// Sets what owners other than root may hold; sessions and files they
+    /// already hold stay.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Sets how many more fds the daemon may open for owners other than
+    /// root (None: no budget). Their files are budgeted two fds each.
+    pub fn set_fd_room(&mut self, room: Option<usize>) {
+        self.fd_room = room;
+    }
+
+    /// The fds the store holds (preserved, carried and retrieved files).
+    pub fn held_fds(&self) -> usize {
+        self.usage.held_fds()
+    }
+
+    /// What the sessions of a uid hold (root and unknown owners: nothing).
+    pub fn charged_to_uid(&self, uid: u32) -> Count {
+        self.usage.uid(uid)
+    }
+
+    /// What the sessions created in a `luo run` tree by owners other than
+    /// root hold.
+    pub fn charged_to_tree(&self, token: u64) -> Count {
+        self.usage.tree(token)
+    }
+
+    /// Why the last CREATE_SESSION or SESSION_PRESERVE_FD was refused, if a
+    /// limit refused it.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        self.refusal.as_ref()
+    }
+
+    /// Takes [`Store::refusal`].
+    pub fn take_refusal(&mut self) -> Option<Refusal> {
+        self.refusal.take()
+    }
+
+    /// Counts again what every owner holds.
+    fn recount(&mut self) {
+        self.usage = Usage::default();
+        for s in self.sessions.values() {
+            self.usage.add(s.owner.as_ref(), s.charge());
+        }
     }
 }
 
@@ -508,6 +654,7 @@ impl Store {
                 .insert(session.name.clone(), session.id);
             self.sessions.insert(session.id, session);
         }
+        self.recount();
     }
 
     /// Undoes [`Store::retrieve_session`] when the session fd could not be

@@ -861,3 +861,223 @@ fn a_journal_cut_short_loads_its_complete_records_and_never_less_than_the_first(
         }
     }
 }
+
+// ---- Owners and limits ----------------------------------------------------
+
+fn owner(uid: u32, tree: u64) -> Option<Owner> {
+    Some(Owner {
+        uid,
+        tree: Some(Tree {
+            token: tree,
+            pid: 4200 + tree as i32,
+            comm: "vmm".into(),
+        }),
+    })
+}
+
+impl Fixture {
+    fn create_as(&mut self, name_: &str, owner: Option<Owner>) -> Result<SessionId> {
+        self.store.create_session_as(name(name_), owner)
+    }
+}
+
+fn limits(sessions_per_uid: usize, sessions_per_tree: usize, files: usize) -> Limits {
+    Limits {
+        sessions_per_uid,
+        files_per_uid: files,
+        sessions_per_tree,
+        files_per_tree: usize::MAX,
+    }
+}
+
+#[test]
+fn sessions_are_limited_per_uid_and_per_tree_and_root_and_unknown_owners_are_not() {
+    let mut f = fixture();
+    f.store.set_limits(limits(2, 3, usize::MAX));
+    let first = f.create_as("a1", owner(1000, 7)).unwrap();
+    f.create_as("a2", owner(1000, 7)).unwrap();
+    assert_eq!(f.create_as("a3", owner(1000, 9)), Err(Errno::EMFILE));
+    let refusal = f.store.take_refusal().unwrap();
+    assert_eq!(refusal.scope, Scope::Uid { limit: 2 });
+    assert_eq!(refusal.resource, Resource::Sessions);
+    assert_eq!(
+        refusal.to_string(),
+        "luo run tree of pid 4209 `vmm`, uid 1000 is at its limit of 2 sessions per uid; \
+         refused with EMFILE"
+    );
+    assert_eq!(f.store.sessions().count(), 2, "nothing was created");
+    // A name in use is EEXIST first, as without limits.
+    assert_eq!(f.create_as("a1", owner(1000, 7)), Err(Errno::EEXIST));
+    assert!(f.store.refusal().is_none());
+
+    // Another uid in the same tree: the tree's third session, then its limit.
+    f.create_as("b1", owner(1001, 7)).unwrap();
+    assert_eq!(f.create_as("b2", owner(1001, 7)), Err(Errno::EMFILE));
+    let refusal = f.store.take_refusal().unwrap();
+    assert_eq!(refusal.scope, Scope::Tree { limit: 3 });
+    assert_eq!(
+        refusal.to_string(),
+        "luo run tree of pid 4207 `vmm` is at its limit of 3 sessions per tree (uid 1001 \
+         asked); refused with EMFILE"
+    );
+    // In another tree it may.
+    f.create_as("b2", owner(1001, 8)).unwrap();
+    // Root and sessions of unknown owners are never limited nor counted.
+    for i in 0..5 {
+        f.create_as(&format!("r{i}"), owner(0, 7)).unwrap();
+        f.create_as(&format!("u{i}"), None).unwrap();
+    }
+    assert_eq!(f.store.charged_to_tree(7).sessions, 3);
+    // A released session makes room again.
+    f.store.release_session(first).unwrap();
+    f.create_as("a3", owner(1000, 7)).unwrap();
+}
+
+#[test]
+fn a_file_is_charged_to_the_sessions_owner_and_a_refused_one_is_never_taken() {
+    let mut f = fixture();
+    f.store.set_limits(limits(usize::MAX, usize::MAX, 2));
+    let s = f.create_as("s", owner(1000, 7)).unwrap();
+    f.preserve(s, 1, &f.pipe()).unwrap();
+    f.preserve(s, 2, &f.pipe()).unwrap();
+    let mut taken = false;
+    let refused = f.store.preserve_fd_with(s, 3, |_| {
+        taken = true;
+        Err(Errno::EBADF)
+    });
+    assert_eq!(refused, Err(Errno::ENOSPC));
+    assert!(!taken, "the caller's fd is not taken");
+    let refusal = f.store.take_refusal().unwrap();
+    assert_eq!(
+        (refusal.resource, refusal.scope),
+        (Resource::Files, Scope::Uid { limit: 2 })
+    );
+    // The checks before the limit's keep their errno.
+    assert_eq!(f.preserve(s, 2, &f.pipe()), Err(Errno::EEXIST));
+    assert_eq!(
+        f.store.charged_to_uid(1000),
+        Count {
+            sessions: 1,
+            files: 2,
+            fds: 2
+        }
+    );
+    assert_eq!(
+        f.store.session(s).unwrap().files.len(),
+        2,
+        "nothing changed"
+    );
+    // Root's sessions hold any number, whoever preserves into them.
+    let r = f.create_as("r", owner(0, 7)).unwrap();
+    for token in 0..5 {
+        f.preserve(r, token, &f.pipe()).unwrap();
+    }
+    assert_eq!(f.store.charged_to_tree(7).files, 2);
+    assert_eq!(f.store.held_fds(), 7);
+}
+
+#[test]
+fn files_of_limited_owners_are_budgeted_two_fds_each_against_the_room_left() {
+    let mut f = fixture();
+    let s = f.create_as("s", owner(1000, 7)).unwrap();
+    f.store.set_fd_room(Some(3));
+    // Nothing held: the new file may come to need 2.
+    f.preserve(s, 1, &f.pipe()).unwrap();
+    // One to come (retrieved after an update), 2 for the new one.
+    f.preserve(s, 2, &f.pipe()).unwrap();
+    // Two to come, 2 for the new one.
+    assert_eq!(f.preserve(s, 3, &f.pipe()), Err(Errno::ENOSPC));
+    let refusal = f.store.take_refusal().unwrap();
+    assert_eq!(refusal.scope, Scope::Fds { room: 3, need: 4 });
+    f.store.set_fd_room(Some(4));
+    f.preserve(s, 3, &f.pipe()).unwrap();
+    // Root is never refused for room.
+    let r = f.create_as("r", owner(0, 7)).unwrap();
+    f.store.set_fd_room(Some(0));
+    f.preserve(r, 1, &f.pipe()).unwrap();
+}
+
+#[test]
+fn what_an_owner_holds_follows_release_update_retrieve_finish_and_reload() {
+    let mut f = fixture();
+    let held = |f: &Fixture| f.store.charged_to_uid(1000);
+    let count = |sessions, files, fds| Count {
+        sessions,
+        files,
+        fds,
+    };
+    let s = f.create_as("s", owner(1000, 7)).unwrap();
+    f.preserve(s, 1, &f.pipe()).unwrap();
+    f.preserve(s, 2, &f.pipe()).unwrap();
+    f.store.release_session(s).unwrap();
+    assert_eq!(held(&f), count(0, 0, 0));
+    assert_eq!(f.store.held_fds(), 0);
+
+    let s = f.create_as("s", owner(1000, 7)).unwrap();
+    f.preserve(s, 1, &f.pipe()).unwrap();
+    f.preserve(s, 2, &f.pipe()).unwrap();
+    f.update();
+    // The incoming session keeps its owner and its charge.
+    assert_eq!(f.store.session(s).unwrap().owner, owner(1000, 7));
+    assert_eq!(held(&f), count(1, 2, 2));
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    f.store.retrieve_fd(inc, 1).unwrap();
+    f.store.retrieve_fd(inc, 1).unwrap();
+    assert_eq!(held(&f), count(1, 2, 3));
+
+    // A reloaded store has the owners and counts them again.
+    let (image, fds) = f.store.to_image();
+    let mut kept: std::collections::HashMap<String, OwnedFd> = fds
+        .into_iter()
+        .map(|(k, fd)| (k, fd.try_clone_to_owned().unwrap()))
+        .collect();
+    let image = decode_image(&encode_image(&image)).unwrap();
+    let mut g = fixture();
+    g.store.load_image(&image, &mut |k| kept.remove(k)).unwrap();
+    assert_eq!(g.store.session(inc).unwrap().owner, owner(1000, 7));
+    assert_eq!(g.store.charged_to_uid(1000), count(1, 2, 3));
+    assert_eq!(g.store.charged_to_tree(7), count(1, 2, 3));
+    assert_eq!(g.store.held_fds(), 3);
+
+    f.store.finish(inc).unwrap();
+    assert_eq!(held(&f), count(1, 0, 0));
+    f.store.release_session(inc).unwrap();
+    assert_eq!(held(&f), count(0, 0, 0));
+    assert_eq!(f.store.held_fds(), 0);
+}
+
+#[test]
+fn a_refused_freeze_names_the_sessions_owner() {
+    let mut f = fixture();
+    let s = f.create_as("vm", owner(65534, 0x77)).unwrap();
+    let p = f.pipe();
+    f.preserve(s, 0x77, &p).unwrap();
+    f.script.lock().unwrap().fail_freeze_token = Some(Fixture::ino(&p));
+    let err = f.store.freeze().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "session vm (luo run tree of pid {} `vmm`, uid 65534) token 0x77 (pipe-test-v1) \
+             refused the freeze: EAGAIN (Resource temporarily unavailable (os error 11))",
+            4200 + 0x77
+        )
+    );
+    let legacy = f.create("old");
+    let q = f.pipe();
+    f.preserve(legacy, 1, &q).unwrap();
+    f.script.lock().unwrap().fail_freeze_token = Some(Fixture::ino(&q));
+    let err = f.store.freeze().unwrap_err();
+    assert!(err
+        .to_string()
+        .starts_with("session old (owner unknown) token 0x1"));
+}
+
+#[test]
+fn a_session_image_written_before_owners_were_recorded_loads_with_no_owner() {
+    let old = br#"{"id":3,"name":[118,109],"incoming":false,"retrieved":false,"files":[]}"#;
+    let image: SessionImage = serde_json::from_slice(old).unwrap();
+    assert_eq!(image.owner, None);
+    let tree_unknown = br#"{"uid":65534}"#;
+    let owner: Owner = serde_json::from_slice(tree_unknown).unwrap();
+    assert_eq!(owner.to_string(), "uid 65534");
+}
