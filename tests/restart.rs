@@ -7,6 +7,7 @@
 //! exactly once (a lost or replayed request would show as an error or a
 //! wrong count), and every byte must come back.
 
+mod client;
 mod common;
 
 use std::ffi::CString;
@@ -73,21 +74,7 @@ fn probe_churn_preserve() {
         std::thread::sleep(Duration::from_millis(1));
     }
     drop(dev);
-    // Keep the session until the update ends us.
-    // SAFETY: the child only detaches and sleeps.
-    if unsafe { libc::fork() } == 0 {
-        let _keep = s;
-        // SAFETY: detaching from the test's pipes.
-        unsafe {
-            libc::setsid();
-            for fd in 0..3 {
-                libc::close(fd);
-            }
-        }
-        loop {
-            std::thread::sleep(Duration::from_secs(60));
-        }
-    }
+    client::hold_until_update(vec![s]);
 }
 
 #[test]

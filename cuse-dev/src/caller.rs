@@ -62,11 +62,7 @@ impl ProcessVm {
         // the caller of `transfer` (mutably for reads); the remote one is only
         // interpreted in the other process.
         let n = unsafe { call(self.tid, &local, 1, &remote, 1, 0) };
-        if n == len as isize {
-            Ok(())
-        } else {
-            Err(Errno::EFAULT)
-        }
+        whole(n, len)
     }
 }
 
@@ -187,11 +183,7 @@ impl CallerMem for PinnedVm {
                 addr as i64,
             )
         };
-        if n == buf.len() as isize {
-            Ok(())
-        } else {
-            Err(Errno::EFAULT)
-        }
+        whole(n, buf.len())
     }
 
     fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
@@ -205,11 +197,17 @@ impl CallerMem for PinnedVm {
                 addr as i64,
             )
         };
-        if n == buf.len() as isize {
-            Ok(())
-        } else {
-            Err(Errno::EFAULT)
-        }
+        whole(n, buf.len())
+    }
+}
+
+/// A transfer of `len` bytes that moved `n`: anything short is EFAULT, as a
+/// `copy_{from,to}_user` that stopped part-way.
+fn whole(n: isize, len: usize) -> Result<()> {
+    if n == len as isize {
+        Ok(())
+    } else {
+        Err(Errno::EFAULT)
     }
 }
 
