@@ -130,7 +130,7 @@ struct Caller {
     tid: i32,
     /// Its effective uid.
     uid: u32,
-    mem: Arc<dyn CallerMem + Send + Sync>,
+    mem: Guarded,
     runner: Rc<Runner>,
     /// The notification, for a trapped call.
     trap: Option<(Rc<Listener>, u64)>,
@@ -145,7 +145,7 @@ impl Caller {
         Caller {
             tid,
             uid,
-            mem: Arc::new(ProcessVm { tid }),
+            mem: Guarded::new(Arc::new(ProcessVm { tid }), uid, runner),
             runner: runner.clone(),
             trap: None,
             tree: None,
@@ -172,7 +172,7 @@ impl Caller {
         Ok(Caller {
             tid,
             uid,
-            mem: Arc::new(mem),
+            mem: Guarded::new(Arc::new(mem), uid, runner),
             runner: runner.clone(),
             trap: Some((listener.clone(), call.id)),
             tree: Some(call.listener),
@@ -184,12 +184,8 @@ impl Caller {
     }
 
     /// The caller's memory, each access with a deadline.
-    fn mem(&self) -> Guarded {
-        Guarded {
-            mem: self.mem.clone(),
-            uid: self.uid,
-            runner: self.runner.clone(),
-        }
+    fn mem(&self) -> &Guarded {
+        &self.mem
     }
 
     /// Still waiting for us (always true for FUSE callers, see `caller.rs`).
@@ -1261,7 +1257,7 @@ impl Daemon {
     }
 
     fn device_ioctl(&mut self, cmd: u32, arg: u64, caller: &Caller) -> Result<()> {
-        let d = uapi::decode(cmd, arg, &caller.mem(), None)?;
+        let d = uapi::decode(cmd, arg, caller.mem(), None)?;
         let args: uapi::SessionArgs = d.get();
         let name = SessionName::from_field(&args.name)?;
         let what = if cmd == uapi::CREATE_SESSION {
@@ -1378,7 +1374,7 @@ impl Daemon {
 
     fn session_ioctl(&mut self, sid: SessionId, cmd: u32, arg: u64, caller: &Caller) -> Result<()> {
         let kind = self.store.direction(sid)?;
-        let d = uapi::decode(cmd, arg, &caller.mem(), Some(kind))?;
+        let d = uapi::decode(cmd, arg, caller.mem(), Some(kind))?;
         match d.op.cmd {
             uapi::PRESERVE_FD => {
                 let a: uapi::FdArgs = d.get();

@@ -11,10 +11,12 @@
 //! [`STUCK_PER_UID`] written-off threads: beyond that its accesses fail at
 //! once (EAGAIN) without a thread, so nobody can exhaust the daemon's threads.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use luo_store::{Errno, Result};
 
@@ -24,20 +26,39 @@ use crate::caller::CallerMem;
 pub const DEADLINE: Duration = Duration::from_millis(250);
 /// Written-off accesses a uid may have before its accesses fail at once.
 pub const STUCK_PER_UID: usize = 4;
+/// How long the helper keeps looking for the next job before it sleeps, and
+/// the daemon for a job's end before it sleeps: an ioctl makes two or three
+/// accesses a few microseconds apart, and waking a sleeping thread costs far
+/// more than that on a virtual machine (an inter-processor interrupt).
+const SPIN: Duration = Duration::from_micros(200);
 
 type Job = Box<dyn FnOnce() + Send>;
 
+const RUNNING: u8 = 0;
+const DONE: u8 = 1;
+const ABANDONED: u8 = 2;
+
 /// One job's outcome, shared by the daemon and the helper thread.
-enum Slot<T> {
-    Running,
-    Done(T),
-    Abandoned,
+struct Slot<T> {
+    state: AtomicU8,
+    value: Mutex<Option<T>>,
+    /// The daemon's thread, woken when the job ends.
+    waiter: Thread,
+}
+
+/// The helper thread's mailbox.
+struct Worker {
+    job: Mutex<Option<Job>>,
+    has_job: AtomicBool,
+    /// Written off: end after the job at hand.
+    retired: AtomicBool,
+    thread: Thread,
 }
 
 /// Runs jobs on a helper thread, waiting for each at most [`DEADLINE`].
 #[derive(Default)]
 pub struct Runner {
-    worker: std::cell::RefCell<Option<mpsc::Sender<Job>>>,
+    worker: RefCell<Option<Arc<Worker>>>,
     /// Written-off jobs still running, per uid.
     stuck: Arc<Mutex<HashMap<u32, usize>>>,
 }
@@ -61,18 +82,24 @@ impl Runner {
         if self.over_limit(uid) {
             return Err(Missed::TooManyStuck);
         }
-        let slot = Arc::new((Mutex::new(Slot::Running), Condvar::new()));
+        let slot = Arc::new(Slot {
+            state: AtomicU8::new(RUNNING),
+            value: Mutex::new(None),
+            waiter: std::thread::current(),
+        });
         let theirs = slot.clone();
         let stuck = self.stuck.clone();
         let wrapped: Job = Box::new(move || {
             let value = job();
-            let (lock, done) = &*theirs;
-            let mut s = lock.lock().expect("slot lock");
-            match *s {
-                Slot::Abandoned => release(&stuck, uid),
-                _ => *s = Slot::Done(value),
+            *theirs.value.lock().expect("slot lock") = Some(value);
+            let ended =
+                theirs
+                    .state
+                    .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire);
+            match ended {
+                Ok(_) => theirs.waiter.unpark(),
+                Err(_) => release(&stuck, uid),
             }
-            done.notify_one();
         });
         self.submit(wrapped).ok_or(Missed::TooManyStuck)?;
         self.wait(&slot, uid).ok_or(Missed::Deadline)
@@ -93,36 +120,100 @@ impl Runner {
     fn submit(&self, job: Job) -> Option<()> {
         let mut worker = self.worker.borrow_mut();
         if worker.is_none() {
-            let (tx, rx) = mpsc::channel::<Job>();
-            std::thread::Builder::new()
-                .name("caller-mem".into())
-                .stack_size(64 << 10)
-                .spawn(move || rx.into_iter().for_each(|job| job()))
-                .ok()?;
-            *worker = Some(tx);
+            *worker = Some(spawn_worker()?);
         }
-        worker.as_ref().and_then(|w| w.send(job).ok())
+        let w = worker.as_ref()?;
+        *w.job.lock().expect("job lock") = Some(job);
+        w.has_job.store(true, Ordering::Release);
+        w.thread.unpark();
+        Some(())
     }
 
-    fn wait<T>(&self, slot: &(Mutex<Slot<T>>, Condvar), uid: u32) -> Option<T> {
-        let (lock, done) = slot;
-        let guard = lock.lock().expect("slot lock");
-        let (mut s, _) = done
-            .wait_timeout_while(guard, DEADLINE, |s| matches!(s, Slot::Running))
-            .expect("slot lock");
-        if let Slot::Done(value) = std::mem::replace(&mut *s, Slot::Abandoned) {
-            return Some(value);
+    fn wait<T>(&self, slot: &Slot<T>, uid: u32) -> Option<T> {
+        let start = Instant::now();
+        loop {
+            if slot.state.load(Ordering::Acquire) == DONE {
+                return slot.value.lock().expect("slot lock").take();
+            }
+            let waited = start.elapsed();
+            if waited >= DEADLINE {
+                break;
+            }
+            if waited < SPIN {
+                spin();
+            } else {
+                std::thread::park_timeout(DEADLINE - waited);
+            }
         }
         // Still running: its thread is written off (it ends when the job
         // does, and then uncharges the uid); the next job gets a new one.
+        if let Some(w) = self.worker.borrow_mut().take() {
+            w.retired.store(true, Ordering::Release);
+            w.thread.unpark();
+        }
         *self
             .stuck
             .lock()
             .expect("stuck lock")
             .entry(uid)
             .or_default() += 1;
-        self.worker.borrow_mut().take();
+        let abandoned =
+            slot.state
+                .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+        if abandoned.is_err() {
+            // It ended just now after all.
+            release(&self.stuck, uid);
+            return slot.value.lock().expect("slot lock").take();
+        }
         None
+    }
+}
+
+/// One turn of a busy wait that lets anything else runnable go first now
+/// and then.
+fn spin() {
+    for _ in 0..64 {
+        std::hint::spin_loop();
+    }
+    std::thread::yield_now();
+}
+
+fn spawn_worker() -> Option<Arc<Worker>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("caller-mem".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let worker = Arc::new(Worker {
+                job: Mutex::new(None),
+                has_job: AtomicBool::new(false),
+                retired: AtomicBool::new(false),
+                thread: std::thread::current(),
+            });
+            if tx.send(worker.clone()).is_ok() {
+                serve(&worker);
+            }
+        })
+        .ok()?;
+    rx.recv().ok()
+}
+
+/// The helper thread: runs each job handed over, spinning a little for the
+/// next before it sleeps; ends once written off.
+fn serve(w: &Worker) {
+    let mut idle_since = Instant::now();
+    while !w.retired.load(Ordering::Acquire) {
+        if w.has_job.swap(false, Ordering::AcqRel) {
+            let job = w.job.lock().expect("job lock").take();
+            if let Some(job) = job {
+                job();
+            }
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() < SPIN {
+            spin();
+        } else {
+            std::thread::park();
+        }
     }
 }
 
@@ -145,26 +236,44 @@ pub enum Missed {
     TooManyStuck,
 }
 
-/// A caller's memory, every access run through a [`Runner`].
+/// A caller's memory, every access run through a [`Runner`]. Once one access
+/// misses the deadline, the others of the same call fail at once: the access
+/// left waiting most likely holds the caller's address-space lock.
 pub struct Guarded {
-    /// The memory.
-    pub mem: Arc<dyn CallerMem + Send + Sync>,
-    /// Whose it is, for the stuck-job limit.
-    pub uid: u32,
-    /// Where the accesses run.
-    pub runner: std::rc::Rc<Runner>,
+    mem: Arc<dyn CallerMem + Send + Sync>,
+    uid: u32,
+    runner: std::rc::Rc<Runner>,
+    missed: std::cell::Cell<bool>,
 }
 
 impl Guarded {
+    /// The memory `mem` of a caller with uid `uid`, reached through `runner`.
+    pub fn new(
+        mem: Arc<dyn CallerMem + Send + Sync>,
+        uid: u32,
+        runner: &std::rc::Rc<Runner>,
+    ) -> Guarded {
+        Guarded {
+            mem,
+            uid,
+            runner: runner.clone(),
+            missed: std::cell::Cell::new(false),
+        }
+    }
+
     fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&dyn CallerMem) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        if self.missed.get() {
+            return Err(Errno::EFAULT);
+        }
         let mem = self.mem.clone();
         let uid = self.uid;
         match self.runner.run(uid, move || job(&*mem)) {
             Ok(result) => result,
             Err(Missed::Deadline) => {
+                self.missed.set(true);
                 crate::log::warn(format_args!(
                     "an access to the memory of a caller with uid {uid} took over {} ms; \
                      the call fails with EFAULT",
@@ -203,6 +312,7 @@ impl CallerMem for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
     #[test]
     fn a_job_that_finishes_in_time_returns_its_value() {
@@ -231,6 +341,33 @@ mod tests {
             assert!(std::time::Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Memory whose first read never ends (until the test lets it go).
+    struct Hangs(Mutex<mpsc::Receiver<()>>);
+
+    impl CallerMem for Hangs {
+        fn read(&self, _addr: u64, _buf: &mut [u8]) -> Result<()> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(())
+        }
+        fn write(&self, _addr: u64, _buf: &[u8]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn after_one_access_misses_the_deadline_the_rest_of_the_call_fails_at_once() {
+        let runner = std::rc::Rc::new(Runner::new());
+        let (release, rx) = mpsc::channel();
+        let mem = Guarded::new(Arc::new(Hangs(Mutex::new(rx))), 3, &runner);
+        let mut buf = [0u8; 4];
+        assert_eq!(mem.read(0x1000, &mut buf), Err(Errno::EFAULT));
+        let t = std::time::Instant::now();
+        assert_eq!(mem.write(0x1000, &buf), Err(Errno::EFAULT));
+        assert!(t.elapsed() < DEADLINE, "failed without waiting again");
+        assert_eq!(runner.stuck_jobs(3), 1, "one thread written off, not two");
+        release.send(()).unwrap();
     }
 
     #[test]

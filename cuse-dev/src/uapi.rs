@@ -212,10 +212,21 @@ pub fn decode(
     if nr < base || index >= table.len() {
         return Err(Errno::EINVAL);
     }
-    let mut size = [0u8; 4];
-    mem.read(arg, &mut size)?;
-    let user_size = u32::from_ne_bytes(size);
     let op = table[index];
+    // One read of the kernel-sized struct serves the usual call; only if
+    // that faults (a struct that ends at an unreadable page) is it read as
+    // the kernel reads it, the size first. Every op's struct is wholly
+    // mandatory (`min_size == size`), so what was read is what the kernel
+    // would read whenever the call gets that far.
+    let mut whole = vec![0u8; op.size];
+    let prefetched = mem.read(arg, &mut whole).is_ok();
+    let mut size = [0u8; 4];
+    if prefetched {
+        size.copy_from_slice(&whole[..4]);
+    } else {
+        mem.read(arg, &mut size)?;
+    }
+    let user_size = u32::from_ne_bytes(size);
     if op.cmd != cmd {
         return Err(Errno::ENOTTY);
     }
@@ -227,7 +238,12 @@ pub fn decode(
     if user_size < op.min_size {
         return Err(Errno::EINVAL);
     }
-    let buf = copy_struct_from_user(mem, arg, op.size, user_size as usize)?;
+    let buf = if prefetched && op.min_size as usize == op.size {
+        check_tail(mem, arg, op.size, user_size as usize)?;
+        whole
+    } else {
+        copy_struct_from_user(mem, arg, op.size, user_size as usize)?
+    };
     Ok(Decoded { op, user_size, buf })
 }
 
@@ -246,16 +262,23 @@ fn copy_struct_from_user(
     ksize: usize,
     usize_: usize,
 ) -> Result<Vec<u8>> {
-    if usize_ > MAX_STRUCT {
-        return Err(Errno::E2BIG);
-    }
+    check_tail(mem, addr, ksize, usize_)?;
     let size = ksize.min(usize_);
-    if usize_ > ksize {
-        check_zeroed(mem, addr.wrapping_add(size as u64), usize_ - size)?;
-    }
     let mut buf = vec![0u8; ksize];
     mem.read(addr, &mut buf[..size])?;
     Ok(buf)
+}
+
+/// The part of `copy_struct_from_user` past the kernel's struct: a struct
+/// over [`MAX_STRUCT`] is E2BIG, a tail past `ksize` must be zero.
+fn check_tail(mem: &dyn CallerMem, addr: u64, ksize: usize, usize_: usize) -> Result<()> {
+    if usize_ > MAX_STRUCT {
+        return Err(Errno::E2BIG);
+    }
+    if usize_ > ksize {
+        check_zeroed(mem, addr.wrapping_add(ksize as u64), usize_ - ksize)?;
+    }
+    Ok(())
 }
 
 /// `check_zeroed_user`: E2BIG at the first non-zero byte, EFAULT at the
