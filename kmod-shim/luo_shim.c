@@ -5,8 +5,14 @@
  * exported symbols. The daemon keeps every LUO semantic in userspace; this
  * module only stashes and hands back.
  *
- * Old kernel: LUO_SHIM_STASH takes a reference on every folio of a file and
- * preserves it with kho_preserve_folio(); LUO_SHIM_PUBLISH writes the daemon's
+ * Old kernel: LUO_SHIM_STASH pins every folio of a file with
+ * memfd_pin_folios() and preserves it with kho_preserve_folio(). Pinning is
+ * what keeps the folio out of KHO's scratch areas: they are CMA, the next
+ * kernel boots from them alone and reserves preserved memory late, so a
+ * preserved folio lying there is overwritten. shmem and hugetlb folios are
+ * movable and may sit in CMA; memfd_pin_folios() migrates such folios out
+ * first (as mm/memfd_luo.c relies on). A folio that cannot be pinned fails
+ * the stash. LUO_SHIM_PUBLISH writes the daemon's
  * blob and the folio table into KHO-preserved chunks and names them in the
  * KHO tree (kho_add_subtree("luo-shim")). After that nothing more is stashed
  * until LUO_SHIM_UNPUBLISH (a kexec that did not happen).
@@ -106,6 +112,7 @@ struct shim_file {
 	unsigned long nr;
 	struct folio **folios;
 	pgoff_t *index; /* first page of each folio, ascending */
+	bool pinned; /* stashed: the folios are pinned, not just referenced */
 	bool broken; /* restored with folios missing: reads fail with EIO */
 };
 
@@ -166,7 +173,10 @@ static void free_file(struct shim_file *f, bool unpreserve)
 			continue;
 		if (unpreserve)
 			kho_unpreserve_folio(f->folios[i]);
-		folio_put(f->folios[i]);
+		if (f->pinned)
+			unpin_folio(f->folios[i]);
+		else
+			folio_put(f->folios[i]);
 	}
 	if (f->inode)
 		iput(f->inode);
@@ -185,48 +195,96 @@ static int kind_of(struct inode *inode)
 	return -EINVAL;
 }
 
-/* Takes a reference on every folio of the file, in index order. */
-static int collect_folios(struct shim_file *f, struct address_space *mapping)
+/* Makes room for one more folio in f's arrays. */
+static int grow(struct shim_file *f, unsigned long *cap)
+{
+	void *a, *b;
+
+	if (f->nr < *cap)
+		return 0;
+	a = kvrealloc(f->folios, 2 * *cap * sizeof(*f->folios), GFP_KERNEL);
+	if (!a)
+		return -ENOMEM;
+	f->folios = a;
+	b = kvrealloc(f->index, 2 * *cap * sizeof(*f->index), GFP_KERNEL);
+	if (!b)
+		return -ENOMEM;
+	f->index = b;
+	*cap *= 2;
+	return 0;
+}
+
+/*
+ * Pins the folios covering the bytes [start, end] of the file, one folio at
+ * a time (memfd_pin_folios() allocates what is missing in its range, so it is
+ * only given ranges known to be present), skipping what *done says is pinned
+ * already. Counts the folios that had to move out of CMA or ZONE_MOVABLE.
+ */
+static int pin_range(struct shim_file *f, struct file *file, loff_t start,
+		     loff_t end, loff_t *done, unsigned long *cap, unsigned long *moved)
+{
+	for (start = max(start, *done); start <= end; start = *done) {
+		struct folio *folio, *before;
+		pgoff_t offset;
+		long n;
+		int err = grow(f, cap);
+
+		if (err)
+			return err;
+		before = filemap_get_folio(file->f_mapping, start >> PAGE_SHIFT);
+		n = memfd_pin_folios(file, start, end, &folio, 1, &offset);
+		if (!IS_ERR(before)) {
+			if (n > 0 && folio != before)
+				(*moved)++;
+			folio_put(before);
+		}
+		if (n < 0)
+			return n;
+		f->folios[f->nr] = folio;
+		f->index[f->nr] = folio->index;
+		f->nr++;
+		*done = folio_pos(folio) + folio_size(folio);
+	}
+	return 0;
+}
+
+/*
+ * Pins every folio of the file that lies within its size, in index order.
+ * The present folios are found first and their references dropped: a folio
+ * with an extra reference could not be migrated to be pinned.
+ */
+static int collect_folios(struct shim_file *f, struct file *file)
 {
 	struct folio_batch fbatch;
-	unsigned long cap = 64;
+	unsigned long cap = 64, moved = 0;
+	loff_t size = i_size_read(file_inode(file)), done = 0;
+	loff_t first[FOLIO_BATCH_SIZE], last[FOLIO_BATCH_SIZE];
 	pgoff_t start = 0;
 	unsigned int i, n;
+	int err = 0;
 
 	f->folios = kvmalloc_array(cap, sizeof(*f->folios), GFP_KERNEL);
 	f->index = kvmalloc_array(cap, sizeof(*f->index), GFP_KERNEL);
 	if (!f->folios || !f->index)
 		return -ENOMEM;
+	f->pinned = true;
 	folio_batch_init(&fbatch);
-	while ((n = filemap_get_folios(mapping, &start, ULONG_MAX, &fbatch))) {
+	while (!err && (n = filemap_get_folios(file->f_mapping, &start, ULONG_MAX, &fbatch))) {
 		for (i = 0; i < n; i++) {
 			struct folio *folio = fbatch.folios[i];
 
-			if (f->nr == cap) {
-				void *a = kvrealloc(f->folios, 2 * cap * sizeof(*f->folios), GFP_KERNEL);
-				void *b;
-
-				if (!a)
-					goto nomem;
-				f->folios = a;
-				b = kvrealloc(f->index, 2 * cap * sizeof(*f->index), GFP_KERNEL);
-				if (!b)
-					goto nomem;
-				f->index = b;
-				cap *= 2;
-			}
-			folio_get(folio);
-			f->folios[f->nr] = folio;
-			f->index[f->nr] = folio->index;
-			f->nr++;
+			first[i] = folio_pos(folio);
+			last[i] = min_t(loff_t, first[i] + folio_size(folio), size) - 1;
 		}
 		folio_batch_release(&fbatch);
+		for (i = 0; !err && i < n && first[i] < size; i++)
+			err = pin_range(f, file, first[i], last[i], &done, &cap, &moved);
 		cond_resched();
 	}
-	return 0;
-nomem:
-	folio_batch_release(&fbatch);
-	return -ENOMEM;
+	if (!err && moved)
+		pr_info("luo_shim: token %llu: %lu of %lu folios moved out of CMA/ZONE_MOVABLE to be pinned\n",
+			f->token, moved, f->nr);
+	return err;
 }
 
 static long shim_stash(void __user *uarg)
@@ -270,7 +328,7 @@ static long shim_stash(void __user *uarg)
 	f->token = a.token;
 	f->kind = kind;
 	f->size = i_size_read(inode);
-	err = collect_folios(f, file->f_mapping);
+	err = collect_folios(f, file);
 	for (i = 0; !err && i < f->nr; i++) {
 		err = kho_preserve_folio(f->folios[i]);
 		if (err) {
@@ -281,7 +339,7 @@ static long shim_stash(void __user *uarg)
 	}
 	if (err) {
 		for (i = 0; i < f->nr; i++)
-			folio_put(f->folios[i]);
+			unpin_folio(f->folios[i]);
 		kvfree(f->folios);
 		kvfree(f->index);
 		kfree(f);
