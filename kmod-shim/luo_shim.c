@@ -225,21 +225,24 @@ static int pin_range(struct shim_file *f, struct file *file, loff_t start,
 {
 	for (start = max(start, *done); start <= end; start = *done) {
 		struct folio *folio, *before;
+		unsigned long pfn = 0;
 		pgoff_t offset;
 		long n;
 		int err = grow(f, cap);
 
 		if (err)
 			return err;
+		/* Only its frame is kept: a reference would stop its migration. */
 		before = filemap_get_folio(file->f_mapping, start >> PAGE_SHIFT);
-		n = memfd_pin_folios(file, start, end, &folio, 1, &offset);
 		if (!IS_ERR(before)) {
-			if (n > 0 && folio != before)
-				(*moved)++;
+			pfn = folio_pfn(before);
 			folio_put(before);
 		}
+		n = memfd_pin_folios(file, start, end, &folio, 1, &offset);
 		if (n < 0)
 			return n;
+		if (pfn && folio_pfn(folio) != pfn)
+			(*moved)++;
 		f->folios[f->nr] = folio;
 		f->index[f->nr] = folio->index;
 		f->nr++;
