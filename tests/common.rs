@@ -137,17 +137,7 @@ impl Daemon {
 
     /// A daemon on the given paths (in `dir`, removed on drop).
     pub fn start_at(dir: PathBuf, device: PathBuf, state: PathBuf) -> Daemon {
-        let launch = Launch::default();
-        let child = spawn_daemon(&device, &state, &[], &launch);
-        let d = Daemon {
-            dir,
-            device,
-            state,
-            child,
-            launch,
-        };
-        d.wait_ready();
-        d
+        Daemon::launch(dir, device, state, &[], Launch::default())
     }
 
     /// A daemon with extra environment (such as a crash point).
@@ -176,6 +166,17 @@ impl Daemon {
         let device = dir.join("liveupdate");
         let state = dir.join("state");
         let launch = launch(&dir);
+        Daemon::launch(dir, device, state, env, launch)
+    }
+
+    /// Starts a daemon on these paths and waits until it answers.
+    fn launch(
+        dir: PathBuf,
+        device: PathBuf,
+        state: PathBuf,
+        env: &[(&str, &str)],
+        launch: Launch,
+    ) -> Daemon {
         let child = spawn_daemon(&device, &state, env, &launch);
         let d = Daemon {
             dir,
