@@ -19,9 +19,15 @@
  *
  * New kernel: at load, the module finds the subtree, copies the stream out,
  * frees the chunks and restores every folio (kho_restore_folio()). The daemon
- * reads the blob (LUO_SHIM_FETCH), lists the files (LUO_SHIM_FILE), copies
- * each one's contents into a fresh memfd of its own (LUO_SHIM_READ) and lets
- * the folios go (LUO_SHIM_RELEASE).
+ * reads the blob (LUO_SHIM_FETCH), lists the files (LUO_SHIM_FILE), makes a
+ * memfd of each one's size and has the module fill it (LUO_SHIM_ADOPT: a
+ * shmem file gets the restored folios themselves in its page cache, no copy;
+ * see adopt_folio()), or copies the contents itself (LUO_SHIM_READ: hugetlb),
+ * and lets the folios go (LUO_SHIM_RELEASE).
+ *
+ * LUO_SHIM_FREEZE fixes the size of a shmem file as mm/memfd_luo.c does for
+ * a preserved memfd (shmem_freeze(): ftruncate, growing writes and fallocate
+ * fail with EPERM), and frees it again.
  *
  * While anything is stashed or published the module holds a reference on
  * itself, so it cannot be unloaded under the next kernel's feet.
@@ -62,6 +68,10 @@ static_assert(LUO_SHIM_FETCH == 0x4010b706);
 static_assert(LUO_SHIM_FILE == 0xc020b707);
 static_assert(LUO_SHIM_READ == 0x4020b708);
 static_assert(LUO_SHIM_RELEASE == 0x4008b709);
+static_assert(sizeof(struct luo_shim_freeze) == 8);
+static_assert(sizeof(struct luo_shim_adopt) == 32);
+static_assert(LUO_SHIM_FREEZE == 0x4008b70a);
+static_assert(LUO_SHIM_ADOPT == 0xc020b70b);
 
 #define SUBTREE "luo-shim"
 #define STREAM_MAGIC 0x314d4948534f554cULL /* "LUOSHIM1" */
@@ -113,6 +123,7 @@ struct shim_file {
 	struct folio **folios;
 	pgoff_t *index; /* first page of each folio, ascending */
 	bool pinned; /* stashed: the folios are pinned, not just referenced */
+	struct address_space *adopted; /* restored: the file ADOPT filled */
 	bool broken; /* restored with folios missing: reads fail with EIO */
 };
 
@@ -629,6 +640,168 @@ static long shim_read(void __user *uarg)
 	return 0;
 }
 
+/*
+ * Copies restored folio @src (whose first page belongs at page @index) into
+ * the shmem file page by page, as a write would: a page-cache folio met for
+ * the first time gets the rest of it zeroed before it is marked up to date.
+ */
+static int copy_folio(struct inode *inode, struct folio *src, pgoff_t index)
+{
+	long i;
+
+	for (i = 0; i < folio_nr_pages(src); i++) {
+		struct folio *dst;
+		size_t off;
+		void *from, *to;
+		int err = shmem_get_folio(inode, index + i, (loff_t)(index + i + 1) << PAGE_SHIFT,
+					  &dst, SGP_WRITE);
+
+		if (err)
+			return err;
+		off = (index + i - dst->index) << PAGE_SHIFT;
+		from = kmap_local_folio(src, i << PAGE_SHIFT);
+		to = kmap_local_folio(dst, off);
+		memcpy(to, from, PAGE_SIZE);
+		kunmap_local(to);
+		kunmap_local(from);
+		if (!folio_test_uptodate(dst)) {
+			folio_zero_segments(dst, 0, off, off + PAGE_SIZE, folio_size(dst));
+			folio_mark_uptodate(dst);
+		}
+		folio_mark_dirty(dst);
+		folio_unlock(dst);
+		folio_put(dst);
+	}
+	return 0;
+}
+
+/*
+ * Puts restored folio @k of @f into the shmem file. shmem's own insertion is
+ * not exported, so shmem_get_folio(SGP_WRITE) makes an accounted slot (a
+ * fresh folio: inode blocks, memcg charge) and replace_page_cache_folio()
+ * swaps the restored folio into it, moving the charge and the NR_FILE_PAGES
+ * and NR_SHMEM counts; the fresh folio is then freed. That swap stores one
+ * xarray slot and takes one reference, so it is right for order-0 folios on
+ * both sides only; any other pairing is copied. The module keeps its own
+ * reference until RELEASE, so READ still works after a failed ADOPT.
+ */
+static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode, bool *moved)
+{
+	struct folio *new = f->folios[k], *old;
+	pgoff_t index = f->index[k];
+	int err;
+
+	*moved = false;
+	if (new->mapping) /* placed by an earlier, interrupted ADOPT */
+		return 0;
+	if (folio_order(new))
+		return copy_folio(inode, new, index);
+	err = shmem_get_folio(inode, index, (loff_t)(index + 1) << PAGE_SHIFT, &old, SGP_WRITE);
+	if (err)
+		return err;
+	if (folio_order(old) || folio_test_uptodate(old)) {
+		/* Not a slot made for us: a large folio, or data already there. */
+		folio_unlock(old);
+		folio_put(old);
+		return copy_folio(inode, new, index);
+	}
+	__folio_set_locked(new);
+	__folio_set_swapbacked(new);
+	folio_mark_uptodate(new);
+	replace_page_cache_folio(old, new);
+	folio_mark_dirty(new);
+	folio_add_lru(new);
+	folio_unlock(new);
+	folio_unlock(old);
+	folio_put(old);
+	*moved = true;
+	return 0;
+}
+
+static long shim_adopt(void __user *uarg)
+{
+	struct luo_shim_adopt a;
+	struct shim_file *f;
+	struct inode *inode;
+	struct file *file;
+	unsigned long k;
+	int err = 0;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_RESTORED)
+		return -ENOENT;
+	f = find_token(a.token);
+	if (!f)
+		return -ENOENT;
+	if (f->broken)
+		return -EIO;
+	file = fget(a.fd);
+	if (!file)
+		return -EBADF;
+	inode = file_inode(file);
+	if (f->kind != LUO_SHIM_SHMEM || kind_of(inode) != LUO_SHIM_SHMEM ||
+	    i_size_read(inode) != f->size) {
+		err = -EINVAL;
+		goto out;
+	}
+	if (!(file->f_mode & FMODE_WRITE)) {
+		err = -EBADF;
+		goto out;
+	}
+	if (f->adopted && f->adopted != inode->i_mapping) {
+		err = -EBUSY;
+		goto out;
+	}
+	f->adopted = inode->i_mapping;
+	a.moved = a.copied = 0;
+	inode_lock(inode);
+	for (k = 0; !err && k < f->nr; k++) {
+		bool moved;
+
+		if (!f->folios[k])
+			continue;
+		err = adopt_folio(f, k, inode, &moved);
+		if (!err)
+			moved ? a.moved++ : a.copied++;
+		if (!(k & 63))
+			cond_resched();
+	}
+	inode_unlock(inode);
+	if (!err && copy_to_user(uarg, &a, sizeof(a)))
+		err = -EFAULT;
+out:
+	fput(file);
+	return err;
+}
+
+static long shim_freeze(void __user *uarg)
+{
+	struct luo_shim_freeze a;
+	struct file *file;
+	struct inode *inode;
+	int err = 0;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (a.frozen > 1)
+		return -EINVAL;
+	file = fget(a.fd);
+	if (!file)
+		return -EBADF;
+	inode = file_inode(file);
+	if (kind_of(inode) != LUO_SHIM_SHMEM) {
+		err = -EINVAL;
+	} else {
+		/* shmem reads the flag under i_rwsem (setattr, write_begin, fallocate). */
+		inode_lock(inode);
+		shmem_freeze(inode, a.frozen);
+		inode_unlock(inode);
+	}
+	fput(file);
+	return err;
+}
+
 static long shim_release_file(void __user *uarg)
 {
 	struct shim_file *f;
@@ -650,6 +823,9 @@ static long shim_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	void __user *uarg = (void __user *)arg;
 	long ret;
 
+	/* Touches one inode and no shim state: never waits for a stash. */
+	if (cmd == LUO_SHIM_FREEZE)
+		return shim_freeze(uarg);
 	mutex_lock(&shim_lock);
 	switch (cmd) {
 	case LUO_SHIM_STASH:
@@ -678,6 +854,9 @@ static long shim_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		break;
 	case LUO_SHIM_RELEASE:
 		ret = shim_release_file(uarg);
+		break;
+	case LUO_SHIM_ADOPT:
+		ret = shim_adopt(uarg);
 		break;
 	default:
 		ret = -ENOTTY;

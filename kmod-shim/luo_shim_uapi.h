@@ -58,6 +58,19 @@ struct luo_shim_read {
 	__u64 len;
 };
 
+struct luo_shim_freeze {
+	__s32 fd;	/* a shmem file */
+	__u32 frozen;	/* 1: its size is fixed, as mm/memfd_luo.c fixes it; 0: free */
+};
+
+struct luo_shim_adopt {
+	__u64 token;	/* a restored file */
+	__s32 fd;	/* in: a writable shmem file of the restored size */
+	__u32 pad;
+	__u64 moved;	/* out: folios put into the file's page cache as they are */
+	__u64 copied;	/* out: folios copied (their size differs from the file's) */
+};
+
 #define LUO_SHIM_STASH _IOWR(LUO_SHIM_TYPE, 1, struct luo_shim_stash)
 #define LUO_SHIM_UNSTASH _IOW(LUO_SHIM_TYPE, 2, __u64)
 #define LUO_SHIM_PUBLISH _IOW(LUO_SHIM_TYPE, 3, struct luo_shim_blob)
@@ -67,5 +80,7 @@ struct luo_shim_read {
 #define LUO_SHIM_FILE _IOWR(LUO_SHIM_TYPE, 7, struct luo_shim_file)
 #define LUO_SHIM_READ _IOW(LUO_SHIM_TYPE, 8, struct luo_shim_read)
 #define LUO_SHIM_RELEASE _IOW(LUO_SHIM_TYPE, 9, __u64)
+#define LUO_SHIM_FREEZE _IOW(LUO_SHIM_TYPE, 10, struct luo_shim_freeze)
+#define LUO_SHIM_ADOPT _IOWR(LUO_SHIM_TYPE, 11, struct luo_shim_adopt)
 
 #endif

@@ -587,7 +587,9 @@ impl Daemon {
         }
         let workload = workload_tracker(&cfg.state_dir, image.store.epoch);
         let mut store = Store::new();
-        luo_handlers::register_all(&mut store).expect("built-in handlers register once");
+        let size_lock = crate::shim::ShimSizeLock::new(Path::new(crate::shim::DEVICE));
+        luo_handlers::register_all_with(&mut store, std::sync::Arc::new(size_lock))
+            .expect("built-in handlers register once");
         store.set_limits(cfg.limits);
         Ok(Daemon {
             cfg,
@@ -1995,17 +1997,20 @@ impl Daemon {
             ));
         }
         let lost: Vec<(u64, u64)> = restored.lost.iter().map(|(k, _)| *k).collect();
+        let (in_place, copied) = (restored.in_place, restored.copied);
         let incoming = crate::kexec::incoming_image(image.store, &lost);
         self.store
             .load_image(&incoming, &mut |key| restored.fds.remove(key))
             .map_err(|e| refused(format!("rebuild the incoming sessions: {e}")))?;
         self.store.take_changes();
         log::info(format_args!(
-            "after kexec: epoch {}, {} incoming sessions, {} files ({} MiB) in {:.1} ms",
+            "after kexec: epoch {}, {} incoming sessions, {} files ({} MiB; {} filled in place, {} copied) in {:.1} ms",
             self.store.epoch(),
             self.store.sessions().count(),
             image.files.len(),
             total >> 20,
+            in_place,
+            copied,
             start.elapsed().as_secs_f64() * 1e3
         ));
         Ok(())

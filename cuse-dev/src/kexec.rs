@@ -9,7 +9,7 @@
 //! simulated update.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use luo_store::{FileImage, StoreImage};
 use serde::{Deserialize, Serialize};
@@ -60,16 +60,40 @@ pub fn position_and_seals(fd: &OwnedFd) -> (u64, i32) {
     }
 }
 
+/// How a restored memfd got its contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// Nothing to fill.
+    Empty,
+    /// shmem: the restored folios went into its page cache (`moved`), any
+    /// of another size were copied by the module (`copied`).
+    InPlace {
+        /// Folios placed as they are.
+        moved: u64,
+        /// Folios copied.
+        copied: u64,
+    },
+    /// Read from the shim into a mapping (hugetlb, or a module without
+    /// `LUO_SHIM_ADOPT`, or one that refused it).
+    Copied,
+}
+
 /// A fresh memfd with the contents, size, position and seals of a stashed
-/// file, read from the shim; the shim lets the folios go afterwards.
+/// file; the shim lets the folios go afterwards.
 ///
 /// # Errors
 /// What failed, as a sentence.
 pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
+    restore_memfd_with(shim, f).map(|(fd, _)| fd)
+}
+
+/// [`restore_memfd`], saying how the contents came back.
+///
+/// # Errors
+/// What failed, as a sentence.
+pub fn restore_memfd_with(shim: &Shim, f: &StashedFile) -> Result<(OwnedFd, Filled), String> {
     let fd = memfd_of_kind("luo-restored", f.kind, f.size)?;
-    if f.size > 0 {
-        copy_in(shim, f, &fd)?;
-    }
+    let filled = fill(shim, f, &fd)?;
     // SAFETY: plain syscalls on our fd.
     unsafe {
         libc::lseek(fd.as_raw_fd(), f.pos as i64, libc::SEEK_SET);
@@ -79,7 +103,26 @@ pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
     }
     shim.release(f.shim_token)
         .map_err(|e| format!("release stash {}: {e}", f.shim_token))?;
-    Ok(fd)
+    Ok((fd, filled))
+}
+
+/// Fills `fd` from the stash: shmem in place, the rest (or when the module
+/// refuses) by copying. A refused or interrupted in-place fill leaves every
+/// folio readable, and the copy writes every byte of the same file.
+fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<Filled, String> {
+    if f.size == 0 {
+        return Ok(Filled::Empty);
+    }
+    if f.kind == crate::shim::SHMEM {
+        if let Ok(a) = shim.adopt(f.shim_token, fd.as_fd()) {
+            return Ok(Filled::InPlace {
+                moved: a.moved,
+                copied: a.copied,
+            });
+        }
+    }
+    copy_in(shim, f, fd)?;
+    Ok(Filled::Copied)
 }
 
 /// Reads the stash into a shared mapping of `fd`.
@@ -124,6 +167,10 @@ pub struct Restored {
     pub fds: HashMap<String, OwnedFd>,
     /// (session, token) of the files that could not be rebuilt, and why.
     pub lost: Vec<((u64, u64), String)>,
+    /// Files whose folios went into their new memfd as they were.
+    pub in_place: usize,
+    /// Files whose contents were copied.
+    pub copied: usize,
 }
 
 /// Rebuilds every stashed file.
@@ -135,8 +182,13 @@ pub fn restore_all(
     let mut out = Restored::default();
     let mut bytes = 0;
     for (i, f) in files.iter().enumerate() {
-        match restore_memfd(shim, f) {
-            Ok(fd) => {
+        match restore_memfd_with(shim, f) {
+            Ok((fd, filled)) => {
+                match filled {
+                    Filled::InPlace { .. } => out.in_place += 1,
+                    Filled::Copied => out.copied += 1,
+                    Filled::Empty => {}
+                }
                 out.fds
                     .insert(FileImage::carried_key(f.session, f.token), fd);
             }

@@ -197,6 +197,9 @@ enum Command {
         device: PathBuf,
         #[arg(long)]
         name: String,
+        /// A hugetlb memfd (2 MiB pages) instead of shmem.
+        #[arg(long)]
+        hugetlb: bool,
     },
     /// The fd keeper (started by the daemon).
     #[command(hide = true)]
@@ -337,15 +340,17 @@ fn main() -> ExitCode {
             append,
             &state_dir,
         ),
-        Command::HoldResized { device, name } => {
-            match luo_cuse_dev::oracle::hold_resized(&device, &name) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("luo hold-resized: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::HoldResized {
+            device,
+            name,
+            hugetlb,
+        } => match luo_cuse_dev::oracle::hold_resized(&device, &name, hugetlb) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("luo hold-resized: {e}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::ShimCheck {
             device,
             stage,

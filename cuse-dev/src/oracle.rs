@@ -647,11 +647,14 @@ pub fn run(device: &Path, phase: u8, label: &str) {
 
 /// Creates session `name` holding a memfd that is resized after it is
 /// preserved (a freeze of it fails, as the kernel's would), and leaves it
-/// held by a detached child: the refused-freeze case of update tests.
+/// held by a detached child: the refused-freeze case of update tests. A
+/// shmem memfd (`hugetlb` false) cannot be resized where the daemon fixes
+/// preserved sizes as the kernel does (kmod-shim loaded): then `ftruncate`
+/// fails with EPERM and so does this. A hugetlb memfd grows from 2 to 4 MiB.
 ///
 /// # Errors
 /// What failed, as a sentence.
-pub fn hold_resized(device: &Path, name: &str) -> Result<(), String> {
+pub fn hold_resized(device: &Path, name: &str, hugetlb: bool) -> Result<(), String> {
     let o = Oracle {
         label: "hold".into(),
         phase: 1,
@@ -672,12 +675,17 @@ pub fn hold_resized(device: &Path, name: &str) -> Result<(), String> {
     let s = o
         .create("create", dev.as_raw_fd(), name.as_bytes())
         .ok_or("CREATE_SESSION failed")?;
-    let m = memfd("resized", &[1; 4096]);
+    let (m, grown) = if hugetlb {
+        let m = crate::memfd::memfd_of_kind("resized", crate::shim::HUGETLB, 2 << 20)?;
+        (m, 4 << 20)
+    } else {
+        (memfd("resized", &[1; 4096]), 8192)
+    };
     if o.preserve("preserve", s.as_raw_fd(), m.as_raw_fd(), 1) != 0 {
         return Err("PRESERVE_FD failed".into());
     }
     // SAFETY: plain syscall on our memfd.
-    if unsafe { libc::ftruncate(m.as_raw_fd(), 8192) } != 0 {
+    if unsafe { libc::ftruncate(m.as_raw_fd(), grown) } != 0 {
         return Err(format!("ftruncate: {}", std::io::Error::last_os_error()));
     }
     drop(dev);

@@ -97,6 +97,32 @@ pub struct Read {
     pub len: u64,
 }
 
+/// `struct luo_shim_freeze`.
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Freeze {
+    /// A shmem file.
+    pub fd: i32,
+    /// 1 fixes its size, 0 frees it.
+    pub frozen: u32,
+}
+
+/// `struct luo_shim_adopt`.
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Adopt {
+    /// In: a restored file.
+    pub token: u64,
+    /// In: a writable shmem file of its size.
+    pub fd: i32,
+    /// Padding.
+    pub pad: u32,
+    /// Out: folios put into the file's page cache as they are.
+    pub moved: u64,
+    /// Out: folios copied.
+    pub copied: u64,
+}
+
 const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
     (dir << 30) | ((size as u32) << 16) | (0xB7 << 8) | nr
 }
@@ -121,6 +147,10 @@ pub const FILE: u32 = ioc(R | W, 7, size_of::<FileInfo>());
 pub const READ: u32 = ioc(W, 8, size_of::<Read>());
 /// `LUO_SHIM_RELEASE`.
 pub const RELEASE: u32 = ioc(W, 9, size_of::<u64>());
+/// `LUO_SHIM_FREEZE`.
+pub const FREEZE: u32 = ioc(W, 10, size_of::<Freeze>());
+/// `LUO_SHIM_ADOPT`.
+pub const ADOPT: u32 = ioc(R | W, 11, size_of::<Adopt>());
 
 // The same values kmod-shim/luo_shim.c asserts.
 const _: () = assert!(size_of::<Stash>() == 32);
@@ -137,6 +167,10 @@ const _: () = assert!(FETCH == 0x4010_b706);
 const _: () = assert!(FILE == 0xc020_b707);
 const _: () = assert!(READ == 0x4020_b708);
 const _: () = assert!(RELEASE == 0x4008_b709);
+const _: () = assert!(size_of::<Freeze>() == 8);
+const _: () = assert!(size_of::<Adopt>() == 32);
+const _: () = assert!(FREEZE == 0x4008_b70a);
+const _: () = assert!(ADOPT == 0xc020_b70b);
 
 /// An open `/dev/luo-shim`.
 #[derive(Debug)]
@@ -279,6 +313,38 @@ impl Shim {
         self.ioctl(READ, &mut r)
     }
 
+    /// Fills `file` (a writable shmem file of the restored size) with a
+    /// restored file's folios: in its page cache as they are where the folio
+    /// sizes match, copied where they do not. The folios stay readable with
+    /// [`Shim::read`] until [`Shim::release`], so a failure loses nothing.
+    ///
+    /// # Errors
+    /// ENOTTY from a module without it, EINVAL not shmem or not the size,
+    /// EBUSY another file was being filled, EIO folios missing, ENOMEM.
+    pub fn adopt(&self, token: u64, file: BorrowedFd<'_>) -> Result<Adopt, Errno> {
+        let mut a = Adopt {
+            token,
+            fd: file.as_raw_fd(),
+            ..Adopt::default()
+        };
+        self.ioctl(ADOPT, &mut a)?;
+        Ok(a)
+    }
+
+    /// Fixes (or frees) the size of a shmem file as the kernel does while a
+    /// memfd is preserved: `ftruncate`, growing writes and `fallocate` fail
+    /// with EPERM.
+    ///
+    /// # Errors
+    /// ENOTTY from a module without it, EINVAL not a shmem file, EBADF.
+    pub fn freeze(&self, file: BorrowedFd<'_>, frozen: bool) -> Result<(), Errno> {
+        let mut f = Freeze {
+            fd: file.as_raw_fd(),
+            frozen: u32::from(frozen),
+        };
+        self.ioctl(FREEZE, &mut f)
+    }
+
     /// Lets a restored file's folios go.
     ///
     /// # Errors
@@ -301,6 +367,7 @@ pub mod check {
     use serde::{Deserialize, Serialize};
 
     use super::{Shim, HUGETLB, SHMEM, STATE_RESTORED};
+    use crate::kexec::{restore_memfd_with, Filled, StashedFile};
     use crate::memfd::{memfd_of_kind, Mapping};
 
     /// What stage 1 leaves in the blob about each file.
@@ -311,7 +378,11 @@ pub mod check {
         size: u64,
         pos: u64,
         seals: i32,
+        /// [`page_sum`] of every page, recorded before the stash.
+        pages: Vec<u64>,
     }
+
+    const PAGE: usize = 4096;
 
     fn word(token: u64, i: u64) -> u64 {
         (i ^ token.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -374,9 +445,12 @@ pub mod check {
             let fd = memfd_of_kind("luo-shim-check", kind, size)?;
             let map = Mapping::new(fd.as_raw_fd(), size as usize).map_err(|e| e.to_string())?;
             // SAFETY: the mapping is ours alone while it lives.
-            for (i, w) in unsafe { map.bytes() }.chunks_exact_mut(8).enumerate() {
+            let bytes = unsafe { map.bytes() };
+            for (i, w) in bytes.chunks_exact_mut(8).enumerate() {
                 w.copy_from_slice(&word(token, i as u64).to_ne_bytes());
             }
+            let pages = page_sums(bytes);
+            drop(map);
             let pos = if kind == SHMEM { 12345 } else { 0 };
             let seals = if kind == SHMEM {
                 libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
@@ -415,6 +489,7 @@ pub mod check {
                 size,
                 pos,
                 seals,
+                pages,
             });
             keep.push(fd);
         }
@@ -466,47 +541,91 @@ pub mod check {
                 shim.read(m.token, m.size, &mut [0; 1]),
                 Errno::EINVAL,
             )?;
+            let stashed = StashedFile {
+                session: 0,
+                token: m.token,
+                shim_token: m.token,
+                kind: m.kind,
+                size: m.size,
+                pos: m.pos,
+                seals: m.seals,
+            };
             let t = Instant::now();
-            let fd = memfd_of_kind("luo-shim-check", m.kind, m.size)?;
-            let map = Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
-            // SAFETY: the mapping is ours alone while it lives.
-            let bytes = unsafe { map.bytes() };
-            for chunk in (0..m.size).step_by(4 << 20) {
-                let end = (chunk + (4 << 20)).min(m.size);
-                shim.read(m.token, chunk, &mut bytes[chunk as usize..end as usize])
-                    .map_err(|e| format!("read {}: {e}", m.token))?;
-            }
+            let (fd, filled) = restore_memfd_with(shim, &stashed)?;
             let took = t.elapsed();
-            let differs = bytes
-                .chunks_exact(8)
-                .enumerate()
-                .find(|(i, w)| **w != word(m.token, *i as u64).to_ne_bytes());
-            if let Some((i, _)) = differs {
-                return Err(format!("token {}: word {i} differs", m.token));
+            if m.kind == SHMEM && !matches!(filled, Filled::InPlace { moved, .. } if moved > 0) {
+                return Err(format!("token {}: shmem came back {filled:?}", m.token));
             }
-            let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
-            file.seek(SeekFrom::Start(m.pos))
-                .map_err(|e| e.to_string())?;
-            // SAFETY: plain fcntl on our fd.
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, m.seals) };
-            // SAFETY: as above.
-            let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-            let pos = file.stream_position().map_err(|e| e.to_string())?;
-            if pos != m.pos || seals != m.seals {
-                return Err(format!(
-                    "token {}: position {pos}, seals {seals:#x}",
-                    m.token
-                ));
-            }
-            shim.release(m.token)
-                .map_err(|e| format!("release {}: {e}", m.token))?;
+            verify(&fd, m)?;
             println!(
-                "SHIM token {} ({}): {} MiB identical, position and seals back, restored in {:.1} ms",
+                "SHIM token {} ({}): {} MiB identical ({} pages checked), position and seals back, restored in {:.1} ms ({filled:?})",
                 m.token,
                 if m.kind == HUGETLB { "hugetlb" } else { "shmem" },
                 m.size >> 20,
+                m.pages.len(),
                 took.as_secs_f64() * 1e3
             );
+        }
+        Ok(())
+    }
+
+    /// A 64-bit sum of one page, a multiply per word: position-independent,
+    /// so a page that comes back elsewhere or half-overwritten differs.
+    fn page_sum(page: &[u8]) -> u64 {
+        page.chunks_exact(8).fold(0xCBF2_9CE4_8422_2325, |h, w| {
+            let w = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(29)
+        })
+    }
+
+    /// The sum of every page of `bytes`.
+    fn page_sums(bytes: &[u8]) -> Vec<u64> {
+        bytes.chunks(PAGE).map(page_sum).collect()
+    }
+
+    /// Every page's sum, every word's pattern, the position and the seals
+    /// of a restored file against what stage 1 recorded.
+    fn verify(fd: &OwnedFd, m: &Meta) -> Result<(), String> {
+        let map = Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
+        // SAFETY: the mapping is ours alone while it lives.
+        let bytes = unsafe { map.bytes() };
+        let sums = page_sums(bytes);
+        if sums.len() != m.pages.len() {
+            return Err(format!(
+                "token {}: {} pages, {} recorded",
+                m.token,
+                sums.len(),
+                m.pages.len()
+            ));
+        }
+        let bad: Vec<usize> = (0..sums.len()).filter(|&i| sums[i] != m.pages[i]).collect();
+        if let Some(first) = bad.first() {
+            return Err(format!(
+                "token {}: {} of {} pages differ from their recorded sums (first: page {first})",
+                m.token,
+                bad.len(),
+                sums.len()
+            ));
+        }
+        let differs = bytes
+            .chunks_exact(8)
+            .enumerate()
+            .find(|(i, w)| **w != word(m.token, *i as u64).to_ne_bytes());
+        if let Some((i, _)) = differs {
+            return Err(format!("token {}: word {i} differs", m.token));
+        }
+        // SAFETY: plain syscalls on our fd.
+        let (pos, seals) = unsafe {
+            (
+                libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_CUR),
+                libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS),
+            )
+        };
+        if pos as u64 != m.pos || seals != m.seals {
+            return Err(format!(
+                "token {}: position {pos}, seals {seals:#x}",
+                m.token
+            ));
         }
         Ok(())
     }
@@ -593,5 +712,47 @@ pub mod bench {
             rows,
             session: "kmod-shim".into(),
         })
+    }
+}
+
+/// Fixes preserved shmem files' sizes through kmod-shim (`LUO_SHIM_FREEZE`)
+/// while the module is loaded; without it, the memfd handler's freeze-time
+/// check stands alone. The device is looked for at most once a second.
+#[derive(Debug)]
+pub struct ShimSizeLock {
+    path: std::path::PathBuf,
+    dev: std::sync::Mutex<(Option<Shim>, Option<std::time::Instant>)>,
+}
+
+impl ShimSizeLock {
+    /// A lock through the shim's device at `path`.
+    pub fn new(path: &Path) -> ShimSizeLock {
+        ShimSizeLock {
+            path: path.to_path_buf(),
+            dev: std::sync::Mutex::new((None, None)),
+        }
+    }
+}
+
+impl luo_handlers::SizeLock for ShimSizeLock {
+    fn set(&self, file: BorrowedFd<'_>, frozen: bool) -> Result<(), Errno> {
+        let mut dev = self
+            .dev
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (shim, tried) = &mut *dev;
+        if shim.is_none() && tried.is_none_or(|t| t.elapsed().as_secs() >= 1) {
+            *tried = Some(std::time::Instant::now());
+            *shim = Shim::open(&self.path).ok();
+        }
+        let Some(s) = shim else {
+            return Err(Errno::ENODEV);
+        };
+        let r = s.freeze(file, frozen);
+        if r == Err(Errno::ENOTTY) {
+            // A module without FREEZE: look again later (it may be reloaded).
+            *shim = None;
+        }
+        r
     }
 }

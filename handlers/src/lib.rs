@@ -8,9 +8,11 @@
 pub mod memfd;
 mod sys;
 
+use std::sync::Arc;
+
 use luo_store::{Result, Store};
 
-pub use memfd::{Backing, MemfdHandler, MemfdState};
+pub use memfd::{Backing, MemfdHandler, MemfdState, SizeLock};
 
 /// Registers every built-in handler: shmem memfds, then hugetlb memfds.
 ///
@@ -18,6 +20,16 @@ pub use memfd::{Backing, MemfdHandler, MemfdState};
 /// `EEXIST` if one is already registered.
 pub fn register_all(store: &mut Store) -> Result<()> {
     store.register_handler(Box::new(MemfdHandler::new(Backing::Shmem)))?;
+    store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
+    Ok(())
+}
+
+/// [`register_all`], with preserved shmem files' sizes fixed by `lock`.
+///
+/// # Errors
+/// `EEXIST` if one is already registered.
+pub fn register_all_with(store: &mut Store, lock: Arc<dyn SizeLock>) -> Result<()> {
+    store.register_handler(Box::new(MemfdHandler::with_size_lock(Backing::Shmem, lock)))?;
     store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
     Ok(())
 }

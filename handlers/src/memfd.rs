@@ -12,11 +12,16 @@
 //! Holding the file keeps its pages: the daemon's reference is what the kernel's
 //! pinned folios are. The kernel also freezes the size while a memfd is
 //! preserved (`ftruncate`, writes past the end and `fallocate` fail with EPERM).
-//! A daemon cannot block calls on a client's own fd, so this handler records the
-//! size at preserve and **refuses the freeze** (EPERM, naming the token) if it
-//! has changed: the update fails instead of carrying a file of another size.
+//! A daemon cannot block calls on a client's own fd by itself; given a
+//! [`SizeLock`] (kmod-shim's `LUO_SHIM_FREEZE`, which sets the same inode flag
+//! the kernel sets), a shmem file's size is fixed from preserve until it is
+//! unpreserved, retrieved or finished, exactly as in the kernel. In every case
+//! the handler also records the size at preserve and **refuses the freeze**
+//! (EPERM) if it has changed (no lock, or hugetlb, which the kernel does not
+//! preserve): the update fails instead of carrying a file of another size.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use luo_store::{Errno, FileHandler, FileId, FileState, Preserved, Result};
 
@@ -97,16 +102,46 @@ impl MemfdState {
     }
 }
 
+/// Fixes the size of a shmem file while it is preserved, as the kernel's
+/// `shmem_freeze` does.
+pub trait SizeLock: Send + Sync + std::fmt::Debug {
+    /// Fixes (`frozen`) or frees the size of `file`.
+    ///
+    /// # Errors
+    /// Whatever stops it; the handler then relies on its freeze-time check.
+    fn set(&self, file: BorrowedFd<'_>, frozen: bool) -> Result<()>;
+}
+
 /// The memfd file handler.
 #[derive(Debug)]
 pub struct MemfdHandler {
     backing: Backing,
+    size_lock: Option<Arc<dyn SizeLock>>,
 }
 
 impl MemfdHandler {
     /// A handler for one backing.
     pub fn new(backing: Backing) -> MemfdHandler {
-        MemfdHandler { backing }
+        MemfdHandler {
+            backing,
+            size_lock: None,
+        }
+    }
+
+    /// A handler that fixes preserved shmem files' sizes with `lock`.
+    pub fn with_size_lock(backing: Backing, lock: Arc<dyn SizeLock>) -> MemfdHandler {
+        MemfdHandler {
+            backing,
+            size_lock: Some(lock),
+        }
+    }
+
+    /// Fixes or frees the size, where a lock is given and the kernel would.
+    fn lock_size(&self, file: Option<BorrowedFd<'_>>, frozen: bool) {
+        if let (Some(lock), Some(file), Backing::Shmem) = (&self.size_lock, file, self.backing) {
+            // A lock that fails leaves the freeze-time check in charge.
+            let _ = lock.set(file, frozen);
+        }
     }
 
     fn magic(&self) -> i64 {
@@ -167,12 +202,22 @@ impl FileHandler for MemfdHandler {
     }
 
     fn preserve(&self, file: BorrowedFd<'_>) -> Result<Preserved> {
-        Ok(Preserved {
-            data: Self::snapshot(file)?.encode(),
-        })
+        // Fixed first, so that the size recorded is the one that stays.
+        self.lock_size(Some(file), true);
+        match Self::snapshot(file) {
+            Ok(state) => Ok(Preserved {
+                data: state.encode(),
+            }),
+            Err(e) => {
+                self.lock_size(Some(file), false);
+                Err(e)
+            }
+        }
     }
 
-    fn unpreserve(&self, _state: &FileState<'_>) {}
+    fn unpreserve(&self, state: &FileState<'_>) {
+        self.lock_size(state.file, false);
+    }
 
     fn freeze(&self, state: &FileState<'_>, data: &mut Vec<u8>) -> Result<()> {
         let file = state.file.ok_or(Errno::EINVAL)?;
@@ -195,8 +240,14 @@ impl FileHandler for MemfdHandler {
         }
         let file = sys::reopen(carried, saved.access)?;
         sys::seek_to(file.as_fd(), saved.pos)?;
+        // The kernel's retrieve makes a new file, whose size is free.
+        self.lock_size(Some(carried), false);
         Ok(file)
     }
 
-    fn finish(&self, _state: &FileState<'_>) {}
+    fn finish(&self, state: &FileState<'_>) {
+        // Retrieved files were freed at retrieve; one never retrieved is
+        // dropped, and may still be open elsewhere.
+        self.lock_size(state.carried, false);
+    }
 }

@@ -227,3 +227,64 @@ fn a_file_preserved_read_only_comes_back_read_only() {
     (&got).read_to_string(&mut back).unwrap();
     assert_eq!(back, "root's data");
 }
+
+/// Records what the handler asks of its size lock, by inode. The lock's
+/// effect (the kernel's `shmem_freeze` through kmod-shim) needs the module,
+/// which only the guest rig has; its scenarios test that part.
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(u64, bool)>>);
+
+impl crate::SizeLock for Recorder {
+    fn set(&self, file: std::os::fd::BorrowedFd<'_>, frozen: bool) -> luo_store::Result<()> {
+        let ino = crate::sys::fstat(file)?.st_ino;
+        self.0.lock().unwrap().push((ino, frozen));
+        Ok(())
+    }
+}
+
+fn ino(f: &File) -> u64 {
+    f.metadata()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap()
+}
+
+#[test]
+fn a_size_lock_fixes_shmem_from_preserve_to_unpreserve_retrieve_or_finish() {
+    let lock = std::sync::Arc::new(Recorder::default());
+    let mut s = Store::new();
+    crate::register_all_with(&mut s, lock.clone()).unwrap();
+    let taken = |lock: &Recorder| std::mem::take(&mut *lock.0.lock().unwrap());
+    let (a, b, c) = (
+        memfd("a", 0).unwrap(),
+        memfd("b", 0).unwrap(),
+        memfd("c", 0).unwrap(),
+    );
+    let hugetlb = memfd("h", libc::MFD_HUGETLB).ok();
+    let id = s.create_session(name("vm")).unwrap();
+    let gone = s.create_session(name("gone")).unwrap();
+    for (token, f) in [(1, &a), (2, &b)] {
+        s.preserve_fd(id, token, dup(f)).unwrap();
+    }
+    s.preserve_fd(gone, 3, dup(&c)).unwrap();
+    if let Some(h) = &hugetlb {
+        // The kernel does not preserve hugetlb; nothing fixes its size.
+        s.preserve_fd(id, 4, dup(h)).unwrap();
+    }
+    assert_eq!(
+        taken(&lock),
+        [(ino(&a), true), (ino(&b), true), (ino(&c), true)]
+    );
+    s.release_session(gone).unwrap();
+    assert_eq!(taken(&lock), [(ino(&c), false)]);
+    update(&mut s);
+    assert!(
+        taken(&lock).is_empty(),
+        "sizes stay fixed across the update"
+    );
+    let id = s.sessions().next().unwrap().id;
+    drop(s.retrieve_fd(id, 1).unwrap());
+    assert_eq!(taken(&lock), [(ino(&a), false)]);
+    s.finish(id).unwrap_or_else(|e| panic!("finish: {e}"));
+    let freed = taken(&lock);
+    assert!(freed.contains(&(ino(&b), false)), "{freed:?}");
+}

@@ -20,14 +20,23 @@ if [ "$RIG_STAGE" = 1 ]; then
   say "bad image: $(cat /tmp/err)"
   [ "$(sessions)" = "$before" ] || fail "sessions changed after a refused image"
 
-  # A freeze that fails: everything unfrozen, nothing stashed.
-  luo run -- luo hold-resized --device /dev/liveupdate --name resized || fail "hold-resized failed"
+  # A preserved shmem memfd's size is fixed at once (kmod-shim's FREEZE), as
+  # the kernel fixes it.
+  if luo run -- luo hold-resized --device /dev/liveupdate --name fixed 2>/tmp/err; then
+    fail "a preserved shmem memfd was resized"
+  fi
+  grep -q "ftruncate: Operation not permitted" /tmp/err || fail "resizing a preserved memfd: $(cat /tmp/err)"
+  say "resizing a preserved shmem memfd: EPERM at once"
+
+  # A freeze that fails (hugetlb sizes are not fixed): everything unfrozen,
+  # nothing stashed.
+  luo run -- luo hold-resized --device /dev/liveupdate --name resized --hugetlb || fail "hold-resized failed"
   if luo kexec --kernel /boot/bzImage --initrd /boot/initramfs --reuse-cmdline --append rig.stage=2 \
        --state-dir /run/luo 2>/tmp/err; then fail "a refused freeze was kexec'd"; fi
   say "refused freeze: $(cat /tmp/err)"
   grep -q "nothing changed" /tmp/err || fail "the refusal does not say nothing changed"
   # Unfrozen: a new session takes a file again.
-  luo run -- luo hold-resized --device /dev/liveupdate --name after-refusal \
+  luo run -- luo hold-resized --device /dev/liveupdate --name after-refusal --hugetlb \
     || fail "sessions are frozen after the refused kexec"
   for p in $(pidof luo); do tr '\0' ' ' < /proc/$p/cmdline | grep -q hold-resized && kill $p; done
   for _ in $(seq 50); do [ "$(sessions)" = "$before" ] && break; sleep 0.1; done
