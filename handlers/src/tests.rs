@@ -282,7 +282,7 @@ fn a_size_lock_fixes_shmem_from_preserve_to_unpreserve_retrieve_or_finish() {
         "sizes stay fixed across the update"
     );
     let id = s.sessions().next().unwrap().id;
-    drop(s.retrieve_fd(id, 1).unwrap());
+    s.retrieve_fd(id, 1).unwrap();
     assert_eq!(taken(&lock), [(ino(&a), false)]);
     s.finish(id).unwrap_or_else(|e| panic!("finish: {e}"));
     let freed = taken(&lock);
