@@ -281,6 +281,25 @@ fn luo_kexec_carries_the_sessions_across_a_real_kexec() {
     }
 }
 
+/// A folio kmod-shim cannot pin (it must migrate out of `ZONE_MOVABLE`, and
+/// a pipe holds a reference on it) fails its stash: `luo kexec` is refused
+/// with the module's errno, nothing stays stashed, every session stays, and
+/// guest RAM pinned before the failure comes back whole.
+#[test]
+fn a_stash_that_cannot_pin_is_refused_with_everything_in_place() {
+    let args = ["kho=on", "liveupdate=off", "movablecore=1G"];
+    let Some(console) = boot("pin", &args) else {
+        return;
+    };
+    for line in [
+        "cannot be stashed: ENOMEM",
+        "all 16384 pages (64 MiB) match",
+        "RIG: pin: refused with",
+    ] {
+        assert!(console.contains(line), "no '{line}':\n{console}");
+    }
+}
+
 /// The in-kernel LUO and kmod-shim each carry a 256 MiB memfd across the
 /// same kexec: KHO serves both.
 #[test]

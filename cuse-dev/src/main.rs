@@ -189,6 +189,15 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         bench_sizes_kib: Option<Vec<u64>>,
     },
+    /// Leave a session whose memfd has a page spliced into a pipe (it cannot
+    /// be pinned where it must migrate), held by a detached child.
+    #[command(hide = true)]
+    HoldSpliced {
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        device: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
     /// Leave a session whose memfd was resized after preserve (its freeze
     /// fails), held by a detached child.
     #[command(hide = true)]
@@ -340,6 +349,15 @@ fn main() -> ExitCode {
             append,
             &state_dir,
         ),
+        Command::HoldSpliced { device, name } => {
+            match luo_cuse_dev::oracle::hold_spliced(&device, &name) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("luo hold-spliced: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::HoldResized {
             device,
             name,

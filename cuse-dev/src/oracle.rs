@@ -633,6 +633,57 @@ fn hold_until_killed(fds: Vec<OwnedFd>) {
     }
 }
 
+/// Creates session `name` holding a 4 MiB shmem memfd one page of which is
+/// spliced into a pipe (`vmsplice`), and leaves both held by a detached
+/// child. The pipe's reference keeps that folio from migrating, so where it
+/// lies in `ZONE_MOVABLE` or CMA it cannot be pinned for a stash: the
+/// refused-stash case of `luo kexec` tests.
+///
+/// # Errors
+/// What failed, as a sentence.
+pub fn hold_spliced(device: &Path, name: &str) -> Result<(), String> {
+    let o = Oracle {
+        label: "hold".into(),
+        phase: 1,
+    };
+    let dev = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(device)
+        .map_err(|e| format!("open {}: {e}", device.display()))?;
+    let s = o
+        .create("create", dev.as_raw_fd(), name.as_bytes())
+        .ok_or("CREATE_SESSION failed")?;
+    let size = 4 << 20;
+    let m = crate::memfd::memfd_of_kind("spliced", crate::shim::SHMEM, size as u64)?;
+    let map = crate::memfd::Mapping::new(m.as_raw_fd(), size).map_err(|e| e.to_string())?;
+    // SAFETY: the mapping is ours alone while it lives.
+    let bytes = unsafe { map.bytes() };
+    bytes.fill(0x5a);
+    let mut p = [0i32; 2];
+    // SAFETY: p has room for the two fds pipe2() writes.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh fds we own.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    let iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: 4096,
+    };
+    // SAFETY: iov names one page of our live mapping.
+    if unsafe { libc::vmsplice(w.as_raw_fd(), &iov, 1, 0) } != 4096 {
+        return Err(format!("vmsplice: {}", std::io::Error::last_os_error()));
+    }
+    drop(map);
+    if o.preserve("preserve", s.as_raw_fd(), m.as_raw_fd(), 1) != 0 {
+        return Err("PRESERVE_FD failed".into());
+    }
+    drop(dev);
+    hold_until_killed(vec![s, m, r, w]);
+    Ok(())
+}
+
 /// Runs phase `phase` (1 or 2) against `device`, labelling lines `label`.
 pub fn run(device: &Path, phase: u8, label: &str) {
     let o = Oracle {
