@@ -127,6 +127,10 @@ struct shim_file {
 	bool broken; /* restored with folios missing: reads fail with EIO */
 };
 
+static bool timing;
+module_param(timing, bool, 0644);
+MODULE_PARM_DESC(timing, "Log how long each stash spends pinning and preserving");
+
 static DEFINE_MUTEX(shim_lock);
 static LIST_HEAD(shim_files);
 static int shim_state = LUO_SHIM_OPEN;
@@ -206,98 +210,142 @@ static int kind_of(struct inode *inode)
 	return -EINVAL;
 }
 
-/* Makes room for one more folio in f's arrays. */
-static int grow(struct shim_file *f, unsigned long *cap)
+/* At most this many folios are pinned by one memfd_pin_folios() call. */
+#define RUN_MAX 512
+
+/* Makes room for @more folios in f's arrays. */
+static int grow(struct shim_file *f, unsigned long *cap, unsigned long more)
 {
+	unsigned long want = *cap;
 	void *a, *b;
 
-	if (f->nr < *cap)
+	while (f->nr + more > want)
+		want *= 2;
+	if (want == *cap)
 		return 0;
-	a = kvrealloc(f->folios, 2 * *cap * sizeof(*f->folios), GFP_KERNEL);
+	a = kvrealloc(f->folios, want * sizeof(*f->folios), GFP_KERNEL);
 	if (!a)
 		return -ENOMEM;
 	f->folios = a;
-	b = kvrealloc(f->index, 2 * *cap * sizeof(*f->index), GFP_KERNEL);
+	b = kvrealloc(f->index, want * sizeof(*f->index), GFP_KERNEL);
 	if (!b)
 		return -ENOMEM;
 	f->index = b;
-	*cap *= 2;
+	*cap = want;
 	return 0;
 }
 
+/* A run of present folios, adjacent in the file, not yet pinned. */
+struct run {
+	loff_t start, end;	/* bytes, inclusive */
+	unsigned int n;
+	pgoff_t index[RUN_MAX];	/* where each folio was found ... */
+	unsigned long pfn[RUN_MAX];	/* ... and its frame then */
+	struct {		/* one batch of present folios, let go */
+		loff_t first, last;
+		pgoff_t index;
+		unsigned long pfn;
+	} seen[FOLIO_BATCH_SIZE];
+};
+
 /*
- * Pins the folios covering the bytes [start, end] of the file, one folio at
- * a time (memfd_pin_folios() allocates what is missing in its range, so it is
- * only given ranges known to be present), skipping what *done says is pinned
- * already. Counts the folios that had to move out of CMA or ZONE_MOVABLE.
+ * Pins the folios covering the run, up to RUN_MAX a call (memfd_pin_folios()
+ * allocates what is missing in its range, so it is only given ranges known
+ * to be present: a hole punched meanwhile is filled, never skipped). Counts
+ * the folios that had to move out of CMA or ZONE_MOVABLE: a pinned folio at
+ * a frame other than the one recorded for its index.
  */
-static int pin_range(struct shim_file *f, struct file *file, loff_t start,
-		     loff_t end, loff_t *done, unsigned long *cap, unsigned long *moved)
+static int pin_run(struct shim_file *f, struct file *file, struct run *r,
+		   unsigned long *cap, unsigned long *moved)
 {
-	for (start = max(start, *done); start <= end; start = *done) {
-		struct folio *folio, *before;
-		unsigned long pfn = 0;
+	loff_t start = r->start;
+	unsigned int k = 0;
+
+	while (start <= r->end) {
+		unsigned long first = f->nr;
+		struct folio *last;
 		pgoff_t offset;
-		long n;
-		int err = grow(f, cap);
+		long n, i;
+		int err = grow(f, cap, RUN_MAX);
 
 		if (err)
 			return err;
-		/* Only its frame is kept: a reference would stop its migration. */
-		before = filemap_get_folio(file->f_mapping, start >> PAGE_SHIFT);
-		if (!IS_ERR(before)) {
-			pfn = folio_pfn(before);
-			folio_put(before);
-		}
-		n = memfd_pin_folios(file, start, end, &folio, 1, &offset);
+		n = memfd_pin_folios(file, start, r->end, f->folios + first, RUN_MAX, &offset);
 		if (n < 0)
 			return n;
-		if (pfn && folio_pfn(folio) != pfn)
-			(*moved)++;
-		f->folios[f->nr] = folio;
-		f->index[f->nr] = folio->index;
-		f->nr++;
-		*done = folio_pos(folio) + folio_size(folio);
+		if (n == 0)
+			return -EIO;
+		for (i = 0; i < n; i++) {
+			struct folio *folio = f->folios[first + i];
+
+			f->index[first + i] = folio->index;
+			while (k < r->n && r->index[k] < folio->index)
+				k++;
+			if (k < r->n && r->index[k] == folio->index && r->pfn[k] != folio_pfn(folio))
+				(*moved)++;
+		}
+		f->nr += n;
+		last = f->folios[f->nr - 1];
+		start = folio_pos(last) + folio_size(last);
 	}
+	r->n = 0;
 	return 0;
 }
 
 /*
- * Pins every folio of the file that lies within its size, in index order.
- * The present folios are found first and their references dropped: a folio
- * with an extra reference could not be migrated to be pinned.
+ * Pins every folio of the file that lies within its size, in index order,
+ * a run of adjacent present folios at a time. The present folios are found
+ * first and their references dropped: a folio with an extra reference could
+ * not be migrated to be pinned.
  */
-static int collect_folios(struct shim_file *f, struct file *file)
+static int collect_folios(struct shim_file *f, struct file *file, unsigned long *moved)
 {
 	struct folio_batch fbatch;
-	unsigned long cap = 64, moved = 0;
-	loff_t size = i_size_read(file_inode(file)), done = 0;
-	loff_t first[FOLIO_BATCH_SIZE], last[FOLIO_BATCH_SIZE];
+	unsigned long cap = 64;
+	loff_t size = i_size_read(file_inode(file));
 	pgoff_t start = 0;
+	struct run *r;
 	unsigned int i, n;
 	int err = 0;
 
 	f->folios = kvmalloc_array(cap, sizeof(*f->folios), GFP_KERNEL);
 	f->index = kvmalloc_array(cap, sizeof(*f->index), GFP_KERNEL);
-	if (!f->folios || !f->index)
+	r = kzalloc(sizeof(*r), GFP_KERNEL);
+	if (!f->folios || !f->index || !r) {
+		kfree(r);
 		return -ENOMEM;
+	}
 	f->pinned = true;
 	folio_batch_init(&fbatch);
 	while (!err && (n = filemap_get_folios(file->f_mapping, &start, ULONG_MAX, &fbatch))) {
+		/* Noted, then let go: a referenced folio cannot migrate. */
 		for (i = 0; i < n; i++) {
 			struct folio *folio = fbatch.folios[i];
 
-			first[i] = folio_pos(folio);
-			last[i] = min_t(loff_t, first[i] + folio_size(folio), size) - 1;
+			r->seen[i].first = folio_pos(folio);
+			r->seen[i].last = min_t(loff_t, r->seen[i].first + folio_size(folio), size) - 1;
+			r->seen[i].index = folio->index;
+			r->seen[i].pfn = folio_pfn(folio);
 		}
 		folio_batch_release(&fbatch);
-		for (i = 0; !err && i < n && first[i] < size; i++)
-			err = pin_range(f, file, first[i], last[i], &done, &cap, &moved);
+		for (i = 0; !err && i < n && r->seen[i].first < size; i++) {
+			if (r->n && (r->seen[i].first != r->end + 1 || r->n == RUN_MAX))
+				err = pin_run(f, file, r, &cap, moved);
+			if (!r->n)
+				r->start = r->seen[i].first;
+			r->end = r->seen[i].last;
+			r->index[r->n] = r->seen[i].index;
+			r->pfn[r->n] = r->seen[i].pfn;
+			r->n++;
+		}
 		cond_resched();
 	}
-	if (!err && moved)
+	if (!err && r->n)
+		err = pin_run(f, file, r, &cap, moved);
+	kfree(r);
+	if (!err && *moved)
 		pr_info("luo_shim: token %llu: %lu of %lu folios moved out of CMA/ZONE_MOVABLE to be pinned\n",
-			f->token, moved, f->nr);
+			f->token, *moved, f->nr);
 	return err;
 }
 
@@ -307,7 +355,8 @@ static long shim_stash(void __user *uarg)
 	struct shim_file *f, *other;
 	struct file *file;
 	struct inode *inode;
-	unsigned long i;
+	unsigned long i, moved = 0;
+	ktime_t t0, t1;
 	int kind, err;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
@@ -342,7 +391,9 @@ static long shim_stash(void __user *uarg)
 	f->token = a.token;
 	f->kind = kind;
 	f->size = i_size_read(inode);
-	err = collect_folios(f, file);
+	t0 = ktime_get();
+	err = collect_folios(f, file, &moved);
+	t1 = ktime_get();
 	for (i = 0; !err && i < f->nr; i++) {
 		err = kho_preserve_folio(f->folios[i]);
 		if (err) {
@@ -360,6 +411,10 @@ static long shim_stash(void __user *uarg)
 		fput(file);
 		return err;
 	}
+	if (timing)
+		pr_info("luo_shim: token %llu: %llu KiB in %lu folios: pinned in %lld us (%lu moved), preserved in %lld us\n",
+			f->token, f->size >> 10, f->nr, ktime_us_delta(t1, t0), moved,
+			ktime_us_delta(ktime_get(), t1));
 	f->inode = igrab(inode);
 	fput(file);
 	list_add_tail(&f->list, &shim_files);
@@ -725,6 +780,7 @@ static long shim_adopt(void __user *uarg)
 	struct inode *inode;
 	struct file *file;
 	unsigned long k;
+	ktime_t t0 = ktime_get();
 	int err = 0;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
@@ -768,6 +824,9 @@ static long shim_adopt(void __user *uarg)
 			cond_resched();
 	}
 	inode_unlock(inode);
+	if (timing)
+		pr_info("luo_shim: token %llu: %llu KiB adopted in %lld us (%llu folios moved, %llu copied): %d\n",
+			f->token, f->size >> 10, ktime_us_delta(ktime_get(), t0), a.moved, a.copied, err);
 	if (!err && copy_to_user(uarg, &a, sizeof(a)))
 		err = -EFAULT;
 out:

@@ -306,8 +306,11 @@ pub struct Daemon {
     dirty: bool,
     /// The state journal (from the end of start-up on).
     journal: Option<Journal>,
-    /// Write a full snapshot next (after a failed commit).
-    needs_snapshot: bool,
+    /// The journal's size when a compaction last failed (the state dir was
+    /// full): the next is tried once it has grown by [`persist::RESERVE`].
+    compaction_failed_at: Option<u64>,
+    /// Changes are refused (ENOSPC) for want of journal room.
+    refusing: bool,
     /// The session file of each session that has one open.
     session_slot: HashMap<SessionId, u64>,
     /// The trapped call being answered.
@@ -623,7 +626,8 @@ impl Daemon {
             next_slot: image.next_slot,
             dirty: false,
             journal: None,
-            needs_snapshot: false,
+            compaction_failed_at: None,
+            refusing: false,
             session_slot: HashMap::new(),
             inflight: None,
             stop: false,
@@ -633,27 +637,78 @@ impl Daemon {
 
     /// Saves what changed (and gives the keeper any new fds). Called before
     /// replies that report changes leave the daemon.
+    /// Saves what changed before the replies that report it leave. A
+    /// compaction that fails (a full state dir) falls back to an append; an
+    /// append goes into room reserved ahead (changes are refused while there
+    /// is none, see [`Daemon::room_for_change`]). If even that fails the
+    /// daemon exits without answering: nothing unsaved is acknowledged, and
+    /// the next `luo daemon` resumes from the last saved state and serves
+    /// the unanswered requests again.
     fn commit(&mut self) {
         let changes = self.store.take_changes();
         if !self.dirty && changes.is_empty() {
             return;
         }
-        let compact =
-            self.needs_snapshot || self.journal.as_ref().is_none_or(Journal::wants_compaction);
-        let result = if compact {
-            self.snapshot()
-        } else {
-            self.append(&changes)
+        let result = match &self.journal {
+            None => self.snapshot(),
+            Some(j) if j.wants_compaction() && self.may_compact(j.size()) => {
+                self.snapshot().or_else(|e| {
+                    let size = self.journal.as_ref().map_or(0, Journal::size);
+                    log::warn(format_args!(
+                        "compacting {} failed ({e}); appending instead",
+                        self.cfg.image().display()
+                    ));
+                    self.compaction_failed_at = Some(size);
+                    self.append(&changes)
+                })
+            }
+            Some(_) => self.append(&changes),
         };
         match result {
             Ok(()) => self.dirty = false,
             Err(e) => {
-                log::warn(format_args!(
-                    "saving the state to {} failed: {e}",
+                log::error(format_args!(
+                    "saving the state to {} failed: {e}; exiting without answering, so that \
+                     nothing unsaved is acknowledged (the next `luo daemon` resumes from the \
+                     last saved state)",
                     self.cfg.image().display()
                 ));
-                self.needs_snapshot = true;
+                std::process::exit(70);
             }
+        }
+    }
+
+    fn may_compact(&self, size: u64) -> bool {
+        self.compaction_failed_at
+            .is_none_or(|at| size >= at + persist::RESERVE)
+    }
+
+    /// Whether a change may be made now: the journal has its reserve. While
+    /// it cannot (the state dir is full), changes fail with ENOSPC; changes
+    /// that cannot be refused (closes, exits) still fit in the reserve.
+    fn room_for_change(&mut self) -> Result<()> {
+        let room = self
+            .journal
+            .as_mut()
+            .is_none_or(|j| j.has_room(persist::RESERVE));
+        if room != self.refusing {
+            return if room { Ok(()) } else { Err(Errno::ENOSPC) };
+        }
+        self.refusing = !room;
+        if room {
+            log::info(format_args!(
+                "{} has room again: changes are taken again",
+                self.cfg.state_dir.display()
+            ));
+            Ok(())
+        } else {
+            log::warn(format_args!(
+                "{} is full: changes to sessions fail with ENOSPC until there is room \
+                 ({} KiB for the state journal)",
+                self.cfg.state_dir.display(),
+                persist::RESERVE >> 10
+            ));
+            Err(Errno::ENOSPC)
         }
     }
 
@@ -747,7 +802,7 @@ impl Daemon {
         let wanted = fds.iter().map(|(k, _)| k.as_str()).collect();
         self.kept
             .drop_unwanted(&["s".into(), "listener/".into()], &wanted)?;
-        self.needs_snapshot = false;
+        self.compaction_failed_at = None;
         Ok(())
     }
 
@@ -1249,6 +1304,9 @@ impl Daemon {
     // ---- ioctls ---------------------------------------------------------
 
     fn ioctl(&mut self, ino: u64, cmd: u32, arg: u64, caller: &Caller) -> Result<()> {
+        if uapi::changes_state(cmd) {
+            self.room_for_change()?;
+        }
         if ino == DEVICE_INO {
             return self.device_ioctl(cmd, arg, caller);
         }

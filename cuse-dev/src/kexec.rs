@@ -84,16 +84,21 @@ pub enum Filled {
 /// # Errors
 /// What failed, as a sentence.
 pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
-    restore_memfd_with(shim, f).map(|(fd, _)| fd)
+    restore_memfd_with(shim, f, true).map(|(fd, _)| fd)
 }
 
-/// [`restore_memfd`], saying how the contents came back.
+/// [`restore_memfd`], saying how the contents came back; `in_place` false
+/// copies even where the shim could fill the file in place.
 ///
 /// # Errors
 /// What failed, as a sentence.
-pub fn restore_memfd_with(shim: &Shim, f: &StashedFile) -> Result<(OwnedFd, Filled), String> {
+pub fn restore_memfd_with(
+    shim: &Shim,
+    f: &StashedFile,
+    in_place: bool,
+) -> Result<(OwnedFd, Filled), String> {
     let fd = memfd_of_kind("luo-restored", f.kind, f.size)?;
-    let filled = fill(shim, f, &fd)?;
+    let filled = fill(shim, f, &fd, in_place)?;
     // SAFETY: plain syscalls on our fd.
     unsafe {
         libc::lseek(fd.as_raw_fd(), f.pos as i64, libc::SEEK_SET);
@@ -109,11 +114,11 @@ pub fn restore_memfd_with(shim: &Shim, f: &StashedFile) -> Result<(OwnedFd, Fill
 /// Fills `fd` from the stash: shmem in place, the rest (or when the module
 /// refuses) by copying. A refused or interrupted in-place fill leaves every
 /// folio readable, and the copy writes every byte of the same file.
-fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<Filled, String> {
+fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd, in_place: bool) -> Result<Filled, String> {
     if f.size == 0 {
         return Ok(Filled::Empty);
     }
-    if f.kind == crate::shim::SHMEM {
+    if in_place && f.kind == crate::shim::SHMEM {
         if let Ok(a) = shim.adopt(f.shim_token, fd.as_fd()) {
             return Ok(Filled::InPlace {
                 moved: a.moved,
@@ -182,7 +187,7 @@ pub fn restore_all(
     let mut out = Restored::default();
     let mut bytes = 0;
     for (i, f) in files.iter().enumerate() {
-        match restore_memfd_with(shim, f) {
+        match restore_memfd_with(shim, f, true) {
             Ok((fd, filled)) => {
                 match filled {
                     Filled::InPlace { .. } => out.in_place += 1,

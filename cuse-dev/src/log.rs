@@ -19,6 +19,11 @@ pub fn info(args: Arguments<'_>) {
     emit("info", args);
 }
 
+/// Something went wrong and the daemon cannot carry on.
+pub fn error(args: Arguments<'_>) {
+    emit("error", args);
+}
+
 /// Something went wrong but the daemon carries on.
 pub fn warn(args: Arguments<'_>) {
     emit("warn", args);

@@ -188,6 +188,9 @@ enum Command {
         /// memfd per size, printed as a `luo bench` stage report.
         #[arg(long, value_delimiter = ',')]
         bench_sizes_kib: Option<Vec<u64>>,
+        /// With --bench-sizes-kib: also one hugetlb memfd of this size.
+        #[arg(long, default_value_t = 0)]
+        bench_hugetlb_mib: u64,
     },
     /// Leave a session whose memfd has a page spliced into a pipe (it cannot
     /// be pinned where it must migrate), held by a detached child.
@@ -373,14 +376,16 @@ fn main() -> ExitCode {
             device,
             stage,
             bench_sizes_kib: Some(sizes),
+            bench_hugetlb_mib,
             ..
-        } => shim_bench(&device, stage, &sizes),
+        } => shim_bench(&device, stage, &sizes, bench_hugetlb_mib),
         Command::ShimCheck {
             device,
             stage,
             shmem_mib,
             hugetlb_mib,
             bench_sizes_kib: None,
+            ..
         } => match luo_cuse_dev::shim::check::run(&device, stage, shmem_mib, hugetlb_mib) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -567,12 +572,12 @@ fn kexec_command(
     ExitCode::FAILURE
 }
 
-fn shim_bench(device: &std::path::Path, stage: u32, sizes: &[u64]) -> ExitCode {
+fn shim_bench(device: &std::path::Path, stage: u32, sizes: &[u64], hugetlb_mib: u64) -> ExitCode {
     use luo_cuse_dev::shim::{bench, Shim};
     let report = Shim::open(device)
         .map_err(|e| format!("open {}: {e}", device.display()))
         .and_then(|shim| match stage {
-            1 => bench::stage1(&shim, sizes),
+            1 => bench::stage1(&shim, sizes, hugetlb_mib),
             _ => bench::stage2(&shim),
         });
     match report {

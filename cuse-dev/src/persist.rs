@@ -11,6 +11,7 @@
 //! ignored by the kernel).
 
 use std::collections::HashSet;
+use std::os::fd::AsRawFd;
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
@@ -229,7 +230,18 @@ fn read_nofollow(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Room the journal keeps allocated past its end ([`Journal::reserve`]):
+/// enough for the records of changes that cannot be refused (closes, exits)
+/// while the state dir is full.
+pub const RESERVE: u64 = 256 << 10;
+
 /// The journal being written.
+///
+/// Records are written at its end with `pwrite` into room allocated
+/// beforehand (`fallocate`, size kept), so a full disk refuses a change
+/// before it is made rather than tearing the record that reports it; a write
+/// that fails all the same is cut off again, so the journal always ends
+/// with a whole record.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
@@ -237,6 +249,8 @@ pub struct Journal {
     size: u64,
     /// Size right after the last full snapshot.
     base: u64,
+    /// Allocated up to here.
+    allocated: u64,
 }
 
 impl Journal {
@@ -258,31 +272,92 @@ impl Journal {
         let tmp = path.with_extension("tmp");
         remove_stale(&tmp)?;
         let mut file = crate::paths::create_new(&tmp)?;
-        std::io::Write::write_all(&mut file, &bytes)?;
+        let written = std::io::Write::write_all(&mut file, &bytes);
+        if let Err(e) = written {
+            drop(file);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, path)?;
-        Ok(Journal {
+        let mut journal = Journal {
             path: path.to_owned(),
             file,
             size: bytes.len() as u64,
             base: bytes.len() as u64,
-        })
+            allocated: bytes.len() as u64,
+        };
+        // Best effort here: every change is refused until there is room.
+        let _ = journal.reserve(RESERVE);
+        Ok(journal)
     }
 
-    /// Appends one record.
+    /// Makes sure `room` bytes past the end are allocated (up to the next
+    /// 64 KiB, so that this is rarely a syscall).
     ///
     /// # Errors
-    /// I/O failures, or a record over [`luo_store::MAX_RECORD`] bytes.
+    /// `ENOSPC` (or the filesystem's error) when the room cannot be had.
+    pub fn reserve(&mut self, room: u64) -> std::io::Result<()> {
+        if self.allocated >= self.size + room {
+            return Ok(());
+        }
+        let want = (self.size + room).next_multiple_of(64 << 10) - self.size;
+        // SAFETY: plain syscall on our file.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                self.size as i64,
+                want as i64,
+            )
+        };
+        if r == 0 {
+            self.allocated = self.size + want;
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // A filesystem without fallocate: writes are all there is.
+            self.allocated = u64::MAX;
+            return Ok(());
+        }
+        Err(e)
+    }
+
+    /// Whether `room` bytes past the end are allocated, allocating them
+    /// if they can be.
+    pub fn has_room(&mut self, room: u64) -> bool {
+        self.reserve(room).is_ok() || self.allocated >= self.size + room
+    }
+
+    /// Appends one record, into allocated room where there is any; a write
+    /// that fails is cut off, so the journal still ends with a whole record.
+    ///
+    /// # Errors
+    /// I/O failures (`ENOSPC` with nothing written when no room can be
+    /// allocated for it), or a record over [`luo_store::MAX_RECORD`] bytes.
     pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
-        use std::io::Write;
+        use std::os::unix::fs::FileExt;
         let bytes = journal_record(&serde_json::to_vec(record).expect("the record serializes"))?;
-        self.file.write_all(&bytes)?;
-        self.size += bytes.len() as u64;
+        let len = bytes.len() as u64;
+        if self.allocated < self.size + len {
+            self.reserve(len.max(RESERVE))?;
+        }
+        if let Err(e) = self.file.write_all_at(&bytes, self.size) {
+            let _ = self.file.set_len(self.size);
+            return Err(e);
+        }
+        self.size += len;
         Ok(())
     }
 
     /// Whether the journal has grown enough to be rewritten as a snapshot.
     pub fn wants_compaction(&self) -> bool {
         self.size > (4 * self.base).max(1 << 20)
+    }
+
+    /// Bytes written.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// The journal's path.

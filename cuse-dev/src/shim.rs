@@ -551,7 +551,7 @@ pub mod check {
                 seals: m.seals,
             };
             let t = Instant::now();
-            let (fd, filled) = restore_memfd_with(shim, &stashed)?;
+            let (fd, filled) = restore_memfd_with(shim, &stashed, true)?;
             let took = t.elapsed();
             if m.kind == SHMEM && !matches!(filled, Filled::InPlace { moved, .. } if moved > 0) {
                 return Err(format!("token {}: shmem came back {filled:?}", m.token));
@@ -643,18 +643,26 @@ pub mod check {
     }
 }
 
-/// The kexec case of `luo bench`: time to stash one shmem memfd of each size
-/// (stage 1, before the kexec) and to restore it into a fresh memfd (stage 2,
-/// after), with row names matching the device rows so that the side-by-side
-/// table lines them up with the in-kernel module's preserve and retrieve.
+/// The kexec case of `luo bench`: time to stash memfds (stage 1, before the
+/// kexec) and to restore each into a fresh memfd (stage 2, after), with row
+/// names matching the device rows so that the side-by-side table lines them
+/// up with the in-kernel module's preserve and retrieve. Each shmem size is
+/// stashed twice: one comes back in place (`LUO_SHIM_ADOPT`), its twin by
+/// copying (the path a module without ADOPT, or hugetlb, takes).
 pub mod bench {
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
     use std::time::Instant;
 
     use crate::bench::{filled_memfd, size_name, Row, StageReport};
-    use crate::kexec::{restore_memfd, StashedFile};
+    use crate::kexec::{restore_memfd_with, Filled, StashedFile};
+    use crate::memfd::{memfd_of_kind, Mapping};
 
-    use super::Shim;
+    use super::{Shim, HUGETLB, SHMEM};
+
+    /// What the low two bits of a bench token say about its file.
+    const IN_PLACE: u64 = 0;
+    const COPY: u64 = 1;
+    const HUGE: u64 = 2;
 
     fn row(op: String, t: Instant) -> Row {
         Row {
@@ -664,18 +672,36 @@ pub mod bench {
         }
     }
 
-    /// Stashes one filled memfd per size (token = size in KiB) and publishes.
+    /// Stashes, per size, a filled shmem memfd and its twin, then one filled
+    /// hugetlb memfd of `hugetlb_mib` (none for 0), and publishes.
     ///
     /// # Errors
     /// What failed, as a sentence.
-    pub fn stage1(shim: &Shim, sizes_kib: &[u64]) -> Result<StageReport, String> {
+    pub fn stage1(shim: &Shim, sizes_kib: &[u64], hugetlb_mib: u64) -> Result<StageReport, String> {
         let mut rows = Vec::new();
         for &kib in sizes_kib {
-            let f = filled_memfd(kib).map_err(|e| e.to_string())?;
+            for variant in [IN_PLACE, COPY] {
+                let f = filled_memfd(kib).map_err(|e| e.to_string())?;
+                let t = Instant::now();
+                shim.stash(f.as_fd(), kib << 2 | variant)
+                    .map_err(|e| format!("stash {}: {e}", size_name(kib)))?;
+                if variant == IN_PLACE {
+                    rows.push(row(format!("PRESERVE_FD {}", size_name(kib)), t));
+                }
+            }
+        }
+        if hugetlb_mib > 0 {
+            let kib = hugetlb_mib << 10;
+            let f = memfd_of_kind("luo-bench", HUGETLB, kib << 10)?;
+            let map =
+                Mapping::new(f.as_raw_fd(), (kib << 10) as usize).map_err(|e| e.to_string())?;
+            // SAFETY: the mapping is ours alone while it lives.
+            unsafe { map.bytes() }.fill(0x5a);
+            drop(map);
             let t = Instant::now();
-            shim.stash(f.as_fd(), kib)
-                .map_err(|e| format!("stash {}: {e}", size_name(kib)))?;
-            rows.push(row(format!("PRESERVE_FD {}", size_name(kib)), t));
+            shim.stash(f.as_fd(), kib << 2 | HUGE)
+                .map_err(|e| format!("stash {} hugetlb: {e}", size_name(kib)))?;
+            rows.push(row(format!("PRESERVE_FD {} hugetlb", size_name(kib)), t));
         }
         shim.publish(b"bench")
             .map_err(|e| format!("publish: {e}"))?;
@@ -685,15 +711,17 @@ pub mod bench {
         })
     }
 
-    /// Restores every stash into a fresh memfd.
+    /// Restores every stash into a fresh memfd: shmem in place and (the
+    /// twin) by copying, hugetlb by copying.
     ///
     /// # Errors
     /// What failed, as a sentence.
     pub fn stage2(shim: &Shim) -> Result<StageReport, String> {
         let mut files = shim.files().map_err(|e| e.to_string())?;
-        files.sort_by_key(|f| f.size);
+        files.sort_by_key(|f| (f.size, f.token & 3));
         let mut rows = Vec::new();
         for f in files {
+            let variant = f.token & 3;
             let stashed = StashedFile {
                 session: 0,
                 token: f.token,
@@ -704,8 +732,21 @@ pub mod bench {
                 seals: 0,
             };
             let t = Instant::now();
-            let fd = restore_memfd(shim, &stashed)?;
-            rows.push(row(format!("RETRIEVE_FD {}", size_name(f.size / 1024)), t));
+            let (fd, filled) = restore_memfd_with(shim, &stashed, variant == IN_PLACE)?;
+            let name = size_name(f.size / 1024);
+            let op = match variant {
+                IN_PLACE => format!("RETRIEVE_FD {name}"),
+                COPY => format!("RETRIEVE_FD {name} copy"),
+                _ => format!("RETRIEVE_FD {name} hugetlb"),
+            };
+            rows.push(row(op, t));
+            let expected = match variant {
+                IN_PLACE if f.kind == SHMEM => matches!(filled, Filled::InPlace { .. }),
+                _ => filled == Filled::Copied,
+            };
+            if !expected {
+                return Err(format!("{} came back {filled:?}", size_name(f.size / 1024)));
+            }
             drop(fd);
         }
         Ok(StageReport {

@@ -27,6 +27,19 @@ pub const FINISH: u32 = io(IOCTL_TYPE, 0x42);
 /// `LIVEUPDATE_SESSION_GET_NAME`.
 pub const GET_NAME: u32 = io(IOCTL_TYPE, 0x43);
 
+/// Whether a command changes the sessions (and so must be saved before it
+/// is answered): every one but GET_NAME.
+pub fn changes_state(cmd: u32) -> bool {
+    [
+        CREATE_SESSION,
+        RETRIEVE_SESSION,
+        PRESERVE_FD,
+        RETRIEVE_FD,
+        FINISH,
+    ]
+    .contains(&cmd)
+}
+
 const _: () = assert!(CREATE_SESSION == 0xBA00 && RETRIEVE_FD == 0xBA41 && GET_NAME == 0xBA43);
 
 /// The ioctls that return a new fd and so must be trapped by `luo run`.

@@ -1,0 +1,161 @@
+//! Faults from outside: the daemon's state dir fills up. A change whose
+//! record cannot be saved is refused with ENOSPC and never acknowledged;
+//! everything acknowledged before survives a SIGKILL and restart; the daemon
+//! takes changes again by itself once there is room.
+
+mod client;
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+
+use client::{create, fd_args, ioctl, probe_device};
+use common::{temp_dir, Daemon};
+
+const PRESERVE: u64 = 0xBA40;
+/// More sessions than a 1 MiB state dir can record.
+const MAX_SESSIONS: u64 = 50_000;
+
+fn memfd(token: u64) -> OwnedFd {
+    // SAFETY: the name is a valid C string.
+    let m = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(c"fill".as_ptr(), 0)) };
+    let data = token.to_le_bytes();
+    // SAFETY: writes 8 bytes from a live buffer.
+    let written = unsafe { libc::write(m.as_raw_fd(), data.as_ptr().cast(), 8) };
+    assert_eq!(written, 8);
+    m
+}
+
+/// One session holding one memfd, or the errno that refused it (a session
+/// whose file was refused is closed again).
+fn session_with_file(dev: &OwnedFd, name: &str, token: u64) -> Result<OwnedFd, i32> {
+    let s = create(dev.as_raw_fd(), name)?;
+    let m = memfd(token);
+    ioctl(s.as_raw_fd(), PRESERVE, &mut fd_args(m.as_raw_fd(), token))?;
+    Ok(s)
+}
+
+fn open_device(path: &str) -> OwnedFd {
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    OwnedFd::from(f)
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_full_state_dir_refuses_changes_and_loses_nothing"]
+fn probe_fill() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let mut held = Vec::new();
+    let refused = loop {
+        let n = held.len() as u64;
+        assert!(
+            n < MAX_SESSIONS,
+            "{n} sessions taken: the full state dir never refused one"
+        );
+        match session_with_file(&dev, &format!("fill-{n}"), n) {
+            Ok(s) => held.push(s),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        refused,
+        libc::ENOSPC,
+        "refused with errno {refused}, not ENOSPC"
+    );
+    println!("ACKED {}", held.len());
+    drop(dev);
+    client::hold_until_update(held);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_full_state_dir_refuses_changes_and_loses_nothing"]
+fn probe_one_more() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let s = session_with_file(&dev, "after-room", 7).expect("a session once there is room");
+    drop(dev);
+    client::hold_until_update(vec![s]);
+}
+
+fn mount_tmpfs(dir: &std::path::Path, size: &str, remount: bool) {
+    let mut c = Command::new("mount");
+    c.args(["-t", "tmpfs", "-o"]);
+    let opts = if remount {
+        format!("remount,size={size}")
+    } else {
+        format!("size={size},mode=0700")
+    };
+    let ok = c.arg(opts).arg("luo-state").arg(dir).status().unwrap();
+    assert!(ok.success(), "mount {size} on {}", dir.display());
+}
+
+#[test]
+fn a_full_state_dir_refuses_changes_and_loses_nothing() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let dir = temp_dir("full");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    mount_tmpfs(&state, "1m", false);
+    let unmount = scopeguard(state.clone());
+    let mut daemon = Daemon::start_at(dir.clone(), dir.join("liveupdate"), state.clone());
+
+    // Sessions until the journal has no room: the last is refused.
+    let mut probe = daemon
+        .probe_command("probe_fill")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out: Vec<String> = BufReader::new(probe.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(
+        probe.wait().unwrap().success(),
+        "the fill probe failed:\n{out:?}"
+    );
+    let acked: usize = out
+        .iter()
+        .find_map(|l| l.split("ACKED ").nth(1).map(|n| n.trim().parse().unwrap()))
+        .expect("the probe reports what was acknowledged");
+    assert!(
+        acked > 10,
+        "only {acked} sessions before the state dir was full"
+    );
+    let sessions = |d: &Daemon| d.status_json()["sessions"].as_array().unwrap().len();
+    assert_eq!(sessions(&daemon), acked, "sessions the daemon has");
+
+    // Room again: the running daemon takes changes by itself.
+    mount_tmpfs(&state, "64m", true);
+    daemon.run_probe("probe_one_more");
+    assert_eq!(sessions(&daemon), acked + 1);
+
+    // Every acknowledged session comes back after a SIGKILL.
+    daemon.restart_after(libc::SIGKILL);
+    assert_eq!(
+        sessions(&daemon),
+        acked + 1,
+        "sessions after a SIGKILL and restart"
+    );
+    drop(daemon);
+    drop(unmount);
+}
+
+/// Unmounts the state tmpfs when the test ends, however it ends.
+fn scopeguard(path: std::path::PathBuf) -> impl Drop {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    Unmount(path)
+}
