@@ -33,6 +33,7 @@
  * itself, so it cannot be unloaded under the next kernel's feet.
  */
 
+#include <linux/anon_inodes.h>
 #include <linux/build_bug.h>
 #include <linux/file.h>
 #include <linux/fs.h>
@@ -72,6 +73,7 @@ static_assert(sizeof(struct luo_shim_freeze) == 8);
 static_assert(sizeof(struct luo_shim_adopt) == 32);
 static_assert(LUO_SHIM_FREEZE == 0x4008b70a);
 static_assert(LUO_SHIM_ADOPT == 0xc020b70b);
+static_assert(LUO_SHIM_MAP == 0x4008b70c);
 
 #define SUBTREE "luo-shim"
 #define STREAM_MAGIC 0x314d4948534f554cULL /* "LUOSHIM1" */
@@ -210,8 +212,12 @@ static int kind_of(struct inode *inode)
 	return -EINVAL;
 }
 
-/* At most this many folios are pinned by one memfd_pin_folios() call. */
-#define RUN_MAX 512
+/*
+ * At most this many folios are pinned by one memfd_pin_folios() call: each
+ * call that has to migrate drains every CPU's LRU batches once, so runs are
+ * long.
+ */
+#define RUN_MAX 4096
 
 /* Makes room for @more folios in f's arrays. */
 static int grow(struct shim_file *f, unsigned long *cap, unsigned long more)
@@ -310,9 +316,9 @@ static int collect_folios(struct shim_file *f, struct file *file, unsigned long 
 
 	f->folios = kvmalloc_array(cap, sizeof(*f->folios), GFP_KERNEL);
 	f->index = kvmalloc_array(cap, sizeof(*f->index), GFP_KERNEL);
-	r = kzalloc(sizeof(*r), GFP_KERNEL);
+	r = kvzalloc(sizeof(*r), GFP_KERNEL);
 	if (!f->folios || !f->index || !r) {
-		kfree(r);
+		kvfree(r);
 		return -ENOMEM;
 	}
 	f->pinned = true;
@@ -342,7 +348,7 @@ static int collect_folios(struct shim_file *f, struct file *file, unsigned long 
 	}
 	if (!err && r->n)
 		err = pin_run(f, file, r, &cap, moved);
-	kfree(r);
+	kvfree(r);
 	if (!err && *moved)
 		pr_info("luo_shim: token %llu: %lu of %lu folios moved out of CMA/ZONE_MOVABLE to be pinned\n",
 			f->token, *moved, f->nr);
@@ -740,10 +746,13 @@ static int copy_folio(struct inode *inode, struct folio *src, pgoff_t index)
  * both sides only; any other pairing is copied. The module keeps its own
  * reference until RELEASE, so READ still works after a failed ADOPT.
  */
+static u64 adopt_slot_ns, adopt_swap_ns; /* with timing: where ADOPT's time goes */
+
 static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode, bool *moved)
 {
 	struct folio *new = f->folios[k], *old;
 	pgoff_t index = f->index[k];
+	ktime_t t0 = timing ? ktime_get() : 0, t1;
 	int err;
 
 	*moved = false;
@@ -754,6 +763,7 @@ static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode
 	err = shmem_get_folio(inode, index, (loff_t)(index + 1) << PAGE_SHIFT, &old, SGP_WRITE);
 	if (err)
 		return err;
+	t1 = timing ? ktime_get() : 0;
 	if (folio_order(old) || folio_test_uptodate(old)) {
 		/* Not a slot made for us: a large folio, or data already there. */
 		folio_unlock(old);
@@ -770,6 +780,10 @@ static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode
 	folio_unlock(old);
 	folio_put(old);
 	*moved = true;
+	if (timing) {
+		adopt_slot_ns += ktime_to_ns(ktime_sub(t1, t0));
+		adopt_swap_ns += ktime_to_ns(ktime_sub(ktime_get(), t1));
+	}
 	return 0;
 }
 
@@ -811,6 +825,7 @@ static long shim_adopt(void __user *uarg)
 	}
 	f->adopted = inode->i_mapping;
 	a.moved = a.copied = 0;
+	adopt_slot_ns = adopt_swap_ns = 0;
 	inode_lock(inode);
 	for (k = 0; !err && k < f->nr; k++) {
 		bool moved;
@@ -825,8 +840,9 @@ static long shim_adopt(void __user *uarg)
 	}
 	inode_unlock(inode);
 	if (timing)
-		pr_info("luo_shim: token %llu: %llu KiB adopted in %lld us (%llu folios moved, %llu copied): %d\n",
-			f->token, f->size >> 10, ktime_us_delta(ktime_get(), t0), a.moved, a.copied, err);
+		pr_info("luo_shim: token %llu: %llu KiB adopted in %lld us (%llu folios moved, %llu copied; slots %llu us, swaps %llu us): %d\n",
+			f->token, f->size >> 10, ktime_us_delta(ktime_get(), t0), a.moved, a.copied,
+			adopt_slot_ns / 1000, adopt_swap_ns / 1000, err);
 	if (!err && copy_to_user(uarg, &a, sizeof(a)))
 		err = -EFAULT;
 out:
@@ -859,6 +875,76 @@ static long shim_freeze(void __user *uarg)
 	}
 	fput(file);
 	return err;
+}
+
+/*
+ * LUO_SHIM_MAP: the restored folios themselves, mapped through a file of
+ * the module's own (no copy, no memfd: no seals, not hugetlbfs, cannot be
+ * stashed again). Faults hand out the restored pages; a hole is SIGBUS.
+ */
+static vm_fault_t map_fault(struct vm_fault *vmf)
+{
+	struct shim_file *f = vmf->vma->vm_file->private_data;
+	long k = folio_at(f, vmf->pgoff);
+	struct page *page;
+
+	if (k < 0)
+		return VM_FAULT_SIGBUS;
+	page = folio_page(f->folios[k], vmf->pgoff - f->index[k]);
+	get_page(page);
+	vmf->page = page;
+	return 0;
+}
+
+static const struct vm_operations_struct map_vm_ops = {
+	.fault = map_fault,
+};
+
+static int map_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct shim_file *f = file->private_data;
+	u64 pages = DIV_ROUND_UP(f->size, PAGE_SIZE);
+
+	if (vma->vm_pgoff > pages || vma_pages(vma) > pages - vma->vm_pgoff)
+		return -EINVAL;
+	vm_flags_set(vma, VM_DONTEXPAND | VM_DONTDUMP);
+	vma->vm_ops = &map_vm_ops;
+	return 0;
+}
+
+static int map_release(struct inode *inode, struct file *file)
+{
+	struct shim_file *f = file->private_data;
+
+	free_file(f, false); /* off shim_files since MAP: list_del is harmless */
+	return 0;
+}
+
+static const struct file_operations map_fops = {
+	.owner = THIS_MODULE,
+	.mmap = map_mmap,
+	.release = map_release,
+};
+
+static long shim_map(void __user *uarg)
+{
+	struct shim_file *f;
+	u64 token;
+	int fd;
+
+	if (copy_from_user(&token, uarg, sizeof(token)))
+		return -EFAULT;
+	if (shim_state != LUO_SHIM_RESTORED)
+		return -ENOENT;
+	f = find_token(token);
+	if (!f)
+		return -ENOENT;
+	if (f->broken || f->adopted)
+		return f->broken ? -EIO : -EBUSY;
+	fd = anon_inode_getfd("luo-shim-file", &map_fops, f, O_RDWR | O_CLOEXEC);
+	if (fd >= 0)
+		list_del_init(&f->list);
+	return fd;
 }
 
 static long shim_release_file(void __user *uarg)
@@ -916,6 +1002,9 @@ static long shim_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		break;
 	case LUO_SHIM_ADOPT:
 		ret = shim_adopt(uarg);
+		break;
+	case LUO_SHIM_MAP:
+		ret = shim_map(uarg);
 		break;
 	default:
 		ret = -ENOTTY;

@@ -82,5 +82,7 @@ struct luo_shim_adopt {
 #define LUO_SHIM_RELEASE _IOW(LUO_SHIM_TYPE, 9, __u64)
 #define LUO_SHIM_FREEZE _IOW(LUO_SHIM_TYPE, 10, struct luo_shim_freeze)
 #define LUO_SHIM_ADOPT _IOWR(LUO_SHIM_TYPE, 11, struct luo_shim_adopt)
+/* Hands a restored file's folios to a new fd (returned) that maps them. */
+#define LUO_SHIM_MAP _IOW(LUO_SHIM_TYPE, 12, __u64)
 
 #endif

@@ -151,6 +151,8 @@ pub const RELEASE: u32 = ioc(W, 9, size_of::<u64>());
 pub const FREEZE: u32 = ioc(W, 10, size_of::<Freeze>());
 /// `LUO_SHIM_ADOPT`.
 pub const ADOPT: u32 = ioc(R | W, 11, size_of::<Adopt>());
+/// `LUO_SHIM_MAP`.
+pub const MAP: u32 = ioc(W, 12, size_of::<u64>());
 
 // The same values kmod-shim/luo_shim.c asserts.
 const _: () = assert!(size_of::<Stash>() == 32);
@@ -171,6 +173,7 @@ const _: () = assert!(size_of::<Freeze>() == 8);
 const _: () = assert!(size_of::<Adopt>() == 32);
 const _: () = assert!(FREEZE == 0x4008_b70a);
 const _: () = assert!(ADOPT == 0xc020_b70b);
+const _: () = assert!(MAP == 0x4008_b70c);
 
 /// An open `/dev/luo-shim`.
 #[derive(Debug)]
@@ -331,6 +334,24 @@ impl Shim {
         Ok(a)
     }
 
+    /// Hands a restored file's folios to a new fd of the module's own whose
+    /// `mmap` maps them as they are (no copy; not a memfd: no seals, not
+    /// hugetlbfs, cannot be stashed again). The file leaves the shim's list.
+    ///
+    /// # Errors
+    /// ENOENT unknown token, EBUSY being adopted, EIO folios missing.
+    pub fn map(&self, token: u64) -> Result<std::os::fd::OwnedFd, Errno> {
+        use std::os::fd::FromRawFd;
+        let mut t = token;
+        // SAFETY: MAP reads one u64 from the pointer.
+        let fd = unsafe { libc::ioctl(self.dev.as_raw_fd(), MAP as _, &mut t) };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: the ioctl returned a new fd that we now own.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// Fixes (or frees) the size of a shmem file as the kernel does while a
     /// memfd is preserved: `ftruncate`, growing writes and `fallocate` fail
     /// with EPERM.
@@ -383,6 +404,9 @@ pub mod check {
     }
 
     const PAGE: usize = 4096;
+    /// The token of a hugetlb file that comes back mapped through the
+    /// module (`LUO_SHIM_MAP`) instead of copied.
+    const MAPPED: u64 = 3;
 
     fn word(token: u64, i: u64) -> u64 {
         (i ^ token.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -437,7 +461,12 @@ pub mod check {
 
         let mut metas = Vec::new();
         let mut keep = Vec::new();
-        for (token, kind, mib) in [(1u64, SHMEM, shmem_mib), (2, HUGETLB, hugetlb_mib)] {
+        let mapped_mib = if hugetlb_mib > 0 { 4 } else { 0 };
+        for (token, kind, mib) in [
+            (1u64, SHMEM, shmem_mib),
+            (2, HUGETLB, hugetlb_mib),
+            (MAPPED, HUGETLB, mapped_mib),
+        ] {
             if mib == 0 {
                 continue;
             }
@@ -541,6 +570,23 @@ pub mod check {
                 shim.read(m.token, m.size, &mut [0; 1]),
                 Errno::EINVAL,
             )?;
+            if m.token == MAPPED {
+                let fd = shim
+                    .map(m.token)
+                    .map_err(|e| format!("map {}: {e}", m.token))?;
+                let map =
+                    Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
+                // SAFETY: the mapping is ours alone while it lives.
+                verify_contents(unsafe { map.bytes() }, m)?;
+                expect("map twice", shim.map(m.token).map(|_| ()), Errno::ENOENT)?;
+                println!(
+                    "SHIM token {} (hugetlb, mapped through the module): {} MiB identical ({} pages checked)",
+                    m.token,
+                    m.size >> 20,
+                    m.pages.len()
+                );
+                continue;
+            }
             let stashed = StashedFile {
                 session: 0,
                 token: m.token,
@@ -588,7 +634,13 @@ pub mod check {
     fn verify(fd: &OwnedFd, m: &Meta) -> Result<(), String> {
         let map = Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
         // SAFETY: the mapping is ours alone while it lives.
-        let bytes = unsafe { map.bytes() };
+        verify_contents(unsafe { map.bytes() }, m)?;
+        drop(map);
+        verify_position_and_seals(fd, m)
+    }
+
+    /// Every page's sum and every word's pattern.
+    fn verify_contents(bytes: &[u8], m: &Meta) -> Result<(), String> {
         let sums = page_sums(bytes);
         if sums.len() != m.pages.len() {
             return Err(format!(
@@ -614,6 +666,10 @@ pub mod check {
         if let Some((i, _)) = differs {
             return Err(format!("token {}: word {i} differs", m.token));
         }
+        Ok(())
+    }
+
+    fn verify_position_and_seals(fd: &OwnedFd, m: &Meta) -> Result<(), String> {
         // SAFETY: plain syscalls on our fd.
         let (pos, seals) = unsafe {
             (
@@ -663,6 +719,7 @@ pub mod bench {
     const IN_PLACE: u64 = 0;
     const COPY: u64 = 1;
     const HUGE: u64 = 2;
+    const HUGE_MAP: u64 = 3;
 
     fn row(op: String, t: Instant) -> Row {
         Row {
@@ -690,7 +747,11 @@ pub mod bench {
                 }
             }
         }
-        if hugetlb_mib > 0 {
+        // hugetlb: one to copy back, its twin to map back.
+        for variant in [HUGE, HUGE_MAP] {
+            if hugetlb_mib == 0 {
+                break;
+            }
             let kib = hugetlb_mib << 10;
             let f = memfd_of_kind("luo-bench", HUGETLB, kib << 10)?;
             let map =
@@ -699,9 +760,11 @@ pub mod bench {
             unsafe { map.bytes() }.fill(0x5a);
             drop(map);
             let t = Instant::now();
-            shim.stash(f.as_fd(), kib << 2 | HUGE)
+            shim.stash(f.as_fd(), kib << 2 | variant)
                 .map_err(|e| format!("stash {} hugetlb: {e}", size_name(kib)))?;
-            rows.push(row(format!("PRESERVE_FD {} hugetlb", size_name(kib)), t));
+            if variant == HUGE {
+                rows.push(row(format!("PRESERVE_FD {} hugetlb", size_name(kib)), t));
+            }
         }
         shim.publish(b"bench")
             .map_err(|e| format!("publish: {e}"))?;
@@ -711,8 +774,21 @@ pub mod bench {
         })
     }
 
+    /// The alternative for hugetlb: the restored folios mapped through the
+    /// module's own file, every page touched (and checked) once.
+    fn mapped_and_touched(shim: &Shim, token: u64, size: u64) -> Result<(), String> {
+        let fd = shim.map(token).map_err(|e| format!("map {token}: {e}"))?;
+        let map = Mapping::new(fd.as_raw_fd(), size as usize).map_err(|e| e.to_string())?;
+        // SAFETY: the mapping is ours alone while it lives.
+        let bytes = unsafe { map.bytes() };
+        if let Some(i) = (0..bytes.len()).step_by(4096).find(|&i| bytes[i] != 0x5a) {
+            return Err(format!("mapped token {token}: byte {i} differs"));
+        }
+        Ok(())
+    }
+
     /// Restores every stash into a fresh memfd: shmem in place and (the
-    /// twin) by copying, hugetlb by copying.
+    /// twin) by copying, hugetlb by copying (and its twin mapped instead).
     ///
     /// # Errors
     /// What failed, as a sentence.
@@ -731,9 +807,15 @@ pub mod bench {
                 pos: 0,
                 seals: 0,
             };
+            let name = size_name(f.size / 1024);
+            if variant == HUGE_MAP {
+                let t = Instant::now();
+                mapped_and_touched(shim, f.token, f.size)?;
+                rows.push(row(format!("RETRIEVE_FD {name} hugetlb mapped"), t));
+                continue;
+            }
             let t = Instant::now();
             let (fd, filled) = restore_memfd_with(shim, &stashed, variant == IN_PLACE)?;
-            let name = size_name(f.size / 1024);
             let op = match variant {
                 IN_PLACE => format!("RETRIEVE_FD {name}"),
                 COPY => format!("RETRIEVE_FD {name} copy"),

@@ -36,8 +36,12 @@ MEM=${MEM_SIZES:-1048576}
 MEMLOG=$LOG.memory
 LOG=$MEMLOG
 : > "$LOG"
-boot liveupdate=on kho=on rig.part=memory rig.sizes="$MEM" rig.label=
-boot liveupdate=on kho=on rig.part=memory rig.sizes="$MEM" rig.label=-movable movablecore=2G
+for b in ${MEMORY_BOOTS:-plain movable}; do
+  case $b in
+    plain) boot liveupdate=on kho=on rig.part=memory rig.sizes="$MEM" rig.label= ;;
+    movable) boot liveupdate=on kho=on rig.part=memory rig.sizes="$MEM" rig.label=-movable movablecore=2G ;;
+  esac
+done
 echo
 "$top/target/release/luo" bench --compare "$MEMLOG"
 echo
