@@ -70,9 +70,9 @@ static_assert(LUO_SHIM_FILE == 0xc020b707);
 static_assert(LUO_SHIM_READ == 0x4020b708);
 static_assert(LUO_SHIM_RELEASE == 0x4008b709);
 static_assert(sizeof(struct luo_shim_freeze) == 8);
-static_assert(sizeof(struct luo_shim_adopt) == 32);
+static_assert(sizeof(struct luo_shim_adopt) == 48);
 static_assert(LUO_SHIM_FREEZE == 0x4008b70a);
-static_assert(LUO_SHIM_ADOPT == 0xc020b70b);
+static_assert(LUO_SHIM_ADOPT == 0xc030b70b);
 static_assert(LUO_SHIM_MAP == 0x4008b70c);
 
 #define SUBTREE "luo-shim"
@@ -126,6 +126,7 @@ struct shim_file {
 	pgoff_t *index; /* first page of each folio, ascending */
 	bool pinned; /* stashed: the folios are pinned, not just referenced */
 	struct address_space *adopted; /* restored: the file ADOPT filled */
+	unsigned int adopting; /* ADOPT calls at work on it (RELEASE waits) */
 	bool broken; /* restored with folios missing: reads fail with EIO */
 };
 
@@ -746,9 +747,13 @@ static int copy_folio(struct inode *inode, struct folio *src, pgoff_t index)
  * both sides only; any other pairing is copied. The module keeps its own
  * reference until RELEASE, so READ still works after a failed ADOPT.
  */
-static u64 adopt_slot_ns, adopt_swap_ns; /* with timing: where ADOPT's time goes */
+/* With timing: where ADOPT's time goes. */
+struct adopt_times {
+	u64 slot_ns, swap_ns;
+};
 
-static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode, bool *moved)
+static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode, bool *moved,
+		       struct adopt_times *times)
 {
 	struct folio *new = f->folios[k], *old;
 	pgoff_t index = f->index[k];
@@ -781,68 +786,90 @@ static int adopt_folio(struct shim_file *f, unsigned long k, struct inode *inode
 	folio_put(old);
 	*moved = true;
 	if (timing) {
-		adopt_slot_ns += ktime_to_ns(ktime_sub(t1, t0));
-		adopt_swap_ns += ktime_to_ns(ktime_sub(ktime_get(), t1));
+		times->slot_ns += ktime_to_ns(ktime_sub(t1, t0));
+		times->swap_ns += ktime_to_ns(ktime_sub(ktime_get(), t1));
 	}
 	return 0;
+}
+
+/*
+ * Checks an ADOPT of @a into @file and marks the file busy. Runs under
+ * shim_lock; the folios are then placed without it, so that several ADOPTs
+ * of disjoint ranges of one file run at once, on every CPU.
+ */
+static struct shim_file *adopt_begin(struct luo_shim_adopt *a, struct file *file, int *err)
+{
+	struct inode *inode = file_inode(file);
+	struct shim_file *f;
+
+	*err = -ENOENT;
+	if (shim_state != LUO_SHIM_RESTORED)
+		return NULL;
+	f = find_token(a->token);
+	if (!f)
+		return NULL;
+	*err = -EIO;
+	if (f->broken)
+		return NULL;
+	*err = -EINVAL;
+	if (f->kind != LUO_SHIM_SHMEM || kind_of(inode) != LUO_SHIM_SHMEM ||
+	    i_size_read(inode) != f->size)
+		return NULL;
+	*err = -EBADF;
+	if (!(file->f_mode & FMODE_WRITE))
+		return NULL;
+	*err = -EBUSY;
+	if (f->adopted && f->adopted != inode->i_mapping)
+		return NULL;
+	*err = 0;
+	f->adopted = inode->i_mapping;
+	f->adopting++;
+	return f;
 }
 
 static long shim_adopt(void __user *uarg)
 {
 	struct luo_shim_adopt a;
+	struct adopt_times times = {};
 	struct shim_file *f;
 	struct inode *inode;
 	struct file *file;
-	unsigned long k;
+	unsigned long k, end;
 	ktime_t t0 = ktime_get();
 	int err = 0;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
-	if (shim_state != LUO_SHIM_RESTORED)
-		return -ENOENT;
-	f = find_token(a.token);
-	if (!f)
-		return -ENOENT;
-	if (f->broken)
-		return -EIO;
 	file = fget(a.fd);
 	if (!file)
 		return -EBADF;
 	inode = file_inode(file);
-	if (f->kind != LUO_SHIM_SHMEM || kind_of(inode) != LUO_SHIM_SHMEM ||
-	    i_size_read(inode) != f->size) {
-		err = -EINVAL;
+	mutex_lock(&shim_lock);
+	f = adopt_begin(&a, file, &err);
+	mutex_unlock(&shim_lock);
+	if (!f)
 		goto out;
-	}
-	if (!(file->f_mode & FMODE_WRITE)) {
-		err = -EBADF;
-		goto out;
-	}
-	if (f->adopted && f->adopted != inode->i_mapping) {
-		err = -EBUSY;
-		goto out;
-	}
-	f->adopted = inode->i_mapping;
+	/* The file's folios stay put while adopting > 0: RELEASE and MAP wait. */
+	end = a.count ? min_t(u64, f->nr, a.first + a.count) : f->nr;
 	a.moved = a.copied = 0;
-	adopt_slot_ns = adopt_swap_ns = 0;
-	inode_lock(inode);
-	for (k = 0; !err && k < f->nr; k++) {
+	for (k = a.first; !err && k < end; k++) {
 		bool moved;
 
 		if (!f->folios[k])
 			continue;
-		err = adopt_folio(f, k, inode, &moved);
+		err = adopt_folio(f, k, inode, &moved, &times);
 		if (!err)
 			moved ? a.moved++ : a.copied++;
 		if (!(k & 63))
 			cond_resched();
 	}
-	inode_unlock(inode);
 	if (timing)
-		pr_info("luo_shim: token %llu: %llu KiB adopted in %lld us (%llu folios moved, %llu copied; slots %llu us, swaps %llu us): %d\n",
-			f->token, f->size >> 10, ktime_us_delta(ktime_get(), t0), a.moved, a.copied,
-			adopt_slot_ns / 1000, adopt_swap_ns / 1000, err);
+		pr_info("luo_shim: token %llu: folios %llu..%lu of %lu adopted in %lld us (%llu moved, %llu copied; slots %llu us, swaps %llu us): %d\n",
+			f->token, a.first, end, f->nr, ktime_us_delta(ktime_get(), t0), a.moved,
+			a.copied, times.slot_ns / 1000, times.swap_ns / 1000, err);
+	mutex_lock(&shim_lock);
+	f->adopting--;
+	mutex_unlock(&shim_lock);
 	if (!err && copy_to_user(uarg, &a, sizeof(a)))
 		err = -EFAULT;
 out:
@@ -939,7 +966,7 @@ static long shim_map(void __user *uarg)
 	f = find_token(token);
 	if (!f)
 		return -ENOENT;
-	if (f->broken || f->adopted)
+	if (f->broken || f->adopted || f->adopting)
 		return f->broken ? -EIO : -EBUSY;
 	fd = anon_inode_getfd("luo-shim-file", &map_fops, f, O_RDWR | O_CLOEXEC);
 	if (fd >= 0)
@@ -959,6 +986,8 @@ static long shim_release_file(void __user *uarg)
 	f = find_token(token);
 	if (!f)
 		return -ENOENT;
+	if (f->adopting)
+		return -EBUSY;
 	free_file(f, false);
 	return 0;
 }
@@ -971,6 +1000,9 @@ static long shim_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	/* Touches one inode and no shim state: never waits for a stash. */
 	if (cmd == LUO_SHIM_FREEZE)
 		return shim_freeze(uarg);
+	/* Takes the lock itself, only to start and to end. */
+	if (cmd == LUO_SHIM_ADOPT)
+		return shim_adopt(uarg);
 	mutex_lock(&shim_lock);
 	switch (cmd) {
 	case LUO_SHIM_STASH:
@@ -999,9 +1031,6 @@ static long shim_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		break;
 	case LUO_SHIM_RELEASE:
 		ret = shim_release_file(uarg);
-		break;
-	case LUO_SHIM_ADOPT:
-		ret = shim_adopt(uarg);
 		break;
 	case LUO_SHIM_MAP:
 		ret = shim_map(uarg);

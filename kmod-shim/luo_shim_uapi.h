@@ -67,6 +67,8 @@ struct luo_shim_adopt {
 	__u64 token;	/* a restored file */
 	__s32 fd;	/* in: a writable shmem file of the restored size */
 	__u32 pad;
+	__u64 first;	/* in: the first of its folios (in file order) to place */
+	__u64 count;	/* in: how many (0: all from first); ranges may run at once */
 	__u64 moved;	/* out: folios put into the file's page cache as they are */
 	__u64 copied;	/* out: folios copied (their size differs from the file's) */
 };

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use luo_store::{FileImage, StoreImage};
+use luo_store::{Errno, FileImage, StoreImage};
 use serde::{Deserialize, Serialize};
 
 use crate::memfd::{memfd_of_kind, Mapping};
@@ -119,15 +119,43 @@ fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd, in_place: bool) -> Result<Fi
         return Ok(Filled::Empty);
     }
     if in_place && f.kind == crate::shim::SHMEM {
-        if let Ok(a) = shim.adopt(f.shim_token, fd.as_fd()) {
-            return Ok(Filled::InPlace {
-                moved: a.moved,
-                copied: a.copied,
-            });
+        if let Ok(filled) = adopt_on_every_cpu(shim, f, fd) {
+            return Ok(filled);
         }
     }
     copy_in(shim, f, fd)?;
     Ok(Filled::Copied)
+}
+
+/// Files at least this large are adopted by one thread per CPU.
+const PARALLEL_ADOPT: u64 = 64 << 20;
+
+/// In-place fill, split into one range of folios per CPU for large files
+/// (the module places disjoint ranges at once).
+fn adopt_on_every_cpu(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<Filled, Errno> {
+    let threads = if f.size >= PARALLEL_ADOPT {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8)) as u64
+    } else {
+        1
+    };
+    // At most one folio per page: ranges over that bound cover every folio.
+    let per = f.size.div_ceil(4096).div_ceil(threads);
+    let results: Vec<Result<crate::shim::Adopt, Errno>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| scope.spawn(move || shim.adopt_range(f.shim_token, fd.as_fd(), i * per, per)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(Errno::EIO)))
+            .collect()
+    });
+    let (mut moved, mut copied) = (0, 0);
+    for r in results {
+        let a = r?;
+        moved += a.moved;
+        copied += a.copied;
+    }
+    Ok(Filled::InPlace { moved, copied })
 }
 
 /// Reads the stash into a shared mapping of `fd`.

@@ -117,6 +117,10 @@ pub struct Adopt {
     pub fd: i32,
     /// Padding.
     pub pad: u32,
+    /// In: the first of its folios (in file order) to place.
+    pub first: u64,
+    /// In: how many (0: all from `first`).
+    pub count: u64,
     /// Out: folios put into the file's page cache as they are.
     pub moved: u64,
     /// Out: folios copied.
@@ -170,9 +174,9 @@ const _: () = assert!(FILE == 0xc020_b707);
 const _: () = assert!(READ == 0x4020_b708);
 const _: () = assert!(RELEASE == 0x4008_b709);
 const _: () = assert!(size_of::<Freeze>() == 8);
-const _: () = assert!(size_of::<Adopt>() == 32);
+const _: () = assert!(size_of::<Adopt>() == 48);
 const _: () = assert!(FREEZE == 0x4008_b70a);
-const _: () = assert!(ADOPT == 0xc020_b70b);
+const _: () = assert!(ADOPT == 0xc030_b70b);
 const _: () = assert!(MAP == 0x4008_b70c);
 
 /// An open `/dev/luo-shim`.
@@ -325,9 +329,27 @@ impl Shim {
     /// ENOTTY from a module without it, EINVAL not shmem or not the size,
     /// EBUSY another file was being filled, EIO folios missing, ENOMEM.
     pub fn adopt(&self, token: u64, file: BorrowedFd<'_>) -> Result<Adopt, Errno> {
+        self.adopt_range(token, file, 0, 0)
+    }
+
+    /// [`Shim::adopt`] for `count` of the file's folios from `first` (in
+    /// file order; 0 for all the rest). Disjoint ranges of one file may be
+    /// adopted from several threads at once.
+    ///
+    /// # Errors
+    /// As [`Shim::adopt`].
+    pub fn adopt_range(
+        &self,
+        token: u64,
+        file: BorrowedFd<'_>,
+        first: u64,
+        count: u64,
+    ) -> Result<Adopt, Errno> {
         let mut a = Adopt {
             token,
             fd: file.as_raw_fd(),
+            first,
+            count,
             ..Adopt::default()
         };
         self.ioctl(ADOPT, &mut a)?;
