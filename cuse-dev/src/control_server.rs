@@ -227,6 +227,27 @@ impl ControlServer {
     }
 }
 
+/// Where the first request line of `input` ends (its newline), `None`
+/// while more may come, or why it cannot be a request (over
+/// [`MAX_REQUEST`] bytes without a newline).
+pub fn line_end(input: &[u8]) -> Option<Result<usize, String>> {
+    match input.iter().position(|&b| b == b'\n') {
+        Some(end) => Some(Ok(end)),
+        None if input.len() > MAX_REQUEST => Some(Err(format!(
+            "the request is over {MAX_REQUEST} bytes without a newline"
+        ))),
+        None => None,
+    }
+}
+
+/// One request line (without its newline).
+///
+/// # Errors
+/// Why it is not a request, as a sentence.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("unreadable request: {e}"))
+}
+
 impl Conn {
     /// Reads what arrived. `Ok(Some(..))` once a whole line is in (a request,
     /// or why it cannot be one), `Ok(None)` while more is to come, `Err` when
@@ -247,20 +268,16 @@ impl Conn {
             self.deadline = Instant::now() + IDLE;
             self.fd = self.fd.take().or(fd);
             self.input.extend_from_slice(&chunk[..n]);
-            if let Some(end) = self.input.iter().position(|&b| b == b'\n') {
-                return Ok(Some(self.parse(end)));
-            }
-            if self.input.len() > MAX_REQUEST {
-                return Ok(Some(Err(format!(
-                    "the request is over {MAX_REQUEST} bytes without a newline"
-                ))));
+            match line_end(&self.input) {
+                Some(Ok(end)) => return Ok(Some(self.parse(end))),
+                Some(Err(e)) => return Ok(Some(Err(e))),
+                None => {}
             }
         }
     }
 
     fn parse(&mut self, end: usize) -> Result<Incoming, String> {
-        let request: Request = serde_json::from_slice(&self.input[..end])
-            .map_err(|e| format!("unreadable request: {e}"))?;
+        let request = parse_request(&self.input[..end])?;
         match self.access {
             Some(Access::Full) => {}
             Some(Access::Status) if matches!(request, Request::Status) => {}

@@ -22,6 +22,7 @@ pub mod demo;
 pub mod failpoint;
 pub mod fuse;
 pub mod fuse_abi;
+pub mod fuzzing;
 pub mod keeper;
 pub mod kexec;
 pub mod log;

@@ -183,12 +183,20 @@ pub fn read(path: &Path) -> Result<Loaded, LoadError> {
         path: path.to_owned(),
         source,
     })?;
+    parse(&bytes, path)
+}
+
+/// Checks and replays a journal's bytes (`path` only names it in errors).
+///
+/// # Errors
+/// See [`LoadError`].
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Loaded, LoadError> {
     let refused = |reason| LoadError::Refused {
         path: path.to_owned(),
         reason,
     };
     let mut loaded = Loaded::default();
-    for payload in read_journal(&bytes).map_err(refused)? {
+    for payload in read_journal(bytes).map_err(refused)? {
         let record: Record = serde_json::from_slice(payload)
             .map_err(|e| refused(ImageError::Payload(e.to_string())))?;
         if record.full {
