@@ -16,6 +16,8 @@ use common::{temp_dir, Daemon};
 const PRESERVE: u64 = 0xBA40;
 /// More sessions than a 1 MiB state dir can record.
 const MAX_SESSIONS: u64 = 50_000;
+/// Calls a client makes after the first refusal.
+const RETRIES: u64 = 3000;
 
 fn memfd(token: u64) -> OwnedFd {
     // SAFETY: the name is a valid C string.
@@ -67,6 +69,17 @@ fn probe_fill() {
         libc::ENOSPC,
         "refused with errno {refused}, not ENOSPC"
     );
+    // A client that keeps trying neither gets through nor wears the daemon
+    // down (refused calls are not saved).
+    for i in 0..RETRIES {
+        match session_with_file(&dev, &format!("retry-{i}"), i) {
+            Err(libc::ENOSPC) => {}
+            other => panic!(
+                "retry {i} against a full state dir: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
     println!("ACKED {}", held.len());
     drop(dev);
     client::hold_until_update(held);

@@ -1602,9 +1602,16 @@ impl Daemon {
     /// daemon killed while answering is followed by one that answers it.
     fn answer(&mut self, listener: Rc<Listener>, call: persist::Inflight) {
         failpoint::pass("received");
-        self.inflight = Some(call);
-        self.dirty = true;
-        self.commit();
+        // With no room for the journal every call that would change a
+        // session is refused (ENOSPC) before it does, so none has an effect
+        // to answer exactly once: nothing is saved for it, and a client
+        // retrying against a full disk cannot use up the reserve.
+        let saved = self.room_for_change().is_ok();
+        if saved {
+            self.inflight = Some(call);
+            self.dirty = true;
+            self.commit();
+        }
         // Apply every close that happened before this call (see module docs).
         self.drain_fuse();
         let [fd, cmd, arg] = call.args;
@@ -1617,11 +1624,13 @@ impl Daemon {
         };
         // Saved with its outcome until the next commit: a daemon killed before
         // the reply is delivered is followed by one that delivers it.
-        self.inflight = Some(persist::Inflight {
-            outcome: Some(outcome),
-            ..call
-        });
-        self.dirty = true;
+        if saved {
+            self.inflight = Some(persist::Inflight {
+                outcome: Some(outcome),
+                ..call
+            });
+            self.dirty = true;
+        }
         self.commit();
         failpoint::pass("decided");
         reply(&listener, call.id, outcome);
