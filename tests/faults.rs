@@ -172,3 +172,98 @@ fn scopeguard(path: std::path::PathBuf) -> impl Drop {
     }
     Unmount(path)
 }
+
+/// Sessions each holding one memfd of 8 known bytes; only the session fds
+/// are held afterwards (the memfds live on in the daemon and its keeper).
+const KEPT_SESSIONS: u64 = 20;
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_keeper_killed_under_a_running_daemon_is_replaced"]
+fn probe_some_sessions() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let held: Vec<OwnedFd> = (0..KEPT_SESSIONS)
+        .map(|i| session_with_file(&dev, &format!("kept-{i}"), i).unwrap())
+        .collect();
+    drop(dev);
+    client::hold_until_update(held);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_keeper_killed_under_a_running_daemon_is_replaced"]
+fn probe_check_sessions() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    for i in 0..KEPT_SESSIONS {
+        let mut a = client::session_args(72, &format!("kept-{i}"));
+        ioctl(dev.as_raw_fd(), 0xBA01, &mut a).expect("RETRIEVE_SESSION");
+        // SAFETY: the ioctl returned a new fd that we now own.
+        let s = unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(a[4..8].try_into().unwrap())) };
+        let mut f = fd_args(-1, i);
+        ioctl(s.as_raw_fd(), 0xBA41, &mut f).expect("RETRIEVE_FD");
+        // SAFETY: as above.
+        let m = unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(f[4..8].try_into().unwrap())) };
+        let mut back = [0u8; 8];
+        // SAFETY: reads into a live buffer.
+        let n = unsafe { libc::pread(m.as_raw_fd(), back.as_mut_ptr().cast(), 8, 0) };
+        assert_eq!((n, back), (8, i.to_le_bytes()), "session kept-{i}");
+    }
+}
+
+/// The pids of the keepers serving `socket`.
+fn keepers(socket: &std::path::Path) -> Vec<i32> {
+    let want = socket.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                args.contains(&&b"keeper"[..]) && args.contains(&want.as_bytes())
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_keeper_killed_under_a_running_daemon_is_replaced() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let mut daemon = Daemon::start_with_args(&[]);
+    daemon.run_probe("probe_some_sessions");
+    let socket = daemon.state.join("keeper.sock");
+    let old = keepers(&socket);
+    assert_eq!(old.len(), 1, "one keeper: {old:?}");
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(old[0], libc::SIGKILL) };
+    // The daemon notices within a second and hands a new keeper every fd.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.log().contains("nothing was lost") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new keeper:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let new = keepers(&socket);
+    assert!(new.len() == 1 && new != old, "keepers {old:?} then {new:?}");
+    // So a crash of the daemon now loses nothing either.
+    daemon.restart_after(libc::SIGKILL);
+    let status = daemon.status_json();
+    let sessions = status["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len() as u64, KEPT_SESSIONS, "{status}");
+    for s in sessions {
+        assert_eq!(s["files"].as_array().map(Vec::len), Some(1), "{s}");
+    }
+    // Every byte of every memfd, after an update.
+    let out = daemon.update();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.run_probe("probe_check_sessions");
+}

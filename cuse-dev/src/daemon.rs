@@ -49,6 +49,8 @@ const DEVICE_INO: u64 = 2;
 const SLOT_BASE: u64 = 1 << 32;
 const POOL_SIZE: usize = 16;
 
+/// How often the daemon makes sure its keeper is alive (ms).
+const KEEPER_CHECK_MS: i32 = 1000;
 const TOKEN_FUSE: u64 = 1;
 const TOKEN_POOL: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
@@ -311,6 +313,8 @@ pub struct Daemon {
     compaction_failed_at: Option<u64>,
     /// Changes are refused (ENOSPC) for want of journal room.
     refusing: bool,
+    /// When the keeper was last seen alive.
+    keeper_checked: std::time::Instant,
     /// The session file of each session that has one open.
     session_slot: HashMap<SessionId, u64>,
     /// The trapped call being answered.
@@ -628,6 +632,7 @@ impl Daemon {
             journal: None,
             compaction_failed_at: None,
             refusing: false,
+            keeper_checked: std::time::Instant::now(),
             session_slot: HashMap::new(),
             inflight: None,
             stop: false,
@@ -664,6 +669,12 @@ impl Daemon {
             }
             Some(_) => self.append(&changes),
         };
+        // A keeper that died takes the save down with it: replace it, and
+        // the snapshot that hands it every fd saves this change too.
+        let result = result.or_else(|e| match self.kept.keeper.list() {
+            Ok(_) => Err(e),
+            Err(_) => self.replace_keeper(),
+        });
         match result {
             Ok(()) => self.dirty = false,
             Err(e) => {
@@ -676,6 +687,43 @@ impl Daemon {
                 std::process::exit(70);
             }
         }
+    }
+
+    /// Makes sure the keeper still holds what a crash of this daemon would
+    /// need (checked at most every [`KEEPER_CHECK_MS`]).
+    fn check_keeper(&mut self) {
+        if self.keeper_checked.elapsed().as_millis() < u128::from(KEEPER_CHECK_MS.unsigned_abs()) {
+            return;
+        }
+        self.keeper_checked = std::time::Instant::now();
+        if self.kept.keeper.list().is_ok() {
+            return;
+        }
+        if let Err(e) = self.replace_keeper() {
+            log::error(format_args!(
+                "the fd keeper is gone and no new one could be started ({e}): a crash of this \
+                 daemon now loses every preserved file no client holds; stop it with SIGTERM \
+                 only after fixing that"
+            ));
+        }
+    }
+
+    /// The keeper died under a running daemon: what it held is closed there,
+    /// but the daemon holds every fd itself, so a new keeper is started and
+    /// handed all of them again (with a full snapshot naming them).
+    fn replace_keeper(&mut self) -> std::io::Result<()> {
+        log::error(format_args!(
+            "the fd keeper is gone (killed?): starting a new one and handing it every fd again"
+        ));
+        let keeper = Keeper::spawn(&self.cfg.keeper_socket())?;
+        self.kept = KeptFds::new(keeper)?;
+        self.snapshot()?;
+        let (keys, pid) = self.kept.keeper.list()?;
+        log::info(format_args!(
+            "a new fd keeper (pid {pid}) holds {} fds; nothing was lost",
+            keys.len()
+        ));
+        Ok(())
     }
 
     fn may_compact(&self, size: u64) -> bool {
@@ -811,8 +859,12 @@ impl Daemon {
             if !self.backlog.is_empty() {
                 self.drain_fuse();
             }
-            let timeout = self.expire_control();
+            let timeout = match self.expire_control() {
+                -1 => KEEPER_CHECK_MS,
+                t => t.min(KEEPER_CHECK_MS),
+            };
             let events = setup(|| "wait for events".into(), self.epoll.wait(timeout))?;
+            self.check_keeper();
             for (token, events) in events {
                 match token {
                     TOKEN_FUSE | TOKEN_CUSE => self.drain_fuse(),
