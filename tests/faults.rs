@@ -267,3 +267,40 @@ fn a_keeper_killed_under_a_running_daemon_is_replaced() {
     );
     daemon.run_probe("probe_check_sessions");
 }
+
+#[test]
+fn a_keeper_killed_while_no_daemon_runs_is_reported_with_what_is_lost() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let mut daemon = Daemon::start_with_args(&[]);
+    daemon.run_probe("probe_some_sessions");
+    daemon.kill(libc::SIGKILL);
+    for pid in keepers(&daemon.state.join("keeper.sock")) {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = daemon.start_failing();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without its keeper:\n{err}");
+    for words in [
+        "no keeper holds the fds",
+        "What it held is gone",
+        "Move the file away",
+    ] {
+        assert!(err.contains(words), "no '{words}' in:\n{err}");
+    }
+    // Moved away, a daemon starts empty.
+    std::fs::rename(
+        daemon.state.join("state.img"),
+        daemon.dir.join("state.img.old"),
+    )
+    .unwrap();
+    daemon.start_again();
+    assert_eq!(
+        daemon.status_json()["sessions"].as_array().unwrap().len(),
+        0
+    );
+}

@@ -373,8 +373,11 @@ impl Daemon {
             }
             None if image_exists => Err(DaemonError::Setup {
                 what: format!(
-                    "resume from {}: no keeper holds the fds it names (was the machine rebooted?); \
-                     move the file away to start with no sessions",
+                    "resume from {}: no keeper holds the fds it names (was the machine rebooted, \
+                     or the keeper killed while no daemon ran?). What it held is gone: every \
+                     preserved memfd that no process still holds open, and the device and \
+                     session fds' connection (open session fds now fail with ENOTCONN). Move the \
+                     file away to start with no sessions",
                     cfg.image().display()
                 ),
                 source: std::io::Error::from_raw_os_error(libc::ENOENT),
