@@ -214,6 +214,11 @@ impl Daemon {
         self.start_again();
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Sends the daemon a signal and waits for it to exit.
     pub fn kill(&mut self, signal: i32) {
         // SAFETY: kill takes no pointers.

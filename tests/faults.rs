@@ -304,3 +304,61 @@ fn a_keeper_killed_while_no_daemon_runs_is_reported_with_what_is_lost() {
         0
     );
 }
+
+/// The daemon's children that run the daemon's own command line (the
+/// session-file opener, forked without exec) or `luo opener`.
+fn openers(daemon: i32) -> Vec<i32> {
+    let own = std::fs::read(format!("/proc/{daemon}/cmdline")).unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{daemon}/task/{daemon}/children"))
+        .unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c == own || c.split(|&b| b == 0).any(|a| a == b"opener"))
+        })
+        .collect()
+}
+
+#[test]
+fn an_opener_killed_under_a_running_daemon_is_replaced() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let daemon = Daemon::start_with_args(&[]);
+    let old = openers(daemon.pid());
+    assert_eq!(old.len(), 1, "one opener: {old:?}");
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(old[0], libc::SIGKILL) };
+    // More sessions than the pool of open session files holds: the rest
+    // come from the new opener.
+    let mut probe = daemon.probe_command("probe_some_sessions").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        if let Some(status) = probe.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = probe.kill();
+            panic!(
+                "no sessions within 60 s of the opener's death:\n{}",
+                daemon.log()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(done.success(), "the probe failed:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("exited; starting a new one"),
+        "{}",
+        daemon.log()
+    );
+    let new = openers(daemon.pid());
+    assert!(new.len() == 1 && new != old, "openers {old:?} then {new:?}");
+    assert_eq!(
+        daemon.status_json()["sessions"].as_array().unwrap().len() as u64,
+        KEPT_SESSIONS
+    );
+}

@@ -315,6 +315,8 @@ pub struct Daemon {
     refusing: bool,
     /// When the keeper was last seen alive.
     keeper_checked: std::time::Instant,
+    /// When session-file openers exited (the last minute's).
+    opener_deaths: Vec<std::time::Instant>,
     /// The session file of each session that has one open.
     session_slot: HashMap<SessionId, u64>,
     /// The trapped call being answered.
@@ -636,6 +638,7 @@ impl Daemon {
             compaction_failed_at: None,
             refusing: false,
             keeper_checked: std::time::Instant::now(),
+            opener_deaths: Vec::new(),
             session_slot: HashMap::new(),
             inflight: None,
             stop: false,
@@ -933,14 +936,12 @@ impl Daemon {
                 }
             };
             if n == 0 {
-                let what = "keep the session-file opener running".to_owned();
-                return Err(DaemonError::Setup {
-                    what,
-                    source: std::io::Error::other("it exited"),
-                });
+                return self.respawn_opener();
             }
             let slot = u64::from_le_bytes(msg[..8].try_into().expect("8 bytes"));
             match (slot, fd) {
+                // A replacement opener binds nothing and reports success.
+                (crate::opener::BOUND, _) if self.control.is_some() => {}
                 (crate::opener::BOUND, _) => {
                     let errno = i32::from_le_bytes(msg[8..12].try_into().expect("4 bytes"));
                     if errno != 0 {
@@ -956,6 +957,44 @@ impl Daemon {
                 (_, None) => {}
             }
         }
+    }
+
+    /// The session-file opener exited (killed?): a new one takes over from
+    /// the next slot, and gets the credits the pool lacks. One that keeps
+    /// dying (5 times within a minute) stops the daemon, which keeps
+    /// everything with the keeper for the next one.
+    fn respawn_opener(&mut self) -> std::result::Result<(), DaemonError> {
+        // SAFETY: reaps our child if it is gone; WNOHANG never blocks.
+        unsafe { libc::waitpid(self.opener_tid, std::ptr::null_mut(), libc::WNOHANG) };
+        let now = std::time::Instant::now();
+        self.opener_deaths
+            .retain(|t| now.duration_since(*t).as_secs() < 60);
+        self.opener_deaths.push(now);
+        if self.opener_deaths.len() >= 5 {
+            return Err(DaemonError::Setup {
+                what: "keep the session-file opener running".into(),
+                source: std::io::Error::other("it exited 5 times within a minute"),
+            });
+        }
+        log::warn(format_args!(
+            "the session-file opener (pid {}) exited; starting a new one",
+            self.opener_tid
+        ));
+        let (opener, tid) = setup(
+            || "start a new session-file opener".into(),
+            crate::opener::respawn(&self.cfg.fs_dir(), self.next_slot),
+        )?;
+        self.epoll.delete(self.opener.as_raw_fd());
+        setup(
+            || "watch the new session-file opener".into(),
+            self.epoll.add(opener.as_raw_fd(), TOKEN_POOL),
+        )?;
+        self.opener = opener;
+        self.opener_tid = tid;
+        for _ in self.pool.len()..POOL_SIZE {
+            grant_credit(self.opener.as_fd());
+        }
+        Ok(())
     }
 
     fn open_control(&mut self) -> std::result::Result<(), DaemonError> {

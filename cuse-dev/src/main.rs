@@ -219,6 +219,15 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// A session-file opener (started by the daemon when one exited; its
+    /// socket is fd 3).
+    #[command(hide = true)]
+    Opener {
+        #[arg(long)]
+        fs: PathBuf,
+        #[arg(long)]
+        first_slot: u64,
+    },
     /// One stage of the demo's VMM (started by `luo demo` under `luo run`).
     #[command(hide = true)]
     DemoVmm {
@@ -309,6 +318,7 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Command::Opener { fs, first_slot } => luo_cuse_dev::opener::serve_fd3(fs, first_slot),
         Command::Demo {
             size_mib,
             hugetlb_mib,

@@ -65,13 +65,72 @@ pub fn spawn(opener: &Opener) -> std::io::Result<(OwnedFd, i32)> {
     Ok((ours, pid))
 }
 
+/// Starts a new opener for a daemon that has threads (one that replaces an
+/// opener that died): `luo opener`, a fresh process, with its socket as fd
+/// 3. It binds nothing.
+///
+/// # Errors
+/// socketpair or spawn failures.
+pub fn respawn(fs: &std::path::Path, first_slot: u64) -> std::io::Result<(OwnedFd, i32)> {
+    let mut sv = [0; 2];
+    // SAFETY: sv has room for two fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair returned two fresh fds that we own.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("opener")
+        .arg("--fs")
+        .arg(fs)
+        .arg("--first-slot")
+        .arg(first_slot.to_string());
+    let raw = theirs.as_raw_fd();
+    // SAFETY: dup2 and prctl are async-signal-safe and touch no memory.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(theirs);
+    Ok((ours, child.id() as i32))
+}
+
+/// `luo opener`: serves the protocol on fd 3 (see [`respawn`]). Never
+/// returns.
+pub fn serve_fd3(fs: PathBuf, first_slot: u64) -> ! {
+    let opener = Opener {
+        fs,
+        bind_device: None,
+        first_slot,
+    };
+    // SAFETY: fd 3 is the socket the daemon passed; nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    run(&opener, sock)
+}
+
 /// The child: never returns.
 fn run(opener: &Opener, sock: OwnedFd) -> ! {
     // SAFETY: prctl/close_range take no pointers; the opener keeps only its
     // socket (moved to fd 3) and the standard fds.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        libc::dup2(sock.as_raw_fd(), 3);
+        if sock.as_raw_fd() != 3 {
+            libc::dup2(sock.as_raw_fd(), 3);
+        }
         libc::close_range(4, u32::MAX, 0);
     }
     std::mem::forget(sock);
