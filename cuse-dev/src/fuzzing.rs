@@ -49,7 +49,7 @@ impl CallerMem for Bytes {
 
 /// A LUO ioctl: `cmd` (4 bytes), which file it reaches (1 byte: the device,
 /// or a session of each kind), where the struct starts (2 bytes, from
-/// [`BASE`]), then the caller's memory. A decoded struct is as large as its
+/// 0x10000), then the caller's memory. A decoded struct is as large as its
 /// op's, its size field within bounds, and a session name taken from it is
 /// one the kernel would take.
 pub fn uapi_decode(data: &[u8]) {
