@@ -181,7 +181,10 @@ fn every_seed_corpus_input_and_past_crash_runs_clean() {
             }
         }
         for kind in ["corpus", "regressions"] {
-            for file in inputs(&fuzz_dir().join(kind).join(target)) {
+            for file in inputs(&fuzz_dir().join(kind).join(target))
+                .into_iter()
+                .filter(|f| f.is_file())
+            {
                 run(&std::fs::read(&file).unwrap());
                 replayed += 1;
             }
