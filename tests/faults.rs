@@ -194,7 +194,9 @@ fn probe_some_sessions() {
 fn probe_check_sessions() {
     let Some(path) = probe_device() else { return };
     let dev = open_device(&path);
-    for i in 0..KEPT_SESSIONS {
+    // Sessions before this one were retrieved and closed (so finished).
+    let first: u64 = std::env::var("LUO_FIRST_SESSION").map_or(0, |v| v.parse().unwrap());
+    for i in first..KEPT_SESSIONS {
         let mut a = client::session_args(72, &format!("kept-{i}"));
         ioctl(dev.as_raw_fd(), 0xBA01, &mut a).expect("RETRIEVE_SESSION");
         // SAFETY: the ioctl returned a new fd that we now own.
@@ -361,4 +363,99 @@ fn an_opener_killed_under_a_running_daemon_is_replaced() {
         daemon.status_json()["sessions"].as_array().unwrap().len() as u64,
         KEPT_SESSIONS
     );
+}
+
+/// Limits this process to the fds it has open now (none to spare).
+fn no_fd_to_spare() -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: old is a valid rlimit to fill.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    // The directory's own fd is closed again: `highest` may be it, so the
+    // table is full once fds up to `highest` are taken; fill the gaps.
+    let full = libc::rlimit {
+        rlim_cur: highest,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: full is a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &full) }, 0);
+    let mut fillers = Vec::new();
+    loop {
+        // SAFETY: dup of stdin; a new fd we own, or -1.
+        let fd = unsafe { libc::dup(0) };
+        if fd < 0 {
+            break;
+        }
+        fillers.push(fd);
+    }
+    std::mem::forget(fillers); // held until the probe exits
+    old
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_client_with_no_fd_to_spare_gets_emfile_and_loses_nothing"]
+fn probe_full_fd_table() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let mut a = client::session_args(72, "kept-0");
+    ioctl(dev.as_raw_fd(), 0xBA01, &mut a).expect("RETRIEVE_SESSION");
+    // SAFETY: the ioctl returned a new fd that we now own.
+    let s = unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(a[4..8].try_into().unwrap())) };
+    let old = no_fd_to_spare();
+    let mut f = fd_args(-1, 0);
+    assert_eq!(ioctl(s.as_raw_fd(), 0xBA41, &mut f), Err(libc::EMFILE));
+    let mut c = client::session_args(72, "no-room");
+    assert_eq!(ioctl(dev.as_raw_fd(), 0xBA00, &mut c), Err(libc::EMFILE));
+    // SAFETY: old is the rlimit getrlimit returned.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    let mut f = fd_args(-1, 0);
+    ioctl(s.as_raw_fd(), 0xBA41, &mut f).expect("RETRIEVE_FD once there is room");
+    // SAFETY: as above.
+    let m = unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(f[4..8].try_into().unwrap())) };
+    let mut back = [0u8; 8];
+    // SAFETY: reads into a live buffer.
+    let n = unsafe { libc::pread(m.as_raw_fd(), back.as_mut_ptr().cast(), 8, 0) };
+    assert_eq!((n, back), (8, 0u64.to_le_bytes()));
+}
+
+#[test]
+fn a_client_with_no_fd_to_spare_gets_emfile_and_loses_nothing() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let mut daemon = Daemon::start_with_args(&[]);
+    daemon.run_probe("probe_some_sessions");
+    let out = daemon.update();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.run_probe("probe_full_fd_table");
+    let names: Vec<String> = daemon.status_json()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "no-room") && names.iter().any(|n| n == "kept-1"),
+        "a refused session stayed, or the others are gone: {names:?}"
+    );
+    // The other sessions are whole (kept-0 was retrieved and closed).
+    let out = daemon
+        .probe_command("probe_check_sessions")
+        .env("LUO_FIRST_SESSION", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
 }
