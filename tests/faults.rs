@@ -411,6 +411,8 @@ fn probe_full_fd_table() {
     let old = no_fd_to_spare();
     let mut f = fd_args(-1, 0);
     assert_eq!(ioctl(s.as_raw_fd(), 0xBA41, &mut f), Err(libc::EMFILE));
+    let mut r = client::session_args(72, "kept-1");
+    assert_eq!(ioctl(dev.as_raw_fd(), 0xBA01, &mut r), Err(libc::EMFILE));
     let mut c = client::session_args(72, "no-room");
     assert_eq!(ioctl(dev.as_raw_fd(), 0xBA00, &mut c), Err(libc::EMFILE));
     // SAFETY: old is the rlimit getrlimit returned.
