@@ -930,6 +930,10 @@ impl Daemon {
             let (n, fd) = match sys::recv_with_fd_nonblocking(self.opener.as_fd(), &mut msg) {
                 Ok(Some(got)) => got,
                 Ok(None) => return Ok(()),
+                // Killed: end of file, or a reset if a credit was unread.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                    return self.respawn_opener()
+                }
                 Err(e) => {
                     let what = "hear from the session-file opener".to_owned();
                     return Err(DaemonError::Setup { what, source: e });
