@@ -125,7 +125,7 @@ struct shim_file {
 	struct folio **folios;
 	pgoff_t *index; /* first page of each folio, ascending */
 	bool pinned; /* stashed: the folios are pinned, not just referenced */
-	struct address_space *adopted; /* restored: the file ADOPT filled */
+	struct inode *adopted; /* restored: the file ADOPT fills (held, so never another's) */
 	unsigned int adopting; /* ADOPT calls at work on it (RELEASE waits) */
 	bool broken; /* restored with folios missing: reads fail with EIO */
 };
@@ -198,6 +198,8 @@ static void free_file(struct shim_file *f, bool unpreserve)
 	}
 	if (f->inode)
 		iput(f->inode);
+	if (f->adopted)
+		iput(f->adopted);
 	kvfree(f->folios);
 	kvfree(f->index);
 	list_del(&f->list);
@@ -818,11 +820,20 @@ static struct shim_file *adopt_begin(struct luo_shim_adopt *a, struct file *file
 	*err = -EBADF;
 	if (!(file->f_mode & FMODE_WRITE))
 		return NULL;
+	/*
+	 * One file only, held until RELEASE: if its filler dies, a new ADOPT
+	 * into another file is refused (the daemon then copies through READ),
+	 * and the folios already placed stay where they are.
+	 */
 	*err = -EBUSY;
-	if (f->adopted && f->adopted != inode->i_mapping)
+	if (f->adopted && f->adopted != inode)
 		return NULL;
+	if (!f->adopted) {
+		f->adopted = igrab(inode);
+		if (!f->adopted)
+			return NULL;
+	}
 	*err = 0;
-	f->adopted = inode->i_mapping;
 	f->adopting++;
 	return f;
 }

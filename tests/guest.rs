@@ -280,6 +280,7 @@ fn luo_kexec_carries_the_sessions_across_a_real_kexec() {
         "bad image: luo: kexec aborted, nothing changed",
         "refused freeze: luo: kexec aborted, nothing changed",
         "stashed 512 of 512 files",
+        "a daemon killed (SIGKILL) while rebuilding the sessions",
     ] {
         assert!(console.contains(line), "no '{line}':\n{console}");
     }

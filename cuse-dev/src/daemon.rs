@@ -49,6 +49,9 @@ const DEVICE_INO: u64 = 2;
 const SLOT_BASE: u64 = 1 << 32;
 const POOL_SIZE: usize = 16;
 
+/// After a kexec: kmod-shim and the stashes rebuilt into memfds.
+type Rebuilt = Option<(crate::shim::Shim, Vec<u64>)>;
+
 /// How often the daemon makes sure its keeper is alive (ms).
 const KEEPER_CHECK_MS: i32 = 1000;
 const TOKEN_FUSE: u64 = 1;
@@ -448,12 +451,22 @@ impl Daemon {
         };
         let bind = !cfg.cuse;
         let mut daemon = Daemon::assemble(cfg, fuse_fd, cuse_fd, kept, &header, bind)?;
-        daemon.adopt_kexec()?;
+        let restored = daemon.adopt_kexec()?;
         let path = daemon.cfg.image();
         setup(
             || format!("write the state journal {}", path.display()),
             daemon.snapshot(),
         )?;
+        // Saved, and every restored memfd is with the keeper: kmod-shim may
+        // let the stashes go. A daemon killed before this point leaves them
+        // all, and the next one restores them again.
+        if let Some((shim, tokens)) = restored {
+            for t in tokens {
+                if let Err(e) = shim.release(t) {
+                    log::warn(format_args!("kmod-shim kept stash {t}: {e}"));
+                }
+            }
+        }
         Ok(daemon)
     }
 
@@ -2118,13 +2131,14 @@ impl Daemon {
 
     /// After a kexec: rebuilds the incoming sessions from what kmod-shim
     /// brought over, if it brought anything.
-    fn adopt_kexec(&mut self) -> std::result::Result<(), DaemonError> {
+    /// Returns the shim and the stashes rebuilt, to let go once saved.
+    fn adopt_kexec(&mut self) -> std::result::Result<Rebuilt, DaemonError> {
         let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) else {
-            return Ok(());
+            return Ok(None);
         };
         match shim.info() {
             Ok(i) if i.state == crate::shim::STATE_RESTORED && i.blob_len > 0 => {}
-            _ => return Ok(()),
+            _ => return Ok(None),
         }
         let refused = |what: String| DaemonError::Setup {
             what,
@@ -2178,7 +2192,13 @@ impl Daemon {
             copied,
             start.elapsed().as_secs_f64() * 1e3
         ));
-        Ok(())
+        let rebuilt = image
+            .files
+            .iter()
+            .filter(|f| !lost.contains(&(f.session, f.token)))
+            .map(|f| f.shim_token)
+            .collect();
+        Ok(Some((shim, rebuilt)))
     }
 
     fn simulate_update(&mut self) -> Response {

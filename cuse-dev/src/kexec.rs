@@ -84,11 +84,17 @@ pub enum Filled {
 /// # Errors
 /// What failed, as a sentence.
 pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
-    restore_memfd_with(shim, f, true).map(|(fd, _)| fd)
+    let (fd, _) = restore_memfd_with(shim, f, true)?;
+    shim.release(f.shim_token)
+        .map_err(|e| format!("release stash {}: {e}", f.shim_token))?;
+    Ok(fd)
 }
 
-/// [`restore_memfd`], saying how the contents came back; `in_place` false
-/// copies even where the shim could fill the file in place.
+/// A fresh memfd with the contents, size, position and seals of a stashed
+/// file, and how the contents came back; `in_place` false copies even where
+/// the shim could fill the file in place. The shim keeps the folios until
+/// [`Shim::release`]: the daemon lets them go only once the new memfd is
+/// saved with the keeper, so a daemon killed before that loses nothing.
 ///
 /// # Errors
 /// What failed, as a sentence.
@@ -106,8 +112,6 @@ pub fn restore_memfd_with(
             return Err(format!("seal: {}", std::io::Error::last_os_error()));
         }
     }
-    shim.release(f.shim_token)
-        .map_err(|e| format!("release stash {}: {e}", f.shim_token))?;
     Ok((fd, filled))
 }
 
@@ -206,7 +210,8 @@ pub struct Restored {
     pub copied: usize,
 }
 
-/// Rebuilds every stashed file.
+/// Rebuilds every stashed file; the stashes stay in the shim (see
+/// [`restore_memfd_with`]).
 pub fn restore_all(
     shim: &Shim,
     files: &[StashedFile],
@@ -215,6 +220,9 @@ pub fn restore_all(
     let mut out = Restored::default();
     let mut bytes = 0;
     for (i, f) in files.iter().enumerate() {
+        if i > 0 {
+            crate::failpoint::pass("restored");
+        }
         match restore_memfd_with(shim, f, true) {
             Ok((fd, filled)) => {
                 match filled {

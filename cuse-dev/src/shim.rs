@@ -620,6 +620,8 @@ pub mod check {
             };
             let t = Instant::now();
             let (fd, filled) = restore_memfd_with(shim, &stashed, true)?;
+            shim.release(m.token)
+                .map_err(|e| format!("release {}: {e}", m.token))?;
             let took = t.elapsed();
             if m.kind == SHMEM && !matches!(filled, Filled::InPlace { moved, .. } if moved > 0) {
                 return Err(format!("token {}: shmem came back {filled:?}", m.token));
@@ -838,6 +840,8 @@ pub mod bench {
             }
             let t = Instant::now();
             let (fd, filled) = restore_memfd_with(shim, &stashed, variant == IN_PLACE)?;
+            shim.release(f.token)
+                .map_err(|e| format!("release {}: {e}", f.token))?;
             let op = match variant {
                 IN_PLACE => format!("RETRIEVE_FD {name}"),
                 COPY => format!("RETRIEVE_FD {name} copy"),

@@ -3,6 +3,16 @@
 # image, a freeze that fails) leave every session and page in place first.
 . /rig/lib.sh
 insmod /rig/luo_shim.ko || fail "insmod luo_shim.ko failed"
+if [ "$RIG_STAGE" = 2 ]; then
+  # A daemon killed while it rebuilds the sessions (after three files): the
+  # stashes stay in kmod-shim until the new memfds are saved, so the next
+  # daemon rebuilds every one (those the first had filled in place by
+  # copying).
+  LUO_CRASH_AT=restored:3 luo daemon --device /dev/liveupdate --state-dir /run/luo --cuse 2>>/tmp/luo.log
+  code=$?
+  [ "$code" = 137 ] || fail "the daemon meant to die while rebuilding exited with $code"
+  say "a daemon killed (SIGKILL) while rebuilding the sessions"
+fi
 start_daemon /dev/liveupdate /run/luo --cuse
 sessions() { luo status --json --state-dir /run/luo | tr ',' '\n' | grep -c '"name"'; }
 if [ "$RIG_STAGE" = 1 ]; then
@@ -48,6 +58,7 @@ if [ "$RIG_STAGE" = 1 ]; then
   fail "luo kexec returned"
 fi
 grep -E "after kexec|restored" /tmp/luo.log
+[ "$(grep -c "after kexec" /tmp/luo.log)" = 1 ] || fail "not exactly one daemon rebuilt the sessions"
 two_stage 2 luo run --
 luo run -- luo demo-vmm --device /dev/liveupdate --stage 2 --size-mib 256 --extra-sessions 0 --backing shmem \
   || fail "the VMM (shmem) did not get its RAM back"
