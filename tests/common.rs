@@ -51,6 +51,9 @@ struct Launch {
     nofile: Option<u64>,
 }
 
+/// `linux/capability.h`: may raise a hard resource limit.
+const CAP_SYS_RESOURCE: libc::c_ulong = 24;
+
 fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)], launch: &Launch) -> Child {
     let mut c = Command::new(LUO);
     c.args(["daemon", "--device"])
@@ -73,10 +76,15 @@ fn spawn_daemon(device: &Path, state: &Path, env: &[(&str, &str)], launch: &Laun
             rlim_cur: n,
             rlim_max: n,
         };
-        // SAFETY: setrlimit is async-signal-safe and lim lives in the closure.
+        // Without CAP_SYS_RESOURCE (as under a service manager that sets
+        // the limit and a capability bounding set) the daemon keeps it.
+        // SAFETY: setrlimit and prctl are async-signal-safe and lim lives in
+        // the closure.
         unsafe {
             c.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0
+                    || libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -461,3 +461,137 @@ fn a_client_with_no_fd_to_spare_gets_emfile_and_loses_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("1 passed"), "{text}");
 }
+
+/// Files per session of the fd probes.
+const FILES_PER_SESSION: u64 = 10;
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_daemon_out_of_fds_refuses_files_and_loses_nothing"]
+fn probe_fill_fds() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let mut held = Vec::new();
+    let mut token = 0;
+    let refused = 'fill: loop {
+        assert!(token < 100_000, "{token} files taken: never refused");
+        let name = format!("fds-{}", held.len());
+        let s = create(dev.as_raw_fd(), &name).expect("CREATE_SESSION before the refusal");
+        for _ in 0..FILES_PER_SESSION {
+            let m = memfd(token);
+            match client::preserve(s.as_raw_fd(), m.as_raw_fd(), token) {
+                Ok(()) => token += 1,
+                Err(e) => {
+                    held.push(s);
+                    break 'fill e;
+                }
+            }
+        }
+        held.push(s);
+    };
+    assert_eq!(refused, libc::ENOSPC, "refused with errno {refused}");
+    let last = held.last().unwrap().as_raw_fd();
+    for i in 0..RETRIES {
+        let m = memfd(i);
+        assert_eq!(
+            client::preserve(last, m.as_raw_fd(), 1_000_000 + i),
+            Err(libc::ENOSPC),
+            "retry {i} against a daemon out of fds"
+        );
+    }
+    // A session holds no fd of the daemon's: sessions still come and go.
+    let extra = create(dev.as_raw_fd(), "no-files").expect("CREATE_SESSION after the refusal");
+    assert_eq!(client::get_name(extra.as_raw_fd()).unwrap(), "no-files");
+    drop(extra);
+    println!("ACKED {token}");
+    drop(dev);
+    client::hold_until_update(held);
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by a_daemon_out_of_fds_refuses_files_and_loses_nothing"]
+fn probe_check_fds() {
+    let Some(path) = probe_device() else { return };
+    let dev = open_device(&path);
+    let acked: u64 = std::env::var("LUO_ACKED").unwrap().parse().unwrap();
+    for token in (0..acked).step_by(FILES_PER_SESSION as usize) {
+        let name = format!("fds-{}", token / FILES_PER_SESSION);
+        let s = client::retrieve(dev.as_raw_fd(), &name).unwrap_or_else(|e| {
+            panic!("RETRIEVE_SESSION {name}: errno {e}");
+        });
+        for t in token..(token + FILES_PER_SESSION).min(acked) {
+            let m = client::retrieve_fd(s.as_raw_fd(), t).expect("RETRIEVE_FD");
+            let mut back = [0u8; 9];
+            // SAFETY: reads into a live buffer.
+            let n = unsafe { libc::pread(m.as_raw_fd(), back.as_mut_ptr().cast(), 9, 0) };
+            assert_eq!(
+                (n, &back[..8]),
+                (8, &t.to_le_bytes()[..]),
+                "{name} token {t}"
+            );
+        }
+        // Every file retrieved: FINISH, then the session goes with its fd.
+        let mut finish = [8, 0, 0, 0, 0, 0, 0, 0];
+        ioctl(s.as_raw_fd(), 0xBA42, &mut finish).expect("FINISH");
+    }
+    // The daemon has fds to spare again.
+    let s = session_with_file(&dev, "after-room", 7).expect("a file once there is room");
+    drop(s);
+}
+
+#[test]
+fn a_daemon_out_of_fds_refuses_files_and_loses_nothing() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    const LIMIT: u64 = 1200;
+    let mut daemon = Daemon::start_with_fd_limit(Some(LIMIT), &[]);
+    assert_eq!(daemon.fd_limit(), LIMIT, "the daemon raised its fd limit");
+    let mut probe = daemon
+        .probe_command("probe_fill_fds")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(probe.stdout.take().unwrap()).lines();
+    let acked: u64 = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("ACKED ").nth(1).map(|n| n.trim().parse().unwrap()))
+        .expect("the probe reports what was acknowledged");
+    // Out of fds for files, the daemon still answers everything else.
+    assert!(
+        daemon.status_ok(),
+        "luo status while the daemon is short of fds"
+    );
+    let out = daemon.update();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(probe.wait().unwrap().success(), "the fill probe failed");
+    assert!(
+        acked > 100,
+        "only {acked} files before the daemon ran short"
+    );
+    eprintln!("{acked} files preserved under an fd limit of {LIMIT}, then ENOSPC");
+    let log = daemon.log();
+    let line = format!("left of the daemon's RLIMIT_NOFILE of {LIMIT}");
+    assert!(log.contains(&line), "no {line:?} in:\n{log}");
+
+    // Everything acknowledged survives a SIGKILL, and comes back whole: the
+    // daemon kept room for every file to be retrieved.
+    daemon.restart_after(libc::SIGKILL);
+    let out = daemon
+        .probe_command("probe_check_fds")
+        .env("LUO_ACKED", acked.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

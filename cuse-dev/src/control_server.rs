@@ -86,6 +86,8 @@ pub struct ControlServer {
     policy: Policy,
     conns: HashMap<u64, Conn>,
     next_token: u64,
+    /// An fd held back for a daemon out of fds (see [`ControlServer::shed`]).
+    spare: Option<OwnedFd>,
 }
 
 /// What became of a connection after an event.
@@ -109,6 +111,7 @@ impl ControlServer {
             policy,
             conns: HashMap::new(),
             next_token: first_token,
+            spare: spare_fd(),
         })
     }
 
@@ -125,7 +128,17 @@ impl ControlServer {
     /// Accepts every pending connection; refuses peers the policy does not
     /// know, and any beyond [`MAX_CONNECTIONS`].
     pub fn accept(&mut self, epoll: &sys::Epoll) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if !self.shed() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            };
             if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -147,6 +160,24 @@ impl ControlServer {
             };
             self.conns.insert(token, conn);
         }
+    }
+
+    /// Out of fds with a connection pending, which would wake the event loop
+    /// again at once, forever: takes it with the spare fd and closes it (the
+    /// peer sees the connection end and may try again). False if there was
+    /// no spare.
+    fn shed(&mut self) -> bool {
+        if self.spare.take().is_none() {
+            return false;
+        }
+        let shed = self.listener.accept().is_ok();
+        self.spare = spare_fd();
+        if shed {
+            crate::log::warn(format_args!(
+                "out of fds: a control connection was closed unanswered"
+            ));
+        }
+        shed
     }
 
     /// Serves an event on connection `token`: reads what arrived, or sends
@@ -330,4 +361,9 @@ impl Conn {
         }
         Ok(true)
     }
+}
+
+/// An fd to give up when the daemon has no other (`/dev/null`).
+fn spare_fd() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
 }

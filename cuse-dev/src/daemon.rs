@@ -291,6 +291,10 @@ pub struct Daemon {
     trees: BTreeMap<u64, TreeRoot>,
     /// The fds owners other than root may make the daemon hold.
     fds: FdBudget,
+    /// Preserving is refused: the files could take the daemon's own fds.
+    fds_short: bool,
+    /// Session files the opener sent that the daemon had no fd for.
+    lost_slots: usize,
     next_listener: u64,
     created_device: bool,
     /// The CUSE device's number, once it exists.
@@ -637,6 +641,8 @@ impl Daemon {
             listeners: HashMap::new(),
             trees: image.trees.clone(),
             fds: FdBudget::current(),
+            fds_short: false,
+            lost_slots: 0,
             next_listener: image.next_listener,
             workload,
             created_device: image.created_device,
@@ -971,7 +977,9 @@ impl Daemon {
                     self.open_control()?;
                 }
                 (n, Some(fd)) => self.pool.push_back((SLOT_BASE + n, fd)),
-                (_, None) => {}
+                // The daemon had no fd for it (the kernel closed it): its
+                // credit is granted again when a session file is needed.
+                (_, None) => self.lost_slots += 1,
             }
         }
     }
@@ -1008,6 +1016,7 @@ impl Daemon {
         )?;
         self.opener = opener;
         self.opener_tid = tid;
+        self.lost_slots = 0;
         for _ in self.pool.len()..POOL_SIZE {
             grant_credit(self.opener.as_fd());
         }
@@ -1596,7 +1605,7 @@ impl Daemon {
         let result = match self.try_preserve(sid, (fd, token), caller) {
             // A queued RELEASE may give back files that hold the owner at
             // its limit.
-            Err(Errno::ENOSPC) if self.store.refusal().is_some() => {
+            Err(Errno::ENOSPC) if self.store.refusal().is_some() || self.fds_short => {
                 self.settle_releases();
                 self.try_preserve(sid, (fd, token), caller)
             }
@@ -1614,6 +1623,9 @@ impl Daemon {
     ) -> Result<()> {
         let counted =
             self.store.held_fds() + self.listeners.len() + self.pool.len() + self.spare.len();
+        // The limit may have been changed since the start (prlimit).
+        self.fds = FdBudget::current();
+        self.daemon_fd_room(counted)?;
         self.store.set_fd_room(Some(self.fds.room(counted)));
         let fs_dev = self.fs_dev;
         self.store
@@ -1622,6 +1634,37 @@ impl Daemon {
                 Err(Errno::EMFILE | Errno::ENFILE) => Err(Errno::ENOSPC),
                 got => got.and_then(|f| Daemon::foreign(fs_dev, f, takes, caller)),
             })
+    }
+
+    /// Refuses a file (ENOSPC) once the files preserved, each of which may
+    /// come to hold two fds (carried across an update, then retrieved),
+    /// could take the fds the daemon keeps for its own work: root is not
+    /// limited by owners' budgets, but the daemon never lets itself run out
+    /// of fds. Logs once when that begins and once when it ends.
+    fn daemon_fd_room(&mut self, counted: usize) -> Result<()> {
+        let room = self.fds.room_for_all(counted);
+        let need = self.store.fds_to_come() + 2;
+        let short = need > room;
+        if short != self.fds_short {
+            self.fds_short = short;
+            if short {
+                log::warn(format_args!(
+                    "the preserved files may come to need {need} more fds and only {room} are \
+                     left of the daemon's RLIMIT_NOFILE of {} ({} kept for its own work): \
+                     SESSION_PRESERVE_FD fails with ENOSPC until files are released or the \
+                     limit is raised",
+                    self.fds.limit,
+                    owners::DAEMON_RESERVE
+                ));
+            } else {
+                log::info(format_args!("the daemon has fds to spare again"));
+            }
+        }
+        if short {
+            Err(Errno::ENOSPC)
+        } else {
+            Ok(())
+        }
     }
 
     /// Refuses our own device and session files as files to preserve (no
@@ -1651,10 +1694,21 @@ impl Daemon {
         if let Some(s) = self.spare.pop() {
             return Ok(s);
         }
+        let mut asked_again = false;
         loop {
             if let Some(slot) = self.pool.pop_front() {
                 grant_credit(self.opener.as_fd());
                 return Ok(slot);
+            }
+            if self.lost_slots > 0 {
+                // Once per call: a daemon still out of fds fails the call
+                // rather than spin with the opener.
+                if asked_again {
+                    return Err(Errno::EMFILE);
+                }
+                self.lost_slots -= 1;
+                grant_credit(self.opener.as_fd());
+                asked_again = true;
             }
             self.wait_for_opener()?;
         }
@@ -2048,6 +2102,7 @@ impl Daemon {
                     )
                 })?;
                 self.stashed.push(shim_token);
+                crate::failpoint::pass("stashed");
                 let (pos, seals) = crate::kexec::position_and_seals(fd);
                 bytes += st.size;
                 files.push(crate::kexec::StashedFile {

@@ -2,8 +2,10 @@
 //! environment the daemon kills itself with SIGKILL the N-th time it passes
 //! `POINT`, so that a test can stop it at a moment a random kill rarely hits.
 //!
-//! Points: `received` (a trapped call received, nothing saved yet) and
-//! `decided` (its outcome saved, the reply not yet sent).
+//! Points: `received` (a trapped call received, nothing saved yet),
+//! `decided` (its outcome saved, the reply not yet sent), `stashed` (a file
+//! stashed in kmod-shim while preparing a kexec) and `restored` (a file
+//! rebuilt from its stash after one).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 /// counts (FUSE, epoll, signals, sockets, the journal, stdio).
 const OWN_FDS: usize = 64;
 
+/// Fds no owner, root included, may make the daemon hold: what it needs for
+/// its own work once everything else is taken (control connections, pidfds
+/// of callers, new `luo run` listeners, session files to hand out).
+pub const DAEMON_RESERVE: usize = 64;
+
 /// Below this many fds from the ceiling the open fds are counted, not
 /// estimated.
 const NEAR: usize = 256;
@@ -136,18 +141,25 @@ impl FdBudget {
     /// fds it counts as open (`counted`, which misses only its own few):
     /// an estimate far from the ceiling, counted in `/proc/self/fd` near it.
     pub fn room(&self, counted: usize) -> usize {
-        self.room_with(counted, open_fds)
+        room_under(self.ceiling, counted, open_fds)
     }
 
-    fn room_with(&self, counted: usize, count: impl FnOnce() -> Option<usize>) -> usize {
-        let estimate = counted + OWN_FDS;
-        let open = if estimate + NEAR < self.ceiling {
-            estimate
-        } else {
-            count().unwrap_or(estimate)
-        };
-        self.ceiling.saturating_sub(open)
+    /// Fds the daemon may still open for the files of any owner, root
+    /// included: all but [`DAEMON_RESERVE`] of its limit.
+    pub fn room_for_all(&self, counted: usize) -> usize {
+        room_under(self.limit.saturating_sub(DAEMON_RESERVE), counted, open_fds)
     }
+}
+
+/// Fds left below `cap` given `counted` open ones (see [`FdBudget::room`]).
+fn room_under(cap: usize, counted: usize, count: impl FnOnce() -> Option<usize>) -> usize {
+    let estimate = counted + OWN_FDS;
+    let open = if estimate + NEAR < cap {
+        estimate
+    } else {
+        count().unwrap_or(estimate)
+    };
+    cap.saturating_sub(open)
 }
 
 /// The daemon's open fds.
@@ -225,11 +237,13 @@ mod tests {
         assert_eq!(FdBudget::new(512).ceiling, 0);
         // Far from the ceiling the estimate serves; near it the fds are counted.
         let far = FdBudget::new(1 << 20);
-        let room = far.room_with(1000, || panic!("counted far from the ceiling"));
+        let room = room_under(far.ceiling, 1000, || panic!("counted far from the ceiling"));
         assert_eq!(room, far.ceiling - 1000 - OWN_FDS);
         let near = FdBudget::new(2048);
-        assert_eq!(near.room_with(800, || Some(1000)), 1024 - 1000);
-        assert_eq!(near.room_with(800, || Some(5000)), 0);
+        assert_eq!(room_under(near.ceiling, 800, || Some(1000)), 1024 - 1000);
+        assert_eq!(room_under(near.ceiling, 800, || Some(5000)), 0);
+        // Every owner's files may use all but the daemon's own reserve.
+        assert_eq!(room_under(2048 - DAEMON_RESERVE, 800, || Some(1000)), 984);
         assert!(open_fds().unwrap() >= 3, "stdio at least");
     }
 }

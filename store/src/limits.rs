@@ -239,8 +239,8 @@ pub(crate) struct Usage {
     by_tree: HashMap<u64, Count>,
     /// Everything owners other than root hold.
     limited: Count,
-    /// Fds the store holds, for every owner.
-    held_fds: usize,
+    /// Everything every owner holds.
+    all: Count,
 }
 
 /// Whether an owner is held to limits (not root, and known).
@@ -251,7 +251,7 @@ fn limited(owner: Option<&Owner>) -> Option<&Owner> {
 impl Usage {
     /// Charges `c` to `owner`.
     pub(crate) fn add(&mut self, owner: Option<&Owner>, c: Count) {
-        self.held_fds += c.fds;
+        self.all.add(c);
         let Some(owner) = limited(owner) else { return };
         self.limited.add(c);
         self.by_uid.entry(owner.uid).or_default().add(c);
@@ -262,7 +262,7 @@ impl Usage {
 
     /// Gives `c` back to `owner`.
     pub(crate) fn sub(&mut self, owner: Option<&Owner>, c: Count) {
-        self.held_fds = self.held_fds.saturating_sub(c.fds);
+        self.all.sub(c);
         let Some(owner) = limited(owner) else { return };
         self.limited.sub(c);
         sub_entry(&mut self.by_uid, owner.uid, c);
@@ -283,7 +283,13 @@ impl Usage {
 
     /// Fds the store holds.
     pub(crate) fn held_fds(&self) -> usize {
-        self.held_fds
+        self.all.fds
+    }
+
+    /// Fds the files of every owner may still come to hold (see
+    /// [`Usage::fds_to_come`]).
+    pub(crate) fn all_fds_to_come(&self) -> usize {
+        (2 * self.all.files).saturating_sub(self.all.fds)
     }
 
     /// Whether `owner` may add one of `resource`; `fd_room` is how many

@@ -573,6 +573,13 @@ impl Store {
         self.usage.held_fds()
     }
 
+    /// The fds the store may still come to hold for the files it has: each
+    /// preserved file at most two (carried across an update, and retrieved),
+    /// minus those it holds now.
+    pub fn fds_to_come(&self) -> usize {
+        self.usage.all_fds_to_come()
+    }
+
     /// What the sessions of a uid hold (root and unknown owners: nothing).
     pub fn charged_to_uid(&self, uid: u32) -> Count {
         self.usage.uid(uid)

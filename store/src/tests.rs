@@ -1021,9 +1021,11 @@ fn what_an_owner_holds_follows_release_update_retrieve_finish_and_reload() {
     assert_eq!(f.store.session(s).unwrap().owner, owner(1000, 7));
     assert_eq!(held(&f), count(1, 2, 2));
     let inc = f.store.retrieve_session(&name("s")).unwrap();
+    assert_eq!(f.store.fds_to_come(), 2, "two files, each may be retrieved");
     f.store.retrieve_fd(inc, 1).unwrap();
     f.store.retrieve_fd(inc, 1).unwrap();
     assert_eq!(held(&f), count(1, 2, 3));
+    assert_eq!(f.store.fds_to_come(), 1, "one file not retrieved yet");
 
     // A reloaded store has the owners and counts them again.
     let (image, fds) = f.store.to_image();
