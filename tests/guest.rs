@@ -68,11 +68,12 @@ fn release_luo() -> PathBuf {
 /// guest's console (None if this machine cannot); panics with the console if
 /// the scenario does not pass.
 fn boot(scenario: &str, args: &[&str]) -> Option<String> {
-    boot_with(scenario, "3G", args)
+    boot_with(scenario, "3G", BOOT_TIMEOUT_S, args)
 }
 
-/// [`boot`] in a guest of `mem` memory (QEMU's `-m`).
-fn boot_with(scenario: &str, mem: &str, args: &[&str]) -> Option<String> {
+/// [`boot`] in a guest of `mem` memory (QEMU's `-m`), killed after
+/// `timeout_s` seconds.
+fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option<String> {
     if let Some(reason) = skip_reason() {
         eprintln!("SKIPPED: {reason}");
         return None;
@@ -102,7 +103,7 @@ fn boot_with(scenario: &str, mem: &str, args: &[&str]) -> Option<String> {
         ],
     );
     let _ = std::fs::remove_dir_all(&shim_dir);
-    let timeout = BOOT_TIMEOUT_S.to_string();
+    let timeout = timeout_s.to_string();
     let mut argv = vec![
         kernel.as_str(),
         initramfs.to_str().unwrap(),
@@ -326,7 +327,7 @@ fn in_kernel_luo_and_kmod_shim_share_one_kexec() {
 #[test]
 fn kmod_shim_keeps_folios_out_of_kho_scratch_under_pressure() {
     let args = ["kho=on", "liveupdate=on", "kho_scratch=64M,2G,0"];
-    let Some(console) = boot_with("scratch", "6G", &args) else {
+    let Some(console) = boot_with("scratch", "6G", BOOT_TIMEOUT_S, &args) else {
         return;
     };
     assert!(
@@ -346,5 +347,13 @@ fn in_kernel_luo_passes_the_selftests_across_a_real_kexec() {
 
 #[test]
 fn the_cuse_device_passes_the_selftests() {
-    boot("cuse", &["liveupdate=off"]);
+    // LUO_RIG_REPEAT=N runs the liveupdate selftest N times in the one boot
+    // (a minute more for each run).
+    let repeat: u32 = std::env::var("LUO_RIG_REPEAT")
+        .ok()
+        .map(|v| v.parse().expect("LUO_RIG_REPEAT is a number of runs"))
+        .unwrap_or(1);
+    let arg = format!("rig.repeat={repeat}");
+    let timeout = BOOT_TIMEOUT_S + 60 * repeat;
+    boot_with("cuse", "3G", timeout, &["liveupdate=off", &arg]);
 }

@@ -47,6 +47,10 @@ pub struct FileStatus {
     pub handler: String,
     /// Incoming: retrieved already.
     pub retrieved: bool,
+    /// Incoming after a kexec: still in its kmod-shim stash, waiting for
+    /// free huge pages to be rebuilt (why, as a sentence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// A session in a status report.

@@ -295,6 +295,9 @@ pub struct Daemon {
     fds_short: bool,
     /// Session files the opener sent that the daemon had no fd for.
     lost_slots: usize,
+    /// Files of incoming sessions left in their kmod-shim stash after a
+    /// kexec until there are huge pages for them.
+    waiting: Vec<crate::kexec::StashedFile>,
     next_listener: u64,
     created_device: bool,
     /// The CUSE device's number, once it exists.
@@ -643,6 +646,7 @@ impl Daemon {
             fds: FdBudget::current(),
             fds_short: false,
             lost_slots: 0,
+            waiting: image.waiting.clone(),
             next_listener: image.next_listener,
             workload,
             created_device: image.created_device,
@@ -675,6 +679,7 @@ impl Daemon {
     /// the next `luo daemon` resumes from the last saved state and serves
     /// the unanswered requests again.
     fn commit(&mut self) {
+        let gone = self.take_gone_waiting();
         let changes = self.store.take_changes();
         if !self.dirty && changes.is_empty() {
             return;
@@ -701,7 +706,10 @@ impl Daemon {
             Err(_) => self.replace_keeper(),
         });
         match result {
-            Ok(()) => self.dirty = false,
+            Ok(()) => {
+                self.dirty = false;
+                release_stashes(&gone);
+            }
             Err(e) => {
                 log::error(format_args!(
                     "saving the state to {} failed: {e}; exiting without answering, so that \
@@ -802,6 +810,7 @@ impl Daemon {
             next_listener: self.next_listener,
             created_device: self.created_device,
             trees: self.trees.clone(),
+            waiting: self.waiting.clone(),
         }
     }
 
@@ -1363,6 +1372,17 @@ impl Daemon {
                 .session(sid)
                 .map(|s| s.name.to_string())
                 .unwrap_or_default();
+            if let Some(w) = self.waiting.iter().find(|w| w.session == sid.0) {
+                // Closing would finish it and drop the file still in its
+                // stash: kept, to be retrieved again (SESSION_FINISH drops it).
+                log::warn(format_args!(
+                    "session {name} was closed while token {:#x} waits in its kmod-shim stash: \
+                     kept for RETRIEVE_SESSION, not finished",
+                    w.token
+                ));
+                self.store.unretrieve_session(sid);
+                return;
+            }
             if let Err(e) = self.store.release_session(sid) {
                 log::warn(format_args!("session {name} could not finish on close ({e}); it stays until the next update"));
             }
@@ -1591,6 +1611,7 @@ impl Daemon {
     ) -> Result<()> {
         let mut a: uapi::FdArgs = d.get();
         caller.write(arg, &d.buf[..d.respond_len()])?;
+        self.rebuild_waiting(sid, a.token)?;
         let file = self.store.retrieve_fd(sid, a.token)?;
         if !caller.can_install() {
             return Err(refuse(caller, "SESSION_RETRIEVE_FD"));
@@ -2157,6 +2178,82 @@ impl Daemon {
         }
     }
 
+    /// The stash of an incoming file that waits for huge pages, if it does.
+    fn waiting_for(&self, sid: SessionId, token: u64) -> Option<&crate::kexec::StashedFile> {
+        self.waiting
+            .iter()
+            .find(|f| f.session == sid.0 && f.token == token)
+    }
+
+    /// Rebuilds a file that waits in its stash for huge pages, before its
+    /// first retrieve: ENOMEM while the pool is still short (nothing
+    /// changes; the next retrieve tries again). Once rebuilt the new memfd
+    /// is saved with the keeper before kmod-shim lets the stash go.
+    fn rebuild_waiting(&mut self, sid: SessionId, token: u64) -> Result<()> {
+        let Some(f) = self.waiting_for(sid, token).cloned() else {
+            return Ok(());
+        };
+        let shim = crate::shim::Shim::open(Path::new(crate::shim::DEVICE)).map_err(|e| {
+            log::warn(format_args!(
+                "session {} token {token:#x} waits in kmod-shim, which cannot be opened: {e}",
+                sid.0
+            ));
+            Errno::EIO
+        })?;
+        let fd = match crate::kexec::restore_memfd_with(&shim, &f, true) {
+            Ok((fd, _)) => fd,
+            Err(crate::kexec::RestoreError::NoHugePages(why)) => {
+                log::warn(format_args!(
+                    "session {} token {token:#x} stays in its kmod-shim stash: {why}; ENOMEM",
+                    sid.0
+                ));
+                return Err(Errno::ENOMEM);
+            }
+            Err(crate::kexec::RestoreError::Failed(why)) => {
+                log::warn(format_args!(
+                    "session {} token {token:#x} could not be rebuilt from its stash ({why}); EIO",
+                    sid.0
+                ));
+                return Err(Errno::EIO);
+            }
+        };
+        self.store.carry(sid, token, fd)?;
+        self.waiting.retain(|w| w.shim_token != f.shim_token);
+        self.dirty = true;
+        self.commit();
+        if let Err(e) = shim.release(f.shim_token) {
+            log::warn(format_args!("kmod-shim kept stash {}: {e}", f.shim_token));
+        }
+        log::info(format_args!(
+            "session {} token {token:#x} rebuilt from its stash ({} MiB)",
+            sid.0,
+            f.size >> 20
+        ));
+        Ok(())
+    }
+
+    /// Takes the waiting files that are gone (finished or released
+    /// unretrieved, as the kernel drops them) off the list; their stashes go
+    /// once that is saved (see [`Daemon::commit`]).
+    fn take_gone_waiting(&mut self) -> Vec<u64> {
+        if self.waiting.is_empty() {
+            return Vec::new();
+        }
+        let store = &self.store;
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|f| {
+                store
+                    .session(SessionId(f.session))
+                    .is_none_or(|s| !s.files.iter().any(|x| x.token == f.token))
+            });
+        self.waiting = kept;
+        if !gone.is_empty() {
+            self.dirty = true;
+        }
+        gone.into_iter().map(|f| f.shim_token).collect()
+    }
+
     /// A daemon killed while preparing a kexec may have left stashes (and a
     /// publication) in kmod-shim that nobody will use: withdrawn, so that
     /// the next kexec starts clean and the module can be unloaded.
@@ -2230,9 +2327,18 @@ impl Daemon {
                 "session {session} token {token:#x} did not come back ({why}); retrieving it fails with EIO"
             ));
         }
+        for (f, why) in &restored.waiting {
+            log::warn(format_args!(
+                "session {} token {:#x} stays in its kmod-shim stash: {why}; retrieving it fails \
+                 with ENOMEM until then, and rebuilds it once there are",
+                f.session, f.token
+            ));
+        }
         let lost: Vec<(u64, u64)> = restored.lost.iter().map(|(k, _)| *k).collect();
+        self.waiting = restored.waiting.into_iter().map(|(f, _)| f).collect();
+        let waiting: Vec<(u64, u64)> = self.waiting.iter().map(|f| (f.session, f.token)).collect();
         let (in_place, copied) = (restored.in_place, restored.copied);
-        let incoming = crate::kexec::incoming_image(image.store, &lost);
+        let incoming = crate::kexec::incoming_image(image.store, &lost, &waiting);
         self.store
             .load_image(&incoming, &mut |key| restored.fds.remove(key))
             .map_err(|e| refused(format!("rebuild the incoming sessions: {e}")))?;
@@ -2250,7 +2356,10 @@ impl Daemon {
         let rebuilt = image
             .files
             .iter()
-            .filter(|f| !lost.contains(&(f.session, f.token)))
+            .filter(|f| {
+                let key = (f.session, f.token);
+                !lost.contains(&key) && !waiting.contains(&key)
+            })
             .map(|f| f.shim_token)
             .collect();
         Ok(Some((shim, rebuilt)))
@@ -2301,6 +2410,10 @@ impl Daemon {
                         token: f.token,
                         handler: self.store.handler_compatible(f.handler).into(),
                         retrieved: f.retrieve_status == luo_store::RetrieveStatus::Retrieved,
+                        waiting: self.waiting_for(s.id, f.token).map(|w| {
+                            let need = crate::kexec::huge_pages_for(w.size);
+                            format!("in its kmod-shim stash until {need} 2 MiB huge pages are free")
+                        }),
                     })
                     .collect(),
             })
@@ -2398,6 +2511,18 @@ fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Wo
 }
 
 /// Delivers the outcome of a trapped call.
+/// Lets kmod-shim drop these stashes (files no session holds any more).
+fn release_stashes(tokens: &[u64]) {
+    if tokens.is_empty() {
+        return;
+    }
+    if let Ok(shim) = crate::shim::Shim::open(Path::new(crate::shim::DEVICE)) {
+        for t in tokens {
+            let _ = shim.release(*t);
+        }
+    }
+}
+
 fn reply(listener: &Listener, id: u64, outcome: persist::Outcome) {
     match outcome {
         persist::Outcome::Continue => listener.continue_syscall(id),

@@ -158,13 +158,10 @@ pub fn kexec_blob(data: &[u8]) {
         serde_json::to_value(&again).ok(),
         "round trip"
     );
-    let lost: Vec<(u64, u64)> = image
-        .files
-        .iter()
-        .map(|f| (f.session, f.token))
-        .take(1)
-        .collect();
-    let _ = crate::kexec::incoming_image(image.store, &lost);
+    let mut keys = image.files.iter().map(|f| (f.session, f.token));
+    let lost: Vec<(u64, u64)> = keys.by_ref().take(1).collect();
+    let waiting: Vec<(u64, u64)> = keys.take(1).collect();
+    let _ = crate::kexec::incoming_image(image.store, &lost, &waiting);
 }
 
 /// One fuzz target.

@@ -90,6 +90,44 @@ pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// Why a stashed file could not be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreError {
+    /// A hugetlb file and too few free huge pages for it: the stash is
+    /// whole and can be rebuilt once the pool has them.
+    NoHugePages(String),
+    /// Anything else.
+    Failed(String),
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreError::NoHugePages(why) | RestoreError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<RestoreError> for String {
+    fn from(e: RestoreError) -> String {
+        e.to_string()
+    }
+}
+
+/// Free 2 MiB huge pages (`/sys/kernel/mm/hugepages`), if known.
+pub fn free_huge_pages() -> Option<u64> {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The 2 MiB huge pages a hugetlb file of `size` bytes takes.
+pub fn huge_pages_for(size: u64) -> u64 {
+    size.div_ceil(2 << 20)
+}
+
 /// A fresh memfd with the contents, size, position and seals of a stashed
 /// file, and how the contents came back; `in_place` false copies even where
 /// the shim could fill the file in place. The shim keeps the folios until
@@ -97,28 +135,55 @@ pub fn restore_memfd(shim: &Shim, f: &StashedFile) -> Result<OwnedFd, String> {
 /// saved with the keeper, so a daemon killed before that loses nothing.
 ///
 /// # Errors
-/// What failed, as a sentence.
+/// [`RestoreError::NoHugePages`] for a hugetlb file the pool has no room for
+/// (checked first, and when mapping the new file fails for want of pages);
+/// otherwise what failed, as a sentence.
 pub fn restore_memfd_with(
     shim: &Shim,
     f: &StashedFile,
     in_place: bool,
-) -> Result<(OwnedFd, Filled), String> {
-    let fd = memfd_of_kind("luo-restored", f.kind, f.size)?;
-    let filled = fill(shim, f, &fd, in_place)?;
+) -> Result<(OwnedFd, Filled), RestoreError> {
+    let hugetlb = f.kind == crate::shim::HUGETLB;
+    let need = huge_pages_for(f.size);
+    if hugetlb {
+        if let Some(free) = free_huge_pages().filter(|free| *free < need) {
+            return Err(short_of_huge_pages(need, free));
+        }
+    }
+    let fd = memfd_of_kind("luo-restored", f.kind, f.size).map_err(RestoreError::Failed)?;
+    let filled = fill(shim, f, &fd, in_place).map_err(|e| match e {
+        Fill::NoMemory(_) if hugetlb => {
+            short_of_huge_pages(need, free_huge_pages().unwrap_or_default())
+        }
+        Fill::NoMemory(why) | Fill::Failed(why) => RestoreError::Failed(why),
+    })?;
     // SAFETY: plain syscalls on our fd.
     unsafe {
         libc::lseek(fd.as_raw_fd(), f.pos as i64, libc::SEEK_SET);
         if f.seals != 0 && libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, f.seals) != 0 {
-            return Err(format!("seal: {}", std::io::Error::last_os_error()));
+            let why = format!("seal: {}", std::io::Error::last_os_error());
+            return Err(RestoreError::Failed(why));
         }
     }
     Ok((fd, filled))
 }
 
+fn short_of_huge_pages(need: u64, free: u64) -> RestoreError {
+    RestoreError::NoHugePages(format!(
+        "it needs {need} free 2 MiB huge pages and {free} are free (raise vm.nr_hugepages)"
+    ))
+}
+
+/// Why a fill failed: for want of memory, or otherwise.
+enum Fill {
+    NoMemory(String),
+    Failed(String),
+}
+
 /// Fills `fd` from the stash: shmem in place, the rest (or when the module
 /// refuses) by copying. A refused or interrupted in-place fill leaves every
 /// folio readable, and the copy writes every byte of the same file.
-fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd, in_place: bool) -> Result<Filled, String> {
+fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd, in_place: bool) -> Result<Filled, Fill> {
     if f.size == 0 {
         return Ok(Filled::Empty);
     }
@@ -163,14 +228,18 @@ fn adopt_on_every_cpu(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<Fill
 }
 
 /// Reads the stash into a shared mapping of `fd`.
-fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), String> {
-    let map = Mapping::new(fd.as_raw_fd(), f.size as usize).map_err(|e| e.to_string())?;
+fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), Fill> {
+    let map =
+        Mapping::new(fd.as_raw_fd(), f.size as usize).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOMEM | libc::ENOSPC) => Fill::NoMemory(e.to_string()),
+            _ => Fill::Failed(e.to_string()),
+        })?;
     // SAFETY: the mapping is ours alone until it is dropped below.
     let bytes = unsafe { map.bytes() };
     for start in (0..bytes.len()).step_by(4 << 20) {
         let end = (start + (4 << 20)).min(bytes.len());
         shim.read(f.shim_token, start as u64, &mut bytes[start..end])
-            .map_err(|e| format!("read stash {}: {e}", f.shim_token))?;
+            .map_err(|e| Fill::Failed(format!("read stash {}: {e}", f.shim_token)))?;
     }
     Ok(())
 }
@@ -179,8 +248,14 @@ fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), String> {
 /// kexec become incoming (those that were incoming are dropped, as a kexec
 /// drops them), each file carried by the memfd rebuilt for it; a new epoch.
 /// A file in `lost` could not be rebuilt: its retrieve fails with EIO, as a
-/// failed retrieve does, and the rest of its session is unaffected.
-pub fn incoming_image(mut image: StoreImage, lost: &[(u64, u64)]) -> StoreImage {
+/// failed retrieve does, and the rest of its session is unaffected. A file
+/// in `waiting` comes without a carried fd, to be given one when it is
+/// rebuilt (see [`Restored::waiting`]).
+pub fn incoming_image(
+    mut image: StoreImage,
+    lost: &[(u64, u64)],
+    waiting: &[(u64, u64)],
+) -> StoreImage {
     image.epoch += 1;
     image.sessions.retain(|s| !s.incoming);
     for s in &mut image.sessions {
@@ -189,7 +264,7 @@ pub fn incoming_image(mut image: StoreImage, lost: &[(u64, u64)]) -> StoreImage 
         for f in &mut s.files {
             let gone = lost.contains(&(s.id, f.token));
             f.has_file = false;
-            f.has_carried = !gone;
+            f.has_carried = !gone && !waiting.contains(&(s.id, f.token));
             f.retrieve_status = if gone { -libc::EIO } else { 0 };
         }
     }
@@ -204,6 +279,8 @@ pub struct Restored {
     pub fds: HashMap<String, OwnedFd>,
     /// (session, token) of the files that could not be rebuilt, and why.
     pub lost: Vec<((u64, u64), String)>,
+    /// hugetlb files left in their stash until the pool has room, and why.
+    pub waiting: Vec<(StashedFile, String)>,
     /// Files whose folios went into their new memfd as they were.
     pub in_place: usize,
     /// Files whose contents were copied.
@@ -211,7 +288,8 @@ pub struct Restored {
 }
 
 /// Rebuilds every stashed file; the stashes stay in the shim (see
-/// [`restore_memfd_with`]).
+/// [`restore_memfd_with`]). A hugetlb file the huge-page pool has no room
+/// for waits in its stash (see [`Restored::waiting`]).
 pub fn restore_all(
     shim: &Shim,
     files: &[StashedFile],
@@ -233,7 +311,8 @@ pub fn restore_all(
                 out.fds
                     .insert(FileImage::carried_key(f.session, f.token), fd);
             }
-            Err(e) => out.lost.push(((f.session, f.token), e)),
+            Err(RestoreError::NoHugePages(why)) => out.waiting.push((f.clone(), why)),
+            Err(RestoreError::Failed(why)) => out.lost.push(((f.session, f.token), why)),
         }
         bytes += f.size;
         progress(i + 1, bytes);

@@ -563,7 +563,8 @@ fn kexec_command(
             let _ = control::call(&socket, &Request::KexecAbort, None);
             kexec::unload();
             eprintln!(
-                "luo: kexec aborted: no answer from the daemon at {}: {e}",
+                "luo: kexec aborted: no answer from the daemon at {}: {e}; nothing is lost: \
+                 the next `luo daemon` withdraws whatever it had stashed and unfreezes everything",
                 socket.display()
             );
             return ExitCode::FAILURE;
@@ -654,11 +655,13 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
             s.files.len()
         );
         for f in &s.files {
+            let waiting = f.waiting.as_deref().map(|w| format!(" ({w})"));
             println!(
-                "    token {:#x} {}{}",
+                "    token {:#x} {}{}{}",
                 f.token,
                 f.handler,
-                if f.retrieved { " retrieved" } else { "" }
+                if f.retrieved { " retrieved" } else { "" },
+                waiting.unwrap_or_default()
             );
         }
     }

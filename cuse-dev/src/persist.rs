@@ -64,6 +64,10 @@ pub struct Header {
     /// The process each `luo run` tree started as, by listener token.
     #[serde(default)]
     pub trees: BTreeMap<u64, TreeRoot>,
+    /// Files of incoming sessions still in their kmod-shim stash after a
+    /// kexec, waiting for free huge pages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<crate::kexec::StashedFile>,
 }
 
 /// A session and the session file that stands for it in clients.

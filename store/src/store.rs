@@ -416,6 +416,37 @@ impl Store {
         file.file.as_ref().map(|f| f.as_fd()).ok_or(Errno::EIO)
     }
 
+    /// Gives an incoming file that came without its carried fd (rebuilt
+    /// late, after the update) that fd, before its first retrieve.
+    ///
+    /// # Errors
+    /// `EBADF` no such session, `ENOENT` no such file, `EINVAL` not an
+    /// incoming file waiting for its fd.
+    pub fn carry(&mut self, id: SessionId, token: u64, fd: OwnedFd) -> Result<()> {
+        let session = self.sessions.get_mut(&id).ok_or(Errno::EBADF)?;
+        if session.direction != Direction::Incoming {
+            return Err(Errno::EINVAL);
+        }
+        let owner = session.owner.as_ref();
+        let file = session
+            .files
+            .iter_mut()
+            .find(|f| f.token == token)
+            .ok_or(Errno::ENOENT)?;
+        if file.carried.is_some()
+            || file.file.is_some()
+            || file.retrieve_status != RetrieveStatus::NotAttempted
+        {
+            return Err(Errno::EINVAL);
+        }
+        let before = file.charge();
+        file.carried = Some(fd);
+        self.usage.sub(owner, before);
+        self.usage.add(owner, file.charge());
+        self.touch_file(id, token);
+        Ok(())
+    }
+
     /// SESSION_FINISH (`luo_file_finish`): all-or-nothing. Every file must
     /// agree (`can_finish`), then all are finished in LIFO order, retrieved or
     /// not.

@@ -1049,6 +1049,56 @@ fn what_an_owner_holds_follows_release_update_retrieve_finish_and_reload() {
 }
 
 #[test]
+fn a_file_rebuilt_late_is_carried_then_retrieved_as_any_other() {
+    let mut f = fixture();
+    let s = f.create_as("s", owner(0, 7)).unwrap();
+    f.preserve(s, 1, &f.pipe()).unwrap();
+    f.preserve(s, 2, &f.pipe()).unwrap();
+    f.update();
+    // As a kexec leaves a file whose memfd could not be rebuilt yet.
+    let (mut image, fds) = f.store.to_image();
+    let mut kept: std::collections::HashMap<String, OwnedFd> = fds
+        .into_iter()
+        .map(|(k, fd)| (k, fd.try_clone_to_owned().unwrap()))
+        .collect();
+    image.sessions[0].files[1].has_carried = false;
+    let mut g = fixture();
+    g.store.load_image(&image, &mut |k| kept.remove(k)).unwrap();
+    assert_eq!(g.store.held_fds(), 1);
+    let inc = g.store.retrieve_session(&name("s")).unwrap();
+    assert_eq!(
+        g.store.carry(SessionId(999), 2, g.pipe()),
+        Err(Errno::EBADF)
+    );
+    assert_eq!(g.store.carry(inc, 9, g.pipe()), Err(Errno::ENOENT));
+    assert_eq!(
+        g.store.carry(inc, 1, g.pipe()),
+        Err(Errno::EINVAL),
+        "it has one"
+    );
+    g.store.take_changes();
+    g.store.carry(inc, 2, g.pipe()).unwrap();
+    assert!(
+        g.store.take_changes().changed.contains_key(&inc),
+        "the new fd is journaled"
+    );
+    assert_eq!(
+        g.store.carry(inc, 2, g.pipe()),
+        Err(Errno::EINVAL),
+        "only once"
+    );
+    assert_eq!(g.store.held_fds(), 2);
+    g.store.retrieve_fd(inc, 2).unwrap();
+    assert_eq!(g.store.held_fds(), 3);
+    let out = g.create("out");
+    assert_eq!(
+        g.store.carry(out, 1, g.pipe()),
+        Err(Errno::EINVAL),
+        "outgoing"
+    );
+}
+
+#[test]
 fn a_refused_freeze_names_the_sessions_owner() {
     let mut f = fixture();
     let s = f.create_as("vm", owner(65534, 0x77)).unwrap();

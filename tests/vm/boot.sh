@@ -7,6 +7,12 @@
 # (guest memory: $RIG_MEM, default 3G)
 set -uo pipefail
 KERNEL=$1; INITRD=$2; SCENARIO=$3; TIMEOUT=$4; shift 4
+# One guest at a time on this machine, whoever boots it: a TCG guest beside
+# another runs several times slower, past the selftests' 30 s per case.
+CACHE=${LUO_TEST_CACHE:-/var/cache/luo-test}
+mkdir -p "$CACHE"
+exec 8>"$CACHE/.guest-lock"
+flock 8
 log=$(mktemp)
 timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m "${RIG_MEM:-3G}" \
   -nographic -no-reboot -nodefaults -serial stdio \

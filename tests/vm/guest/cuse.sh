@@ -9,7 +9,19 @@ for _ in $(seq 200); do luo status --state-dir /run/luo >/dev/null 2>&1 && break
 luo status --state-dir /run/luo >/dev/null || { cat /tmp/luo.log; fail "the daemon did not start"; }
 [ -c /dev/liveupdate ] || { ls -l /dev/liveupdate; cat /tmp/luo.log; fail "/dev/liveupdate is not a character device"; }
 say "$(ls -l /dev/liveupdate)"
-liveupdate_15_of_15 luo run --
+# rig.repeat=N runs the liveupdate selftest N times in a row (each must be
+# 15/15), with the time each run took.
+runs=$(arg rig.repeat 1)
+for i in $(seq "$runs"); do
+  t0=$(centis)
+  liveupdate_15_of_15 luo run --
+  say "liveupdate run $i of $runs: $(( ($(centis) - t0) * 10 )) ms"
+done
+# The selftest's heaviest case alone (2000 CREATE_SESSION and 2000 closes),
+# against the harness's 30 s per case.
+t0=$(centis)
+out=$(cd $ST && luo run -- ./liveupdate -t preserve_many_sessions 2>&1) || { echo "$out"; fail "preserve_many_sessions failed"; }
+say "preserve_many_sessions alone: $(( ($(centis) - t0) * 10 )) ms of the harness's 30000"
 two_stage 1 luo run --
 # The daemon killed and started again: the keeper holds the CUSE device, the
 # node and every session stay.

@@ -31,16 +31,21 @@ kexec_to_stage2() {
   fail "kexec -e returned"
 }
 
+# Centiseconds since boot.
+centis() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+
 # The value of NAME=VALUE on the kernel command line ($2 if absent).
 arg() {
   v=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1)
   echo "${v:-$2}"
 }
 
-# Starts a daemon (extra arguments: --cuse) and waits until it answers.
+# Starts a daemon (extra arguments: --cuse) and waits until it answers; its
+# pid goes to /tmp/daemon.pid.
 start_daemon() {
   dev=$1; state=$2; shift 2
   luo daemon --device "$dev" --state-dir "$state" "$@" 2>>/tmp/luo.log &
+  echo $! > /tmp/daemon.pid
   for _ in $(seq 200); do luo status --state-dir "$state" >/dev/null 2>&1 && return 0; sleep 0.05; done
   cat /tmp/luo.log; fail "the daemon for $dev did not start"
 }
