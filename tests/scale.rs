@@ -2,7 +2,11 @@
 //! (one page apiece), then what it costs — the memory of the daemon and of
 //! its keeper, the state journal's size, and how long a daemon SIGKILLed
 //! with all of it takes to come back — and then every page of every file
-//! retrieved and compared. `LUO_SCALE_SESSIONS` changes the count:
+//! retrieved and compared. `LUO_SCALE_SESSIONS` and `LUO_SCALE_FILES` (per
+//! session) change the counts; the daemon and its keeper hold one fd per
+//! file, and the daemon keeps room for two, so its `RLIMIT_NOFILE` must be
+//! above twice the files (a daemon without `CAP_SYS_RESOURCE` keeps the one
+//! it was started with):
 //!
 //! ```sh
 //! cargo test --release --test scale -- --ignored --nocapture
@@ -18,11 +22,14 @@ use std::time::Instant;
 use client::{ioctl, probe_device};
 use common::Daemon;
 
-const FILES: u64 = 10;
 const PAGE: usize = 4096;
 
 fn sessions() -> u64 {
     std::env::var("LUO_SCALE_SESSIONS").map_or(10_000, |v| v.parse().unwrap())
+}
+
+fn files() -> u64 {
+    std::env::var("LUO_SCALE_FILES").map_or(10, |v| v.parse().unwrap())
 }
 
 /// The page file `token` of session `i` holds.
@@ -38,14 +45,25 @@ fn new_fd(buf: &[u8]) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(buf[4..8].try_into().unwrap())) }
 }
 
-/// Room for every session fd this process holds.
+/// Room for every session fd this process holds: the soft limit up to the
+/// hard one.
 fn raise_fd_limit() {
-    let lim = libc::rlimit {
-        rlim_cur: 1 << 20,
-        rlim_max: 1 << 20,
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: lim is a valid rlimit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    // SAFETY: lim is a valid rlimit to fill, then to set.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    assert!(
+        lim.rlim_cur > sessions() + 64,
+        "an fd limit of {} cannot hold {} sessions",
+        lim.rlim_cur,
+        sessions()
+    );
 }
 
 fn open_device(path: &str) -> OwnedFd {
@@ -67,7 +85,7 @@ fn probe_scale_fill() {
     let mut held = Vec::new();
     for i in 0..sessions() {
         let s = client::create(dev.as_raw_fd(), &format!("scale-{i}")).expect("CREATE_SESSION");
-        for token in 0..FILES {
+        for token in 0..files() {
             // SAFETY: the name is a valid C string.
             let fd = unsafe { libc::memfd_create(c"scale".as_ptr(), 0) };
             assert!(fd >= 0);
@@ -95,7 +113,7 @@ fn probe_scale_check() {
         let mut a = client::session_args(72, &format!("scale-{i}"));
         ioctl(dev.as_raw_fd(), client::RETRIEVE, &mut a).expect("RETRIEVE_SESSION");
         let s = new_fd(&a);
-        for token in 0..FILES {
+        for token in 0..files() {
             let m = client::retrieve_fd(s.as_raw_fd(), token).expect("RETRIEVE_FD");
             // SAFETY: reads into a live buffer of that size.
             let n = unsafe { libc::pread(m.as_raw_fd(), back.as_mut_ptr().cast(), back.len(), 0) };
@@ -140,11 +158,16 @@ fn probe_figure(daemon: &Daemon, name: &str, key: &str) -> f64 {
     let out = daemon
         .probe_command(name)
         .env("LUO_SCALE_SESSIONS", sessions().to_string())
+        .env("LUO_SCALE_FILES", files().to_string())
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{name} failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "{name} failed:\n{text}\ndaemon log:\n{}",
+        daemon.log()
+    );
     text.lines()
         .find_map(|l| l.split(key).nth(1).map(|n| n.trim().parse().unwrap()))
         .unwrap_or_else(|| panic!("{name} printed no {key:?}:\n{text}"))
@@ -159,6 +182,14 @@ fn ten_thousand_sessions_of_ten_files() {
     }
     let n = sessions();
     let mut daemon = Daemon::start_with_args(&[]);
+    let need = 2 * n * files() + 1024;
+    assert!(
+        daemon.fd_limit() >= need,
+        "{n} sessions of {} files need an fd limit of at least {need} in the daemon; it has {} \
+         (without CAP_SYS_RESOURCE it keeps the limit it was started with)",
+        files(),
+        daemon.fd_limit()
+    );
     let keeper = keeper_pid(&daemon);
     let (daemon_idle, keeper_idle) = (rss_kib(daemon.pid()), rss_kib(keeper));
     let fill_ms = probe_figure(&daemon, "probe_scale_fill", "FILLED ");
@@ -166,7 +197,11 @@ fn ten_thousand_sessions_of_ten_files() {
     let journal = |d: &Daemon| std::fs::metadata(d.state.join("state.img")).unwrap().len();
     let journal_full = journal(&daemon);
     let out = daemon.update();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let journal_updated = journal(&daemon);
 
     let start = Instant::now();
@@ -177,9 +212,12 @@ fn ten_thousand_sessions_of_ten_files() {
     assert_eq!(sessions_back, n, "sessions after the restart");
     let check_ms = probe_figure(&daemon, "probe_scale_check", "CHECKED ");
 
-    let files = n * FILES;
+    let per_session = files();
+    let files = n * per_session;
     let per = |kib: u64, base: u64| (kib.saturating_sub(base) * 1024) as f64 / n as f64;
-    println!("{n} sessions x {FILES} files ({files} memfds of one page), every page compared");
+    println!(
+        "{n} sessions x {per_session} files ({files} memfds of one page), every page compared"
+    );
     println!("| figure | value |");
     println!("|---|---:|");
     println!("| create + preserve, all | {fill_ms:.0} ms |");
@@ -189,7 +227,10 @@ fn ten_thousand_sessions_of_ten_files() {
         daemon_full as f64 / 1024.0,
         daemon_restarted as f64 / 1024.0
     );
-    println!("| daemon RSS per session (10 files) | {:.0} B |", per(daemon_full, daemon_idle));
+    println!(
+        "| daemon RSS per session ({per_session} files) | {:.0} B |",
+        per(daemon_full, daemon_idle)
+    );
     println!(
         "| keeper RSS idle / full | {:.1} / {:.1} MiB ({:.0} B per session) |",
         keeper_idle as f64 / 1024.0,
