@@ -365,6 +365,47 @@ fn an_opener_killed_under_a_running_daemon_is_replaced() {
     );
 }
 
+#[test]
+fn a_hung_opener_is_replaced() {
+    if let Some(reason) = common::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let daemon = Daemon::start_with_args(&[]);
+    let old = openers(daemon.pid());
+    assert_eq!(old.len(), 1, "one opener: {old:?}");
+    // Stopped: alive, holding its socket, opening nothing.
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(old[0], libc::SIGSTOP) };
+    // More sessions than the pool holds: the rest wait for a new opener.
+    let start = std::time::Instant::now();
+    let out = daemon
+        .probe_command("probe_some_sessions")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{text}\n{}",
+        daemon.log()
+    );
+    let waited = start.elapsed();
+    assert!(
+        daemon
+            .log()
+            .contains("sent no session file within 5 s; replacing it"),
+        "{}",
+        daemon.log()
+    );
+    let new = openers(daemon.pid());
+    assert!(new.len() == 1 && new != old, "openers {old:?} then {new:?}");
+    assert_eq!(
+        daemon.status_json()["sessions"].as_array().unwrap().len() as u64,
+        KEPT_SESSIONS
+    );
+    eprintln!("{KEPT_SESSIONS} sessions with the opener stopped: {waited:?}");
+}
+
 /// Limits this process to the fds it has open now (none to spare).
 fn no_fd_to_spare() -> libc::rlimit {
     let mut old = libc::rlimit {

@@ -48,6 +48,9 @@ const ROOT_INO: u64 = 1;
 const DEVICE_INO: u64 = 2;
 const SLOT_BASE: u64 = 1 << 32;
 const POOL_SIZE: usize = 16;
+/// How long a call waits for a session file before the opener is taken
+/// for hung and replaced.
+const OPENER_PATIENCE_MS: i32 = 5000;
 
 /// After a kexec: kmod-shim and the stashes rebuilt into memfds.
 type Rebuilt = Option<(crate::shim::Shim, Vec<u64>)>;
@@ -1749,9 +1752,8 @@ impl Daemon {
             },
         ];
         // SAFETY: fds is a valid array of two pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 5000) } <= 0 {
-            log::warn(format_args!("no session file became available within 5 s"));
-            return Err(Errno::EAGAIN);
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, OPENER_PATIENCE_MS) } <= 0 {
+            return self.replace_hung_opener();
         }
         if fds[0].revents != 0 {
             self.drain_fuse();
@@ -1760,6 +1762,33 @@ impl Daemon {
             return Err(Errno::EIO);
         }
         Ok(())
+    }
+
+    /// The opener sent no session file for [`OPENER_PATIENCE_MS`] (stopped,
+    /// or stuck): it is killed and a new one takes over; the call that
+    /// waited goes on waiting for the new one's files.
+    fn replace_hung_opener(&mut self) -> Result<()> {
+        log::warn(format_args!(
+            "the session-file opener (pid {}) sent no session file within {} s; replacing it",
+            self.opener_tid,
+            OPENER_PATIENCE_MS / 1000
+        ));
+        // SAFETY: kill takes no pointers; the pid is our own child.
+        unsafe { libc::kill(self.opener_tid, libc::SIGKILL) };
+        // Reaped once it is gone (a killed waiter on a FUSE request goes at
+        // once; never wait long here).
+        for _ in 0..100 {
+            // SAFETY: waitpid on our own child; WNOHANG never blocks.
+            let r = unsafe { libc::waitpid(self.opener_tid, std::ptr::null_mut(), libc::WNOHANG) };
+            if r != 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.respawn_opener().map_err(|e| {
+            log::error(format_args!("{e}"));
+            Errno::EAGAIN
+        })
     }
 
     // ---- seccomp ----------------------------------------------------------
