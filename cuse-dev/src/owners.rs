@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(room_under(near.ceiling, 800, || Some(1000)), 1024 - 1000);
         assert_eq!(room_under(near.ceiling, 800, || Some(5000)), 0);
         // Every owner's files may use all but the daemon's own reserve.
-        assert_eq!(room_under(2048 - DAEMON_RESERVE, 800, || Some(1000)), 984);
+        assert_eq!(room_under(2048 - DAEMON_RESERVE, 1800, || Some(1000)), 984);
         assert!(open_fds().unwrap() >= 3, "stdio at least");
     }
 }
