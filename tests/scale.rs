@@ -66,21 +66,12 @@ fn raise_fd_limit() {
     );
 }
 
-fn open_device(path: &str) -> OwnedFd {
-    let f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    OwnedFd::from(f)
-}
-
 #[test]
 #[ignore = "runs under `luo run`, started by ten_thousand_sessions_of_ten_files"]
 fn probe_scale_fill() {
     let Some(path) = probe_device() else { return };
     raise_fd_limit();
-    let dev = open_device(&path);
+    let dev = client::open(&path).expect("open the device");
     let start = Instant::now();
     let mut held = Vec::new();
     for i in 0..sessions() {
@@ -106,7 +97,7 @@ fn probe_scale_fill() {
 fn probe_scale_check() {
     let Some(path) = probe_device() else { return };
     raise_fd_limit();
-    let dev = open_device(&path);
+    let dev = client::open(&path).expect("open the device");
     let start = Instant::now();
     let mut back = vec![0u8; PAGE + 1];
     for i in 0..sessions() {
