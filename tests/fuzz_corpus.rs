@@ -131,10 +131,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("journal", [&[0u8][..], &journal].concat()));
     out.push(("journal", framed));
     // A kexec blob of the same store.
-    let blob = luo_cuse_dev::kexec::KexecImage {
-        version: luo_cuse_dev::kexec::IMAGE_VERSION,
+    let blob = luo_kexec_helper::handover::KexecImage {
+        version: luo_kexec_helper::handover::IMAGE_VERSION,
         store: image,
-        files: vec![luo_cuse_dev::kexec::StashedFile {
+        files: vec![luo_kexec_helper::handover::StashedFile {
             session: 1,
             token: 0x77,
             shim_token: 1,
@@ -202,16 +202,16 @@ fn the_seeds_reach_past_the_parsers() {
     // each parses.
     for (target, bytes) in seeds() {
         let ok = match target {
-            "fuse_request" => luo_cuse_dev::fuse::parse(&bytes).is_ok(),
+            "fuse_request" => luo_cuse_dev::wire::fuse::parse(&bytes).is_ok(),
             "control_request" => {
-                luo_cuse_dev::control_server::parse_request(bytes.strip_suffix(b"\n").unwrap())
+                luo_cuse_dev::control::server::parse_request(bytes.strip_suffix(b"\n").unwrap())
                     .is_ok()
             }
             "journal" if bytes[0] == 0 => {
                 luo_cuse_dev::persist::parse(&bytes[1..], Path::new("seed")).is_ok()
             }
             "kexec_blob" => {
-                serde_json::from_slice::<luo_cuse_dev::kexec::KexecImage>(&bytes).is_ok()
+                serde_json::from_slice::<luo_kexec_helper::handover::KexecImage>(&bytes).is_ok()
             }
             _ => true,
         };

@@ -220,14 +220,14 @@ fn the_bench_measures_the_kernel_cuse_and_fuse_file_devices() {
     };
     let shim = [&plan[2..], &["liveupdate=off", "kho=on", "rig.part=shim"]].concat();
     console.push_str(&boot("bench", &shim).unwrap_or_default());
-    let runs = luo_cuse_dev::bench::read_log(&console).expect("BENCH lines parse");
+    let runs = luo_cuse_dev::tools::bench::read_log(&console).expect("BENCH lines parse");
     let labels: Vec<&str> = runs.iter().map(|(l, _)| l.as_str()).collect();
     assert_eq!(
         labels,
         ["kernel", "cuse", "fuse-file", "kmod-shim"],
         "{console}"
     );
-    let table = luo_cuse_dev::bench::side_by_side(&runs);
+    let table = luo_cuse_dev::tools::bench::side_by_side(&runs);
     for (label, rows) in &runs[..3] {
         assert_eq!(rows.len(), 14, "{label}: {} rows\n{table}", rows.len());
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use luo_cuse_dev::fuse_abi::*;
+use luo_cuse_dev::wire::abi::*;
 use zerocopy::{FromBytes, IntoBytes};
 
 pub struct StuckFs {

@@ -14,8 +14,8 @@ use crate::caller::CallerMem;
 
 /// A FUSE or CUSE request as read from `/dev/fuse` or `/dev/cuse`.
 pub fn fuse_request(data: &[u8]) {
-    if let Ok(req) = crate::fuse::parse(data) {
-        let _ = crate::fuse::is_noreply(&req.op);
+    if let Ok(req) = crate::wire::fuse::parse(data) {
+        let _ = crate::wire::fuse::is_noreply(&req.op);
     }
 }
 
@@ -86,15 +86,15 @@ pub fn uapi_decode(data: &[u8]) {
 /// Bytes arriving on the control socket: framing, then the request. A
 /// request that parses is written and parsed back to the same request.
 pub fn control_request(data: &[u8]) {
-    let end = match crate::control_server::line_end(data) {
+    let end = match crate::control::server::line_end(data) {
         Some(Ok(end)) => end,
         Some(Err(_)) | None => return,
     };
-    let Ok(req) = crate::control_server::parse_request(&data[..end]) else {
+    let Ok(req) = crate::control::server::parse_request(&data[..end]) else {
         return;
     };
     let line = serde_json::to_vec(&req).expect("a request serializes");
-    let again = crate::control_server::parse_request(&line).expect("a written request parses");
+    let again = crate::control::server::parse_request(&line).expect("a written request parses");
     assert_eq!(format!("{req:?}"), format!("{again:?}"), "round trip");
 }
 
@@ -147,11 +147,11 @@ pub fn journal(data: &[u8]) {
 /// kernel's daemon reads first). One that parses becomes the incoming
 /// store without a panic and survives a round trip.
 pub fn kexec_blob(data: &[u8]) {
-    let Ok(image) = serde_json::from_slice::<crate::kexec::KexecImage>(data) else {
+    let Ok(image) = serde_json::from_slice::<luo_kexec_helper::handover::KexecImage>(data) else {
         return;
     };
     let bytes = serde_json::to_vec(&image).expect("an image serializes");
-    let again: crate::kexec::KexecImage =
+    let again: luo_kexec_helper::handover::KexecImage =
         serde_json::from_slice(&bytes).expect("a written image parses");
     assert_eq!(
         serde_json::to_value(&image).ok(),
@@ -161,7 +161,7 @@ pub fn kexec_blob(data: &[u8]) {
     let mut keys = image.files.iter().map(|f| (f.session, f.token));
     let lost: Vec<(u64, u64)> = keys.by_ref().take(1).collect();
     let waiting: Vec<(u64, u64)> = keys.take(1).collect();
-    let _ = crate::kexec::incoming_image(image.store, &lost, &waiting);
+    let _ = luo_kexec_helper::handover::incoming_image(image.store, &lost, &waiting);
 }
 
 /// One fuzz target.

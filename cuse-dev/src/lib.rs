@@ -9,32 +9,30 @@
 //! Three ioctls return a new fd, which neither FUSE nor CUSE can put into a
 //! caller. Programs started with `luo run` carry a seccomp user-notification
 //! filter for exactly those three; the daemon answers them and installs the fd
-//! with `SECCOMP_IOCTL_NOTIF_ADDFD`. See `daemon.rs` for how session fds are
-//! made and recognised.
+//! with `SECCOMP_IOCTL_NOTIF_ADDFD`.
+//!
+//! The modules are layers; each imports only from the ones listed before it
+//! (see `ARCHITECTURE.md`):
+//!
+//! - [`sys`]: the raw syscalls the daemon makes (mount, sockets, epoll, fds).
+//! - [`wire`]: the FUSE/CUSE wire protocol, bytes in and replies out.
+//! - [`uapi`]: the LUO uAPI, its command table and decoding rules.
+//! - [`caller`]: the calling process: its memory, its fds, the seccomp bridge.
+//! - [`persist`]: what outlives a daemon: journal, keeper, opener, recovery.
+//! - [`control`]: the control socket's protocol and server.
+//! - [`daemon`]: the daemon, one file per concern.
+//! - [`client`]: `luo run`, the client side of the fd bridge.
+//! - [`tools`]: `luo bench`, `demo`, `oracle` and `shim-check`, which use the
+//!   layers above and are used by none of them.
 
-pub mod bench;
 pub mod caller;
+pub mod client;
 pub mod control;
-pub mod control_server;
 pub mod daemon;
-pub mod deadline;
-pub mod demo;
-pub mod failpoint;
-pub mod fuse;
-pub mod fuse_abi;
 pub mod fuzzing;
-pub mod keeper;
-pub mod kexec;
 pub mod log;
-pub mod memfd;
-pub mod opener;
-pub mod oracle;
-pub mod owners;
-pub mod paths;
 pub mod persist;
-pub mod recover;
-pub mod run;
-pub mod seccomp;
-pub mod shim;
 pub mod sys;
+pub mod tools;
 pub mod uapi;
+pub mod wire;

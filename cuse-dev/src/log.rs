@@ -35,3 +35,14 @@ pub fn debug(args: Arguments<'_>) {
         emit("debug", args);
     }
 }
+
+/// An error and its sources, `: `-separated, as every message names them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}

@@ -5,6 +5,8 @@
 //! `struct liveupdate_file_ops`. [`register_all`] installs the default set in
 //! the order the kernel would try them.
 
+mod mapping;
+pub mod mem;
 pub mod memfd;
 mod sys;
 

@@ -73,3 +73,33 @@ pub fn reopen(fd: BorrowedFd<'_>, access: i32) -> Result<OwnedFd> {
     // SAFETY: open returned a fresh descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
+
+fn io_errno(what: &str) -> std::io::Error {
+    let e = std::io::Error::last_os_error();
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// `memfd_create(2)` of `len` bytes (`MFD_CLOEXEC` is always added to
+/// `flags`).
+///
+/// # Errors
+/// `memfd_create` or `ftruncate` failures.
+pub fn memfd(name: &str, flags: libc::c_uint, len: u64) -> std::io::Result<std::fs::File> {
+    let c = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: c is a valid C string.
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), flags | libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io_errno("memfd_create"));
+    }
+    // SAFETY: fresh fd we own.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(len)?;
+    Ok(f)
+}
+
+/// `fcntl(F_ADD_SEALS)`.
+pub fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> Result<()> {
+    // SAFETY: F_ADD_SEALS takes an integer argument.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }.into())?;
+    Ok(())
+}

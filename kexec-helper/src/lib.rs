@@ -6,9 +6,12 @@
 //! place ([`simulate`]), in which case the workload is every process started
 //! under `luo run` in the epoch that ends, tracked in a cgroup ([`Workload`]).
 //! A real kexec ([`kexec`]) loads the next kernel, lets the daemon stash what
-//! must survive, and jumps.
+//! must survive ([`shim`], [`handover`]), and jumps.
 
+pub mod failpoint;
+pub mod handover;
 pub mod kexec;
+pub mod shim;
 mod update;
 mod workload;
 

@@ -15,9 +15,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::sys;
 
+pub mod server;
+
 /// xattr on the device naming the control socket, so `luo run --device PATH`
 /// finds its daemon.
 pub const SOCKET_XATTR: &str = "user.luo.control";
+
+/// Where a daemon serving a CUSE device `/dev/NAME` links `NAME.control` to
+/// its control socket (a CUSE device has no xattrs).
+pub const CUSE_LINKS: &str = "/run/luo";
+
+/// The control socket of the daemon whose state dir is `state_dir`.
+pub fn socket_in(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("control.sock")
+}
 
 /// A request to the daemon.
 #[derive(Serialize, Deserialize, Debug)]

@@ -1,12 +1,22 @@
 //! `luo`: the userspace Live Update Orchestrator.
+//!
+//! `main.rs` holds the command line and sends each subcommand to its file;
+//! the work is done by the `luo_cuse_dev` library.
 
-use std::path::PathBuf;
+mod bench;
+mod kexec;
+mod shim_check;
+mod status;
+mod update;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use luo_cuse_dev::control::{self, Request};
 use luo_cuse_dev::daemon::{Config, Daemon};
-use luo_cuse_dev::{bench, demo, log, run};
+use luo_cuse_dev::tools::{demo, oracle};
+use luo_cuse_dev::{client, log, persist};
 use luo_store::Limits;
 
 const DEFAULT_DEVICE: &str = "/dev/liveupdate";
@@ -176,7 +186,7 @@ enum Command {
     /// hugetlb memfd written with a pattern, stage 2 checks they came back.
     #[command(hide = true)]
     ShimCheck {
-        #[arg(long, default_value = luo_cuse_dev::shim::DEVICE)]
+        #[arg(long, default_value = luo_kexec_helper::shim::DEVICE)]
         device: PathBuf,
         #[arg(long)]
         stage: u32,
@@ -284,8 +294,7 @@ enum Command {
 fn main() -> ExitCode {
     // Like other command-line tools, end quietly when the reader of our output
     // goes away (`luo status | head`).
-    // SAFETY: setting a signal disposition to its default has no preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    luo_cuse_dev::sys::default_sigpipe();
     log::set_debug(std::env::var_os("LUO_DEBUG").is_some_and(|v| v != "0"));
     match Cli::parse().command {
         Command::Daemon {
@@ -304,21 +313,21 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
-        Command::Run { device, command } => match run::run(&device, &command) {
+        Command::Run { device, command } => match client::run::run(&device, &command) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => fail(&e),
         },
-        Command::Status { state_dir, json } => status(&state_dir, json),
+        Command::Status { state_dir, json } => status::status(&state_dir, json),
         Command::Update {
             simulate: _,
             state_dir,
-        } => update(&state_dir),
-        Command::Shutdown { state_dir } => shutdown(&state_dir),
-        Command::Keeper { socket } => match luo_cuse_dev::keeper::serve(&socket) {
+        } => update::update(&state_dir),
+        Command::Shutdown { state_dir } => update::shutdown(&state_dir),
+        Command::Keeper { socket } => match persist::keeper::serve(&socket) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
-        Command::Opener { fs, first_slot } => luo_cuse_dev::opener::serve_fd3(fs, first_slot),
+        Command::Opener { fs, first_slot } => persist::opener::serve_fd3(fs, first_slot),
         Command::Demo {
             size_mib,
             hugetlb_mib,
@@ -338,14 +347,7 @@ fn main() -> ExitCode {
             abort: true,
             state_dir,
             ..
-        } => match ask(&state_dir, &Request::KexecAbort) {
-            Ok(r) => {
-                println!("{}", r.message.unwrap_or_default());
-                luo_kexec_helper::kexec::unload();
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        } => kexec::abort(&state_dir),
         Command::Kexec {
             kernel,
             initrd,
@@ -354,7 +356,7 @@ fn main() -> ExitCode {
             append,
             state_dir,
             ..
-        } => kexec_command(
+        } => kexec::kexec(
             kernel.unwrap_or_default(),
             initrd,
             cmdline,
@@ -362,20 +364,18 @@ fn main() -> ExitCode {
             append,
             &state_dir,
         ),
-        Command::HoldSpliced { device, name } => {
-            match luo_cuse_dev::oracle::hold_spliced(&device, &name) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("luo hold-spliced: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::HoldSpliced { device, name } => match oracle::hold_spliced(&device, &name) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("luo hold-spliced: {e}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::HoldResized {
             device,
             name,
             hugetlb,
-        } => match luo_cuse_dev::oracle::hold_resized(&device, &name, hugetlb) {
+        } => match oracle::hold_resized(&device, &name, hugetlb) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("luo hold-resized: {e}");
@@ -388,7 +388,7 @@ fn main() -> ExitCode {
             bench_sizes_kib: Some(sizes),
             bench_hugetlb_mib,
             ..
-        } => shim_bench(&device, stage, &sizes, bench_hugetlb_mib),
+        } => shim_check::bench(&device, stage, &sizes, bench_hugetlb_mib),
         Command::ShimCheck {
             device,
             stage,
@@ -396,19 +396,13 @@ fn main() -> ExitCode {
             hugetlb_mib,
             bench_sizes_kib: None,
             ..
-        } => match luo_cuse_dev::shim::check::run(&device, stage, shmem_mib, hugetlb_mib) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("luo shim-check: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => shim_check::check(&device, stage, shmem_mib, hugetlb_mib),
         Command::Oracle {
             device,
             phase,
             label,
         } => {
-            luo_cuse_dev::oracle::run(&device, phase, &label);
+            oracle::run(&device, phase, &label);
             ExitCode::SUCCESS
         }
         Command::DemoVmm {
@@ -433,54 +427,20 @@ fn main() -> ExitCode {
             compare,
         } => {
             if let Some(log) = compare {
-                return bench_compare(&log);
+                return bench::compare(&log);
             }
-            let plan = bench::Plan {
+            let plan = luo_cuse_dev::tools::bench::Plan {
                 calls: calls.max(1),
                 sizes_kib,
                 sessions,
                 files,
             };
-            bench_command(&device, &plan, json, stage, session)
+            bench::bench(&device, &plan, json, stage, session)
         }
     }
 }
 
-fn bench_command(
-    device: &std::path::Path,
-    plan: &bench::Plan,
-    json: bool,
-    stage: Option<u32>,
-    session: Option<String>,
-) -> ExitCode {
-    let report = match (stage, session) {
-        (Some(1), tag) => bench::stage1(device, plan, tag.as_deref(), true),
-        (Some(_), Some(tag)) => bench::stage2(device, plan, &tag),
-        (Some(_), None) => {
-            eprintln!("luo: bench --stage 2 needs --session, the name stage 1 used");
-            return ExitCode::FAILURE;
-        }
-        (None, _) => {
-            return match bench::run(device, plan) {
-                Ok(rows) if json => {
-                    println!("{}", serde_json::to_string(&rows).expect("rows serialize"));
-                    ExitCode::SUCCESS
-                }
-                Ok(rows) => {
-                    bench::print(&rows, device);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            };
-        }
-    };
-    match report {
-        Ok(r) => print_json(&r),
-        Err(e) => fail(&e),
-    }
-}
-
-fn print_json(value: &impl serde::Serialize) -> ExitCode {
+pub fn print_json(value: &impl serde::Serialize) -> ExitCode {
     println!(
         "{}",
         serde_json::to_string(value).expect("the report serializes")
@@ -488,227 +448,17 @@ fn print_json(value: &impl serde::Serialize) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn bench_compare(log: &std::path::Path) -> ExitCode {
-    let text = match std::fs::read_to_string(log) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("luo: cannot read {}: {e}", log.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    match bench::read_log(&text) {
-        Ok(runs) if runs.is_empty() => {
-            eprintln!("luo: {} holds no BENCH lines", log.display());
-            ExitCode::FAILURE
-        }
-        Ok(runs) => {
-            print!("{}", bench::side_by_side(&runs));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("luo: a BENCH line of {} does not parse: {e}", log.display());
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn kexec_command(
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
-    cmdline: Option<String>,
-    reuse_cmdline: bool,
-    append: Option<String>,
-    state_dir: &std::path::Path,
-) -> ExitCode {
-    use luo_kexec_helper::kexec;
-    let mut line = match (cmdline, reuse_cmdline) {
-        (Some(c), _) => c,
-        (None, true) => match kexec::current_cmdline() {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("luo: cannot read /proc/cmdline: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        (None, false) => String::new(),
-    };
-    if let Some(a) = append {
-        line = format!("{line} {a}").trim().to_owned();
-    }
-    let target = kexec::Target {
-        kernel,
-        initrd,
-        cmdline: line,
-    };
-    // Checked first: a bad image must not freeze anything.
-    if let Err(e) = kexec::load(&target) {
-        eprintln!("luo: kexec aborted, nothing changed: {}", chain(&e));
-        return ExitCode::FAILURE;
-    }
-    println!(
-        "loaded {}; freezing and stashing every session…",
-        target.kernel.display()
-    );
-    let socket = state_dir.join("control.sock");
-    let mut progress = |p: &str| println!("  {p}");
-    let resp = match control::call_with_progress(
-        &socket,
-        &Request::KexecPrepare,
-        std::time::Duration::from_secs(120),
-        &mut progress,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            // Whatever the daemon got to is undone.
-            let _ = control::call(&socket, &Request::KexecAbort, None);
-            kexec::unload();
-            eprintln!(
-                "luo: kexec aborted: no answer from the daemon at {}: {e}; nothing is lost: \
-                 the next `luo daemon` withdraws whatever it had stashed and unfreezes everything",
-                socket.display()
-            );
-            return ExitCode::FAILURE;
-        }
-    };
-    if !resp.ok {
-        kexec::unload();
-        eprintln!("luo: {}", resp.error.unwrap_or_default());
-        return ExitCode::FAILURE;
-    }
-    println!("{}", resp.message.unwrap_or_default());
-    let e = kexec::reboot();
-    eprintln!("luo: {}; calling the kexec off", chain(&e));
-    let _ = ask(state_dir, &Request::KexecAbort);
-    kexec::unload();
+pub fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("luo: {}", log::error_chain(e));
     ExitCode::FAILURE
 }
 
-fn shim_bench(device: &std::path::Path, stage: u32, sizes: &[u64], hugetlb_mib: u64) -> ExitCode {
-    use luo_cuse_dev::shim::{bench, Shim};
-    let report = Shim::open(device)
-        .map_err(|e| format!("open {}: {e}", device.display()))
-        .and_then(|shim| match stage {
-            1 => bench::stage1(&shim, sizes, hugetlb_mib),
-            _ => bench::stage2(&shim),
-        });
-    match report {
-        Ok(r) => print_json(&r),
-        Err(e) => {
-            eprintln!("luo shim-check: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
-}
-
-fn fail(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("luo: {}", chain(e));
-    ExitCode::FAILURE
-}
-
-fn ask(state_dir: &std::path::Path, req: &Request) -> Result<control::Response, ExitCode> {
-    let socket = state_dir.join("control.sock");
+pub fn ask(state_dir: &Path, req: &Request) -> Result<control::Response, ExitCode> {
+    let socket = control::socket_in(state_dir);
     control::call(&socket, req, None).map_err(|e| {
         eprintln!("luo: no daemon answers at {}: {e}", socket.display());
         ExitCode::FAILURE
     })
-}
-
-fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
-    let resp = match ask(state_dir, &Request::Status) {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    if !resp.ok {
-        eprintln!("luo: {}", resp.error.unwrap_or_default());
-        return ExitCode::FAILURE;
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&resp).expect("status serializes")
-        );
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "device {}  epoch {}  sessions {}",
-        resp.device.unwrap_or_default(),
-        resp.epoch,
-        resp.sessions.len()
-    );
-    for s in &resp.sessions {
-        let retrieved = if s.retrieved { " (retrieved)" } else { "" };
-        println!(
-            "  {} {}{}: {} files",
-            s.direction,
-            s.name,
-            retrieved,
-            s.files.len()
-        );
-        for f in &s.files {
-            let waiting = f.waiting.as_deref().map(|w| format!(" ({w})"));
-            println!(
-                "    token {:#x} {}{}{}",
-                f.token,
-                f.handler,
-                if f.retrieved { " retrieved" } else { "" },
-                waiting.unwrap_or_default()
-            );
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-fn shutdown(state_dir: &std::path::Path) -> ExitCode {
-    match ask(state_dir, &Request::Shutdown) {
-        Ok(r) if r.ok => {
-            // Wait until the daemon has let go of the device.
-            let socket = state_dir.join("control.sock");
-            for _ in 0..500 {
-                if !socket.exists() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            eprintln!("luo: {}", r.error.unwrap_or_default());
-            ExitCode::FAILURE
-        }
-        Err(code) => code,
-    }
-}
-
-fn update(state_dir: &std::path::Path) -> ExitCode {
-    match ask(state_dir, &Request::Update) {
-        Ok(r) if r.ok => {
-            let incoming = r
-                .sessions
-                .iter()
-                .filter(|s| s.direction == "incoming")
-                .count();
-            println!(
-                "{}; {incoming} incoming sessions",
-                r.message.unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            eprintln!("luo: {}", r.error.unwrap_or_default());
-            ExitCode::FAILURE
-        }
-        Err(code) => code,
-    }
 }
 
 /// A group by name or number.
@@ -716,13 +466,5 @@ fn parse_group(text: &str) -> Result<u32, String> {
     if let Ok(gid) = text.parse::<u32>() {
         return Ok(gid);
     }
-    let name = std::ffi::CString::new(text).map_err(|_| format!("{text:?} is no group name"))?;
-    // SAFETY: name is a valid C string; the result is read at once, before
-    // any other getgr* call.
-    let group = unsafe { libc::getgrnam(name.as_ptr()) };
-    if group.is_null() {
-        return Err(format!("there is no group {text:?}"));
-    }
-    // SAFETY: getgrnam returned a valid group entry.
-    Ok(unsafe { (*group).gr_gid })
+    luo_cuse_dev::sys::group_id(text)
 }

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
+use crate::client::run::daemon_socket;
 use crate::control::{self, Request};
-use crate::run::daemon_socket;
 use crate::uapi::{self, FdArgs, GetNameArgs, SessionArgs};
 
 /// One row of results.
@@ -108,7 +108,7 @@ fn create(dev: &File, name: &str, cmd: u32) -> std::io::Result<File> {
 }
 
 fn memfd() -> std::io::Result<File> {
-    crate::memfd::memfd("luo-bench", 0, 0)
+    luo_handlers::mem::memfd("luo-bench", 0, 0)
 }
 
 /// What a bench stage reports to the orchestrator.
@@ -339,7 +339,7 @@ pub fn stage1(
     )?);
     if hold {
         let all = sessions.into_iter().chain([sizes, files]).chain(many);
-        crate::demo::hold(all.map(OwnedFd::from).collect());
+        crate::tools::demo::hold(all.map(OwnedFd::from).collect());
     }
     Ok(StageReport { rows, session: tag })
 }

@@ -655,8 +655,8 @@ pub fn hold_spliced(device: &Path, name: &str) -> Result<(), String> {
         .create("create", dev.as_raw_fd(), name.as_bytes())
         .ok_or("CREATE_SESSION failed")?;
     let size = 4 << 20;
-    let m = crate::memfd::memfd_of_kind("spliced", crate::shim::SHMEM, size as u64)?;
-    let map = crate::memfd::Mapping::new(m.as_raw_fd(), size).map_err(|e| e.to_string())?;
+    let m = luo_handlers::mem::create("spliced", luo_handlers::Backing::Shmem, size as u64)?;
+    let map = luo_handlers::mem::Mapping::new(m.as_raw_fd(), size).map_err(|e| e.to_string())?;
     // SAFETY: the mapping is ours alone while it lives.
     let bytes = unsafe { map.bytes() };
     bytes.fill(0x5a);
@@ -727,7 +727,7 @@ pub fn hold_resized(device: &Path, name: &str, hugetlb: bool) -> Result<(), Stri
         .create("create", dev.as_raw_fd(), name.as_bytes())
         .ok_or("CREATE_SESSION failed")?;
     let (m, grown) = if hugetlb {
-        let m = crate::memfd::memfd_of_kind("resized", crate::shim::HUGETLB, 2 << 20)?;
+        let m = luo_handlers::mem::create("resized", luo_handlers::Backing::Hugetlb, 2 << 20)?;
         (m, 4 << 20)
     } else {
         (memfd("resized", &[1; 4096]), 8192)

@@ -31,18 +31,20 @@ use luo_store::{
 use thiserror::Error;
 use zerocopy::IntoBytes;
 
+use crate::caller::deadline::{Guarded, Runner};
+use crate::caller::owners::{self, FdBudget, TreeRoot};
+use crate::caller::seccomp::{Listener, Notif};
 use crate::caller::{self, CallerMem, PinnedVm, ProcessVm};
+use crate::control::server::{ControlServer, Event, Incoming, Policy};
 use crate::control::{self, FileStatus, Request as CtlRequest, Response, SessionStatus};
-use crate::control_server::{ControlServer, Event, Incoming, Policy};
-use crate::deadline::{Guarded, Runner};
-use crate::fuse::{self, Channel, Op};
-use crate::fuse_abi::*;
-use crate::keeper::Keeper;
-use crate::opener::Opener;
-use crate::owners::{self, FdBudget, TreeRoot};
+use crate::persist::keeper::Keeper;
+use crate::persist::opener::Opener;
+use crate::persist::recover;
 use crate::persist::{self, Header, Journal, KeptFds, Loaded, Record, SessionRecord};
-use crate::seccomp::{Listener, Notif};
-use crate::{failpoint, log, recover, sys, uapi};
+use crate::wire::abi::*;
+use crate::wire::fuse::{self, Channel, Op};
+use crate::{log, sys, uapi};
+use luo_kexec_helper::failpoint;
 
 const ROOT_INO: u64 = 1;
 const DEVICE_INO: u64 = 2;
@@ -53,7 +55,7 @@ const POOL_SIZE: usize = 16;
 const OPENER_PATIENCE_MS: i32 = 5000;
 
 /// After a kexec: kmod-shim and the stashes rebuilt into memfds.
-type Rebuilt = Option<(crate::shim::Shim, Vec<u64>)>;
+type Rebuilt = Option<(luo_kexec_helper::shim::Shim, Vec<u64>)>;
 
 /// How often the daemon makes sure its keeper is alive (ms).
 const KEEPER_CHECK_MS: i32 = 1000;
@@ -90,7 +92,7 @@ impl Config {
 
     /// The control socket path.
     pub fn socket(&self) -> PathBuf {
-        self.state_dir.join("control.sock")
+        crate::control::socket_in(&self.state_dir)
     }
 
     /// The keeper's socket path.
@@ -300,7 +302,7 @@ pub struct Daemon {
     lost_slots: usize,
     /// Files of incoming sessions left in their kmod-shim stash after a
     /// kexec until there are huge pages for them.
-    waiting: Vec<crate::kexec::StashedFile>,
+    waiting: Vec<luo_kexec_helper::handover::StashedFile>,
     next_listener: u64,
     created_device: bool,
     /// The CUSE device's number, once it exists.
@@ -366,7 +368,7 @@ impl Daemon {
         let state = cfg.state_dir.clone();
         setup(
             || format!("use {} as the state dir", state.display()),
-            crate::paths::secure_state_dir(&state),
+            crate::persist::paths::secure_state_dir(&state),
         )?;
         if control::call(&cfg.socket(), &CtlRequest::Status, None).is_ok() {
             return Err(DaemonError::Setup {
@@ -414,7 +416,7 @@ impl Daemon {
         let _ = sys::umount_detach(&fs);
         setup(
             || format!("create {}", fs.display()),
-            crate::paths::trusted_dir(&fs),
+            crate::persist::paths::trusted_dir(&fs),
         )?;
         let cuse_fd = if cfg.cuse {
             Some(setup(
@@ -600,7 +602,7 @@ impl Daemon {
         };
         let (opener, opener_tid) = setup(
             || "start the session-file opener".into(),
-            crate::opener::spawn(&opener),
+            crate::persist::opener::spawn(&opener),
         )?;
         for _ in 0..POOL_SIZE {
             grant_credit(opener.as_fd());
@@ -622,7 +624,8 @@ impl Daemon {
         }
         let workload = workload_tracker(&cfg.state_dir, image.store.epoch);
         let mut store = Store::new();
-        let size_lock = crate::shim::ShimSizeLock::new(Path::new(crate::shim::DEVICE));
+        let size_lock =
+            luo_kexec_helper::shim::ShimSizeLock::new(Path::new(luo_kexec_helper::shim::DEVICE));
         luo_handlers::register_all_with(&mut store, std::sync::Arc::new(size_lock))
             .expect("built-in handlers register once");
         store.set_limits(cfg.limits);
@@ -936,7 +939,7 @@ impl Daemon {
         if self.chan.cuse_fd().is_some() {
             if let Some(name) = self.cfg.device.file_name().and_then(|n| n.to_str()) {
                 let _ = std::fs::remove_file(
-                    Path::new(crate::run::CUSE_LINKS).join(format!("{name}.control")),
+                    Path::new(crate::control::CUSE_LINKS).join(format!("{name}.control")),
                 );
             }
         }
@@ -976,8 +979,8 @@ impl Daemon {
             let slot = u64::from_le_bytes(msg[..8].try_into().expect("8 bytes"));
             match (slot, fd) {
                 // A replacement opener binds nothing and reports success.
-                (crate::opener::BOUND, _) if self.control.is_some() => {}
-                (crate::opener::BOUND, _) => {
+                (crate::persist::opener::BOUND, _) if self.control.is_some() => {}
+                (crate::persist::opener::BOUND, _) => {
                     let errno = i32::from_le_bytes(msg[8..12].try_into().expect("4 bytes"));
                     if errno != 0 {
                         let what = format!("bind the device onto {}", self.cfg.device.display());
@@ -1019,7 +1022,7 @@ impl Daemon {
         ));
         let (opener, tid) = setup(
             || "start a new session-file opener".into(),
-            crate::opener::respawn(&self.cfg.fs_dir(), self.next_slot),
+            crate::persist::opener::respawn(&self.cfg.fs_dir(), self.next_slot),
         )?;
         self.epoll.delete(self.opener.as_raw_fd());
         setup(
@@ -1044,7 +1047,11 @@ impl Daemon {
         )?;
         setup(
             || format!("restrict {}", path.display()),
-            crate::paths::share_with_group(&path, &self.cfg.state_dir, self.cfg.status_group),
+            crate::persist::paths::share_with_group(
+                &path,
+                &self.cfg.state_dir,
+                self.cfg.status_group,
+            ),
         )?;
         let policy = Policy {
             status_group: self.cfg.status_group,
@@ -2030,7 +2037,7 @@ impl Daemon {
         if let Some(workload) = &self.workload {
             if let Err(e) = workload.add(pid) {
                 self.epoll.delete(fd.as_raw_fd());
-                return Response::error(error_chain(&e));
+                return Response::error(log::error_chain(&e));
             }
         }
         self.listeners
@@ -2049,12 +2056,14 @@ impl Daemon {
     /// preserved memfd through kmod-shim and publishes the state for the next
     /// kernel. On any failure everything is undone and nothing changed.
     fn kexec_prepare(&mut self, token: u64) -> Response {
-        let shim = match crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) {
+        let shim = match luo_kexec_helper::shim::Shim::open(std::path::Path::new(
+            luo_kexec_helper::shim::DEVICE,
+        )) {
             Ok(s) => s,
             Err(e) => {
                 return Response::error(format!(
                     "kexec needs kmod-shim ({}: {e}; load luo_shim.ko)",
-                    crate::shim::DEVICE
+                    luo_kexec_helper::shim::DEVICE
                 ))
             }
         };
@@ -2069,7 +2078,7 @@ impl Daemon {
             self.thaw_workload();
             return Response::error(format!(
                 "kexec aborted, nothing changed: {}",
-                error_chain(&e)
+                log::error_chain(&e)
             ));
         }
         self.drain_fuse();
@@ -2126,7 +2135,7 @@ impl Daemon {
     /// of files and bytes.
     fn stash_and_publish(
         &mut self,
-        shim: &crate::shim::Shim,
+        shim: &luo_kexec_helper::shim::Shim,
         progress: &mut dyn FnMut(String),
     ) -> std::result::Result<(usize, u64), String> {
         let total: usize = self
@@ -2152,10 +2161,10 @@ impl Daemon {
                     )
                 })?;
                 self.stashed.push(shim_token);
-                crate::failpoint::pass("stashed");
-                let (pos, seals) = crate::kexec::position_and_seals(fd);
+                luo_kexec_helper::failpoint::pass("stashed");
+                let (pos, seals) = luo_handlers::mem::position_and_seals(fd);
                 bytes += st.size;
-                files.push(crate::kexec::StashedFile {
+                files.push(luo_kexec_helper::handover::StashedFile {
                     session: s.id.0,
                     token: f.token,
                     shim_token,
@@ -2173,8 +2182,8 @@ impl Daemon {
                 }
             }
         }
-        let image = crate::kexec::KexecImage {
-            version: crate::kexec::IMAGE_VERSION,
+        let image = luo_kexec_helper::handover::KexecImage {
+            version: luo_kexec_helper::handover::IMAGE_VERSION,
             store: self.store.to_image().0,
             files,
         };
@@ -2185,7 +2194,7 @@ impl Daemon {
         Ok((n, bytes))
     }
 
-    fn undo_stash(&mut self, shim: &crate::shim::Shim) {
+    fn undo_stash(&mut self, shim: &luo_kexec_helper::shim::Shim) {
         let _ = shim.unpublish();
         for t in std::mem::take(&mut self.stashed) {
             let _ = shim.unstash(t);
@@ -2194,7 +2203,9 @@ impl Daemon {
 
     /// The kexec did not happen: everything back as it was.
     fn kexec_abort(&mut self) -> Response {
-        if let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) {
+        if let Ok(shim) =
+            luo_kexec_helper::shim::Shim::open(std::path::Path::new(luo_kexec_helper::shim::DEVICE))
+        {
             self.undo_stash(&shim);
         }
         self.store.unfreeze();
@@ -2208,7 +2219,11 @@ impl Daemon {
     }
 
     /// The stash of an incoming file that waits for huge pages, if it does.
-    fn waiting_for(&self, sid: SessionId, token: u64) -> Option<&crate::kexec::StashedFile> {
+    fn waiting_for(
+        &self,
+        sid: SessionId,
+        token: u64,
+    ) -> Option<&luo_kexec_helper::handover::StashedFile> {
         self.waiting
             .iter()
             .find(|f| f.session == sid.0 && f.token == token)
@@ -2222,23 +2237,24 @@ impl Daemon {
         let Some(f) = self.waiting_for(sid, token).cloned() else {
             return Ok(());
         };
-        let shim = crate::shim::Shim::open(Path::new(crate::shim::DEVICE)).map_err(|e| {
-            log::warn(format_args!(
-                "session {} token {token:#x} waits in kmod-shim, which cannot be opened: {e}",
-                sid.0
-            ));
-            Errno::EIO
-        })?;
-        let fd = match crate::kexec::restore_memfd_with(&shim, &f, true) {
+        let shim = luo_kexec_helper::shim::Shim::open(Path::new(luo_kexec_helper::shim::DEVICE))
+            .map_err(|e| {
+                log::warn(format_args!(
+                    "session {} token {token:#x} waits in kmod-shim, which cannot be opened: {e}",
+                    sid.0
+                ));
+                Errno::EIO
+            })?;
+        let fd = match luo_kexec_helper::handover::restore_memfd_with(&shim, &f, true) {
             Ok((fd, _)) => fd,
-            Err(crate::kexec::RestoreError::NoHugePages(why)) => {
+            Err(luo_kexec_helper::handover::RestoreError::NoHugePages(why)) => {
                 log::warn(format_args!(
                     "session {} token {token:#x} stays in its kmod-shim stash: {why}; ENOMEM",
                     sid.0
                 ));
                 return Err(Errno::ENOMEM);
             }
-            Err(crate::kexec::RestoreError::Failed(why)) => {
+            Err(luo_kexec_helper::handover::RestoreError::Failed(why)) => {
                 log::warn(format_args!(
                     "session {} token {token:#x} could not be rebuilt from its stash ({why}); EIO",
                     sid.0
@@ -2287,11 +2303,13 @@ impl Daemon {
     /// publication) in kmod-shim that nobody will use: withdrawn, so that
     /// the next kexec starts clean and the module can be unloaded.
     fn withdraw_stale_stashes(&mut self) {
-        let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) else {
+        let Ok(shim) = luo_kexec_helper::shim::Shim::open(std::path::Path::new(
+            luo_kexec_helper::shim::DEVICE,
+        )) else {
             return;
         };
         let Ok(info) = shim.info() else { return };
-        if info.state == crate::shim::STATE_RESTORED || info.files == 0 {
+        if info.state == luo_kexec_helper::shim::STATE_RESTORED || info.files == 0 {
             return;
         }
         let _ = shim.unpublish();
@@ -2314,11 +2332,13 @@ impl Daemon {
     /// brought over, if it brought anything.
     /// Returns the shim and the stashes rebuilt, to let go once saved.
     fn adopt_kexec(&mut self) -> std::result::Result<Rebuilt, DaemonError> {
-        let Ok(shim) = crate::shim::Shim::open(std::path::Path::new(crate::shim::DEVICE)) else {
+        let Ok(shim) = luo_kexec_helper::shim::Shim::open(std::path::Path::new(
+            luo_kexec_helper::shim::DEVICE,
+        )) else {
             return Ok(None);
         };
         match shim.info() {
-            Ok(i) if i.state == crate::shim::STATE_RESTORED && i.blob_len > 0 => {}
+            Ok(i) if i.state == luo_kexec_helper::shim::STATE_RESTORED && i.blob_len > 0 => {}
             _ => return Ok(None),
         }
         let refused = |what: String| DaemonError::Setup {
@@ -2330,13 +2350,13 @@ impl Daemon {
                 "fetch the previous kernel's state from kmod-shim ({e})"
             ))
         })?;
-        let image: crate::kexec::KexecImage = serde_json::from_slice(&blob)
+        let image: luo_kexec_helper::handover::KexecImage = serde_json::from_slice(&blob)
             .map_err(|e| refused(format!("read the previous kernel's state ({e})")))?;
-        if image.version != crate::kexec::IMAGE_VERSION {
+        if image.version != luo_kexec_helper::handover::IMAGE_VERSION {
             return Err(refused(format!(
                 "read the previous kernel's state: version {} (this daemon reads {})",
                 image.version,
-                crate::kexec::IMAGE_VERSION
+                luo_kexec_helper::handover::IMAGE_VERSION
             )));
         }
         let start = std::time::Instant::now();
@@ -2350,7 +2370,8 @@ impl Daemon {
                 ));
             }
         };
-        let mut restored = crate::kexec::restore_all(&shim, &image.files, &mut progress);
+        let mut restored =
+            luo_kexec_helper::handover::restore_all(&shim, &image.files, &mut progress);
         for ((session, token), why) in &restored.lost {
             log::warn(format_args!(
                 "session {session} token {token:#x} did not come back ({why}); retrieving it fails with EIO"
@@ -2367,7 +2388,7 @@ impl Daemon {
         self.waiting = restored.waiting.into_iter().map(|(f, _)| f).collect();
         let waiting: Vec<(u64, u64)> = self.waiting.iter().map(|f| (f.session, f.token)).collect();
         let (in_place, copied) = (restored.in_place, restored.copied);
-        let incoming = crate::kexec::incoming_image(image.store, &lost, &waiting);
+        let incoming = luo_kexec_helper::handover::incoming_image(image.store, &lost, &waiting);
         self.store
             .load_image(&incoming, &mut |key| restored.fds.remove(key))
             .map_err(|e| refused(format!("rebuild the incoming sessions: {e}")))?;
@@ -2413,7 +2434,7 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                let text = error_chain(&e);
+                let text = log::error_chain(&e);
                 log::warn(format_args!("{text}"));
                 Response::error(text)
             }
@@ -2440,7 +2461,7 @@ impl Daemon {
                         handler: self.store.handler_compatible(f.handler).into(),
                         retrieved: f.retrieve_status == luo_store::RetrieveStatus::Retrieved,
                         waiting: self.waiting_for(s.id, f.token).map(|w| {
-                            let need = crate::kexec::huge_pages_for(w.size);
+                            let need = luo_kexec_helper::handover::huge_pages_for(w.size);
                             format!("in its kmod-shim stash until {need} 2 MiB huge pages are free")
                         }),
                     })
@@ -2497,16 +2518,6 @@ fn refused_freeze(f: &FreezeFailure) -> String {
 }
 
 /// An error and its causes as one sentence.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
-}
-
 /// Where the workload of `luo run` trees is tracked: a cgroup v2 directory
 /// named after the state dir, or none (with a warning) if cgroup v2 is not
 /// available.
@@ -2532,7 +2543,7 @@ fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Wo
         Err(e) => {
             log::warn(format_args!(
                 "{}; updates will not end the processes of `luo run`",
-                error_chain(&e)
+                log::error_chain(&e)
             ));
             None
         }
@@ -2545,7 +2556,8 @@ fn release_stashes(tokens: &[u64]) {
     if tokens.is_empty() {
         return;
     }
-    if let Ok(shim) = crate::shim::Shim::open(Path::new(crate::shim::DEVICE)) {
+    if let Ok(shim) = luo_kexec_helper::shim::Shim::open(Path::new(luo_kexec_helper::shim::DEVICE))
+    {
         for t in tokens {
             let _ = shim.release(*t);
         }
@@ -2610,8 +2622,8 @@ fn refuse(caller: &Caller, what: &str) -> Errno {
 /// Points `luo run` at the control socket: a character device cannot carry
 /// the `user.luo.control` attribute, so `/run/luo/NAME.control` links to it.
 fn link_cuse_control(device: &Path, socket: &Path) -> std::io::Result<()> {
-    let dir = Path::new(crate::run::CUSE_LINKS);
-    crate::paths::trusted_dir(dir)?;
+    let dir = Path::new(crate::control::CUSE_LINKS);
+    crate::persist::paths::trusted_dir(dir)?;
     let name = device
         .file_name()
         .and_then(|n| n.to_str())
@@ -2638,17 +2650,17 @@ fn cuse_device_name(device: &Path) -> std::result::Result<String, DaemonError> {
 
 /// Makes sure the device path exists as something a file can be mounted on;
 /// returns whether we created it. Refuses a symbolic link or a directory other
-/// users may change (see [`crate::paths`]); nothing is unmounted or mounted
+/// users may change (see [`crate::persist::paths`]); nothing is unmounted or mounted
 /// through a link.
 fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> {
     let refused = |source| DaemonError::Setup {
         what: format!("use {} as the device", device.display()),
         source,
     };
-    crate::paths::check_device_dir(device).map_err(refused)?;
+    crate::persist::paths::check_device_dir(device).map_err(refused)?;
     // A daemon killed earlier may have left its bind mount behind.
     let _ = sys::umount_detach(device);
-    crate::paths::refuse_symlink(device).map_err(refused)?;
+    crate::persist::paths::refuse_symlink(device).map_err(refused)?;
     match std::fs::symlink_metadata(device) {
         Ok(m) if m.is_dir() => Err(DaemonError::Setup {
             what: format!("use {} as the device: it is a directory", device.display()),
@@ -2656,7 +2668,7 @@ fn prepare_device_path(device: &Path) -> std::result::Result<bool, DaemonError> 
         }),
         Ok(_) => Ok(false),
         Err(_) => {
-            let create = crate::paths::create_new(device);
+            let create = crate::persist::paths::create_new(device);
             setup(|| format!("create {}", device.display()), create)?;
             Ok(true)
         }

@@ -1,51 +1,15 @@
-//! Memfds the daemon and its tools make: created at a size, and mapped
-//! whole (for guest RAM in the demo, for reading a stash back after a kexec,
-//! for the shim check's patterns).
+//! A shared, writable mapping of a whole memfd (`mmap`/`munmap`), handed
+//! out page by page: guest RAM in the demo, a stash read back after a kexec,
+//! the shim check's patterns.
 
-use std::ffi::CString;
-use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
+
+/// The page size pages are counted in.
+pub const PAGE: usize = 4096;
 
 fn errno(what: &str) -> std::io::Error {
     let e = std::io::Error::last_os_error();
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
-/// The page size the demo's pages are counted in.
-pub const PAGE: usize = 4096;
-
-/// A memfd of `len` bytes (`MFD_CLOEXEC` is always added to `flags`).
-///
-/// # Errors
-/// `memfd_create` or `ftruncate` failures.
-pub fn memfd(name: &str, flags: libc::c_uint, len: u64) -> std::io::Result<File> {
-    let c = CString::new(name).expect("no NUL");
-    // SAFETY: c is a valid C string.
-    let fd = unsafe { libc::memfd_create(c.as_ptr(), flags | libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(errno("memfd_create"));
-    }
-    // SAFETY: fresh fd we own.
-    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    f.set_len(len)?;
-    Ok(f)
-}
-
-/// A sealable memfd of `size` bytes, hugetlb-backed (2 MiB pages) for
-/// [`HUGETLB`](crate::shim::HUGETLB), shmem otherwise.
-///
-/// # Errors
-/// What failed, as a sentence.
-pub fn memfd_of_kind(name: &str, kind: u32, size: u64) -> Result<OwnedFd, String> {
-    let flags = libc::MFD_ALLOW_SEALING
-        | if kind == crate::shim::HUGETLB {
-            libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
-        } else {
-            0
-        };
-    memfd(name, flags, size)
-        .map(OwnedFd::from)
-        .map_err(|e| format!("a {} MiB memfd: {e}", size >> 20))
 }
 
 /// A shared mapping of a whole memfd, unmapped on drop.

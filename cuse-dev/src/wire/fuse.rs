@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use luo_store::Errno;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::fuse_abi::*;
+use crate::wire::abi::*;
 
 /// Size of the read buffer: FUSE wants at least 8 KiB; our requests are small.
 const BUFFER_SIZE: usize = 64 * 1024 + 4096;

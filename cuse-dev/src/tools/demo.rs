@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::control::{self, Request};
 use crate::uapi;
 
-use crate::memfd::{memfd, Mapping};
+use luo_handlers::mem::{memfd, Mapping};
 const SESSION: &str = "demo-vm";
 
 /// The VMM's session: one per backing, so both can be held at once.
@@ -135,7 +135,7 @@ impl DemoDaemon {
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("state").join("control.sock")
+        control::socket_in(&self.dir.join("state"))
     }
 }
 

@@ -8,8 +8,9 @@ use std::process::Command;
 
 use thiserror::Error;
 
-use crate::control::{self, Request};
-use crate::{seccomp, sys};
+use crate::caller::seccomp;
+use crate::control::{self, Request, CUSE_LINKS};
+use crate::sys;
 
 /// Why `luo run` could not start the program.
 #[derive(Debug, Error)]
@@ -50,10 +51,6 @@ pub fn daemon_socket(device: &Path) -> Result<PathBuf, RunError> {
             source,
         })
 }
-
-/// Where a daemon serving a CUSE device `/dev/NAME` links `NAME.control` to
-/// its control socket.
-pub const CUSE_LINKS: &str = "/run/luo";
 
 /// The control socket a CUSE device's link names, if the device is a
 /// character device and the link leads to a socket.

@@ -11,11 +11,11 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use luo_handlers::mem::{self, Mapping};
 use luo_store::{Errno, FileImage, StoreImage};
 use serde::{Deserialize, Serialize};
 
-use crate::memfd::{memfd_of_kind, Mapping};
-use crate::shim::Shim;
+use crate::shim::{memfd_of_kind, Shim};
 
 /// The blob's format version.
 pub const IMAGE_VERSION: u32 = 1;
@@ -48,16 +48,6 @@ pub struct KexecImage {
     pub store: StoreImage,
     /// The stashed files.
     pub files: Vec<StashedFile>,
-}
-
-/// Position and seals of an open memfd.
-pub fn position_and_seals(fd: &OwnedFd) -> (u64, i32) {
-    // SAFETY: plain syscalls on an fd we hold.
-    unsafe {
-        let pos = libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_CUR);
-        let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);
-        (pos.max(0) as u64, seals.max(0))
-    }
 }
 
 /// How a restored memfd got its contents.
@@ -157,14 +147,7 @@ pub fn restore_memfd_with(
         }
         Fill::NoMemory(why) | Fill::Failed(why) => RestoreError::Failed(why),
     })?;
-    // SAFETY: plain syscalls on our fd.
-    unsafe {
-        libc::lseek(fd.as_raw_fd(), f.pos as i64, libc::SEEK_SET);
-        if f.seals != 0 && libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, f.seals) != 0 {
-            let why = format!("seal: {}", std::io::Error::last_os_error());
-            return Err(RestoreError::Failed(why));
-        }
-    }
+    mem::set_position_and_seals(&fd, f.pos, f.seals).map_err(RestoreError::Failed)?;
     Ok((fd, filled))
 }
 

@@ -1,0 +1,53 @@
+//! `luo status`: the running daemon's sessions and files.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use luo_cuse_dev::control::Request;
+
+use crate::ask;
+
+pub fn status(state_dir: &Path, json: bool) -> ExitCode {
+    let resp = match ask(state_dir, &Request::Status) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if !resp.ok {
+        eprintln!("luo: {}", resp.error.unwrap_or_default());
+        return ExitCode::FAILURE;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&resp).expect("status serializes")
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "device {}  epoch {}  sessions {}",
+        resp.device.unwrap_or_default(),
+        resp.epoch,
+        resp.sessions.len()
+    );
+    for s in &resp.sessions {
+        let retrieved = if s.retrieved { " (retrieved)" } else { "" };
+        println!(
+            "  {} {}{}: {} files",
+            s.direction,
+            s.name,
+            retrieved,
+            s.files.len()
+        );
+        for f in &s.files {
+            let waiting = f.waiting.as_deref().map(|w| format!(" ({w})"));
+            println!(
+                "    token {:#x} {}{}{}",
+                f.token,
+                f.handler,
+                if f.retrieved { " retrieved" } else { "" },
+                waiting.unwrap_or_default()
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,12 @@
+//! The calling process: its memory (the ioctl struct) and its fds
+//! ([`memory`]), calls into it that it could make hang, run with a deadline
+//! ([`deadline`]), who owns what and how much more it may hold ([`owners`]),
+//! and the seccomp bridge that lets the daemon install an fd in it
+//! ([`seccomp`]).
+
+pub mod deadline;
+mod memory;
+pub mod owners;
+pub mod seccomp;
+
+pub use memory::{comm, pidfd_getfd, pidfd_open, CallerMem, PinnedVm, ProcessVm};

@@ -1,0 +1,8 @@
+//! Tools built on the library and used by nothing in it: `luo bench`,
+//! `luo demo`, `luo oracle`, and `luo shim-check` with the kexec rows of the
+//! benchmark.
+
+pub mod bench;
+pub mod demo;
+pub mod oracle;
+pub mod shim_check;
