@@ -484,6 +484,30 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Restores SIGPIPE's default action, so that a command-line tool ends
+/// quietly when the reader of its output goes away (`luo status | head`).
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal disposition to its default has no
+    // preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// The gid of the group named `name` (`getgrnam(3)`).
+///
+/// # Errors
+/// A sentence if there is no such group.
+pub fn group_id(name: &str) -> std::result::Result<u32, String> {
+    let c = CString::new(name).map_err(|_| format!("{name:?} is no group name"))?;
+    // SAFETY: c is a valid C string; the result is read at once, before any
+    // other getgr* call.
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    if group.is_null() {
+        return Err(format!("there is no group {name:?}"));
+    }
+    // SAFETY: getgrnam returned a valid group entry.
+    Ok(unsafe { (*group).gr_gid })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,28 +572,4 @@ mod tests {
         umount_detach(&target).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Restores SIGPIPE's default action, so that a command-line tool ends
-/// quietly when the reader of its output goes away (`luo status | head`).
-pub fn default_sigpipe() {
-    // SAFETY: setting a signal disposition to its default has no
-    // preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-}
-
-/// The gid of the group named `name` (`getgrnam(3)`).
-///
-/// # Errors
-/// A sentence if there is no such group.
-pub fn group_id(name: &str) -> std::result::Result<u32, String> {
-    let c = CString::new(name).map_err(|_| format!("{name:?} is no group name"))?;
-    // SAFETY: c is a valid C string; the result is read at once, before any
-    // other getgr* call.
-    let group = unsafe { libc::getgrnam(c.as_ptr()) };
-    if group.is_null() {
-        return Err(format!("there is no group {name:?}"));
-    }
-    // SAFETY: getgrnam returned a valid group entry.
-    Ok(unsafe { (*group).gr_gid })
 }

@@ -1,0 +1,166 @@
+//! Ioctls on a session file: PRESERVE_FD, RETRIEVE_FD, FINISH and GET_NAME,
+//! and the fd budget that keeps preserved files from taking the daemon's own
+//! fds.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use luo_store::{Errno, Result, SessionId};
+use zerocopy::IntoBytes;
+
+use super::caller::{refuse, Caller};
+use super::Daemon;
+use crate::caller::owners::{self, FdBudget};
+use crate::{log, sys, uapi};
+
+impl Daemon {
+    pub(super) fn session_ioctl(
+        &mut self,
+        sid: SessionId,
+        cmd: u32,
+        arg: u64,
+        caller: &Caller,
+    ) -> Result<()> {
+        let kind = self.store.direction(sid)?;
+        let d = uapi::decode(cmd, arg, caller.mem(), Some(kind))?;
+        match d.op.cmd {
+            uapi::PRESERVE_FD => {
+                let a: uapi::FdArgs = d.get();
+                self.preserve(sid, (a.fd, a.token), caller)?;
+                caller.write(arg, &d.buf[..d.respond_len()])
+            }
+            uapi::RETRIEVE_FD => self.retrieve_fd(sid, arg, &d, caller),
+            uapi::FINISH => {
+                let a: uapi::FinishArgs = d.get();
+                if a.reserved != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.store.finish(sid)?;
+                caller.write(arg, &d.buf[..d.respond_len()])
+            }
+            uapi::GET_NAME => {
+                let mut a: uapi::GetNameArgs = d.get();
+                if a.reserved != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                a.name = self.store.session(sid).ok_or(Errno::EBADF)?.name.to_field();
+                caller.write(arg, &a.as_bytes()[..d.respond_len()])
+            }
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+
+    pub(super) fn retrieve_fd(
+        &mut self,
+        sid: SessionId,
+        arg: u64,
+        d: &uapi::Decoded,
+        caller: &Caller,
+    ) -> Result<()> {
+        let mut a: uapi::FdArgs = d.get();
+        caller.write(arg, &d.buf[..d.respond_len()])?;
+        self.rebuild_waiting(sid, a.token)?;
+        let file = self.store.retrieve_fd(sid, a.token)?;
+        if !caller.can_install() {
+            return Err(refuse(caller, "SESSION_RETRIEVE_FD"));
+        }
+        a.fd = caller.install(file)?;
+        caller.write(arg, &a.as_bytes()[..d.respond_len()])
+    }
+
+    /// SESSION_PRESERVE_FD of the caller's `fd` under `token`; the fd is
+    /// taken only once the session's owner may hold one more file.
+    pub(super) fn preserve(
+        &mut self,
+        sid: SessionId,
+        (fd, token): (i32, u64),
+        caller: &Caller,
+    ) -> Result<()> {
+        let result = match self.try_preserve(sid, (fd, token), caller) {
+            // A queued RELEASE may give back files that hold the owner at
+            // its limit.
+            Err(Errno::ENOSPC) if self.store.refusal().is_some() || self.fds_short => {
+                self.settle_releases();
+                self.try_preserve(sid, (fd, token), caller)
+            }
+            other => other,
+        };
+        self.log_refusal();
+        result
+    }
+
+    pub(super) fn try_preserve(
+        &mut self,
+        sid: SessionId,
+        (fd, token): (i32, u64),
+        caller: &Caller,
+    ) -> Result<()> {
+        let counted = self.store.held_fds()
+            + self.runs.listeners.len()
+            + self.files.pool.len()
+            + self.files.spare.len();
+        // The limit may have been changed since the start (prlimit).
+        self.fds = FdBudget::current();
+        self.daemon_fd_room(counted)?;
+        self.store.set_fd_room(Some(self.fds.room(counted)));
+        let fs_dev = self.files.fs_dev;
+        self.store
+            .preserve_fd_with(sid, token, |takes| match caller.get_fd(fd) {
+                // No fd to spare (root may use them all): no room, not a bad fd.
+                Err(Errno::EMFILE | Errno::ENFILE) => Err(Errno::ENOSPC),
+                got => got.and_then(|f| Daemon::foreign(fs_dev, f, takes, caller)),
+            })
+    }
+
+    /// Refuses a file (ENOSPC) once the files preserved, each of which may
+    /// come to hold two fds (carried across an update, then retrieved),
+    /// could take the fds the daemon keeps for its own work: root is not
+    /// limited by owners' budgets, but the daemon never lets itself run out
+    /// of fds. Logs once when that begins and once when it ends.
+    pub(super) fn daemon_fd_room(&mut self, counted: usize) -> Result<()> {
+        let room = self.fds.room_for_all(counted);
+        let need = self.store.fds_to_come() + 2;
+        let short = need > room;
+        if short != self.fds_short {
+            self.fds_short = short;
+            if short {
+                log::warn(format_args!(
+                    "the preserved files may come to need {need} more fds and only {room} are \
+                     left of the daemon's RLIMIT_NOFILE of {} ({} kept for its own work): \
+                     SESSION_PRESERVE_FD fails with ENOSPC until files are released or the \
+                     limit is raised",
+                    self.fds.limit,
+                    owners::DAEMON_RESERVE
+                ));
+            } else {
+                log::info(format_args!("the daemon has fds to spare again"));
+            }
+        }
+        if short {
+            Err(Errno::ENOSPC)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Refuses our own device and session files as files to preserve (no
+    /// handler takes them, as in the kernel); handlers must never `fstat` them,
+    /// since that would wait on this very thread. A file no handler takes
+    /// (`takes`) is closed off this thread: the close of a FUSE file waits
+    /// for its server's answer to `FLUSH`.
+    pub(super) fn foreign(
+        fs_dev: u64,
+        file: OwnedFd,
+        takes: &dyn Fn(BorrowedFd<'_>) -> bool,
+        caller: &Caller,
+    ) -> Result<OwnedFd> {
+        let (dev, _) = sys::dev_ino(file.as_fd())?;
+        if dev == fs_dev {
+            return Err(Errno::ENOENT);
+        }
+        if !takes(file.as_fd()) {
+            caller.dispose(file);
+            return Err(Errno::ENOENT);
+        }
+        Ok(file)
+    }
+}
