@@ -1,5 +1,7 @@
-//! FUSE requests: each opcode to the function that serves it, and the
-//! replies that need no state (INIT, CUSE_INIT, xattrs, IOCTL's envelope).
+//! FUSE requests: each opcode to the function that serves it, which
+//! decides an [`Answer`]; [`Daemon::serve_request`] sends it, the one place
+//! the daemon replies. The answers that need no state (INIT, CUSE_INIT,
+//! xattrs, STATFS) are plain functions.
 
 use luo_store::Errno;
 use zerocopy::IntoBytes;
@@ -11,12 +13,13 @@ use super::Daemon;
 use crate::control;
 use crate::log;
 use crate::wire::abi::{
-    AttrOut, CuseInitIn, CuseInitOut, GetxattrOut, InHeader, InitIn, InitOut, IoctlIn, IoctlOut,
-    OpenOut, StatfsOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    CuseInitIn, CuseInitOut, GetxattrOut, InHeader, InitIn, InitOut, IoctlIn, IoctlOut, OpenOut,
+    StatfsOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
-use crate::wire::fuse::{self, Op};
+use crate::wire::fuse::{self, Answer, Op};
 
 impl Daemon {
+    /// Serves one request and sends its answer.
     pub(super) fn serve_request(&mut self, req: fuse::Request) {
         let mut h = req.header;
         if fuse::is_noreply(&req.op) {
@@ -26,133 +29,67 @@ impl Daemon {
             // Everything on the CUSE device is about the device.
             h.nodeid = DEVICE_INO;
         }
-        let u = h.unique;
         if changes_state(&req.op) {
             self.saved.dirty = true;
         }
-        match req.op {
-            Op::Init(init) => self.reply_init(u, init),
-            Op::Lookup { name } => self.lookup(&h, &name),
-            Op::Getattr => match self.attr(h.nodeid) {
-                Some(attr) => self.chan.reply_struct(
-                    u,
-                    &AttrOut {
-                        attr,
-                        ..Default::default()
-                    },
-                ),
-                None => self.chan.reply_err(u, Errno::ENOENT),
-            },
-            Op::Setattr(s) => self.setattr(&h, s),
-            Op::Open(_) => self.open(&h),
-            Op::Opendir => self.chan.reply_struct(u, &OpenOut::default()),
-            Op::Readdir | Op::Releasedir | Op::Flush | Op::Access => self.chan.reply(u, &[]),
-            Op::Release(r) => {
-                self.release(h.nodeid, r.fh);
-                self.chan.reply(u, &[]);
-            }
-            Op::Ioctl(io) => self.fuse_ioctl(&h, io),
-            Op::Getxattr { size, name } => self.getxattr(&h, size, &name),
-            Op::Listxattr { size } => self.listxattr(&h, size),
-            Op::Statfs => self.chan.reply_struct(
-                u,
-                &StatfsOut {
-                    bsize: 4096,
-                    namelen: 255,
-                    ..Default::default()
-                },
-            ),
-            Op::Read | Op::Write => self.chan.reply_err(u, Errno::EINVAL),
-            Op::Setxattr | Op::Removexattr => self.chan.reply_err(u, Errno::EOPNOTSUPP),
-            Op::Destroy => {
-                self.chan.reply(u, &[]);
-                self.ev.stop = true;
-            }
-            Op::CuseInit(init) if req.cuse => self.reply_cuse_init(u, init),
-            Op::CuseInit(_) | Op::Unknown(_) => self.chan.reply_err(u, Errno::ENOSYS),
-            Op::Forget | Op::BatchForget | Op::Interrupt(_) => {}
-        }
+        let answer = self.decide(&h, req.op, req.cuse);
+        self.chan.answer(h.unique, answer);
     }
 
-    pub(super) fn reply_init(&mut self, unique: u64, init: InitIn) {
-        if init.major != KERNEL_VERSION {
-            log::warn(format_args!(
-                "kernel speaks FUSE {}.{}; need 7.x",
-                init.major, init.minor
-            ));
-            self.chan.reply_err(unique, Errno::EPROTO);
-            return;
+    /// What a request gets.
+    fn decide(&mut self, h: &InHeader, op: Op, cuse: bool) -> Answer {
+        match op {
+            Op::Init(init) => init_answer(init),
+            Op::Lookup { name } => self.lookup(h, &name),
+            Op::Getattr => self.getattr(h.nodeid),
+            Op::Setattr(s) => self.setattr(h, s),
+            Op::Open(_) => self.open(h),
+            Op::Opendir => Answer::of(&OpenOut::default()),
+            Op::Readdir | Op::Releasedir | Op::Flush | Op::Access => Answer::empty(),
+            Op::Release(r) => {
+                self.release(h.nodeid, r.fh);
+                Answer::empty()
+            }
+            Op::Ioctl(io) => self.fuse_ioctl(h, io),
+            Op::Getxattr { size, name } => self.getxattr(h.nodeid, size, &name),
+            Op::Listxattr { size } => listxattr(h.nodeid, size),
+            Op::Statfs => statfs_answer(),
+            Op::Read | Op::Write => Errno::EINVAL.into(),
+            Op::Setxattr | Op::Removexattr => Errno::EOPNOTSUPP.into(),
+            Op::Destroy => {
+                self.ev.stop = true;
+                Answer::empty()
+            }
+            Op::CuseInit(init) if cuse => self.cuse_init(init),
+            // FORGET and INTERRUPT never get here (`fuse::is_noreply`).
+            Op::CuseInit(_) | Op::Unknown(_) | Op::Forget | Op::BatchForget | Op::Interrupt(_) => {
+                Errno::ENOSYS.into()
+            }
         }
-        let out = InitOut {
-            major: KERNEL_VERSION,
-            minor: init.minor.min(KERNEL_MINOR_VERSION),
-            max_readahead: init.max_readahead,
-            // Plenty of room so RELEASEs are never held back behind others.
-            max_background: u16::MAX,
-            congestion_threshold: u16::MAX - 1,
-            max_write: 4096,
-            time_gran: 1,
-            ..Default::default()
-        };
-        self.chan.reply_struct(unique, &out);
     }
 
     /// Creates the character device: the kernel adds `/dev/NAME` once this
     /// reply is delivered (labelled then, see `drain_fuse`).
-    pub(super) fn reply_cuse_init(&mut self, unique: u64, init: CuseInitIn) {
-        const CUSE_UNRESTRICTED_IOCTL: u32 = 1;
-        if init.major != KERNEL_VERSION {
-            self.chan.reply_err(unique, Errno::EPROTO);
-            return;
-        }
-        let out = CuseInitOut {
-            major: KERNEL_VERSION,
-            minor: init.minor.min(KERNEL_MINOR_VERSION),
-            flags: CUSE_UNRESTRICTED_IOCTL,
-            max_read: 4096,
-            max_write: 4096,
-            ..Default::default()
-        };
+    fn cuse_init(&mut self, init: CuseInitIn) -> Answer {
         let name = cuse_device_name(&self.cfg.device).unwrap_or_default();
-        let info = format!("DEVNAME={name}\0");
-        self.chan.reply(unique, &[out.as_bytes(), info.as_bytes()]);
-        self.node.cuse_created = true;
+        let answer = cuse_init_answer(init, &name);
+        if matches!(answer, Answer::Ok(_)) {
+            self.node.cuse_created = true;
+        }
+        answer
     }
 
-    pub(super) fn getxattr(&self, h: &InHeader, size: u32, name: &[u8]) {
-        if h.nodeid != DEVICE_INO || name != control::SOCKET_XATTR.as_bytes() {
-            return self.chan.reply_err(h.unique, Errno::ENODATA);
+    fn getxattr(&self, ino: u64, size: u32, name: &[u8]) -> Answer {
+        if ino != DEVICE_INO || name != control::SOCKET_XATTR.as_bytes() {
+            return Errno::ENODATA.into();
         }
         let value = self.cfg.socket().into_os_string().into_encoded_bytes();
-        self.xattr_value(h.unique, size, &value);
+        xattr_value(size, &value)
     }
 
-    pub(super) fn listxattr(&self, h: &InHeader, size: u32) {
-        let mut list = Vec::new();
-        if h.nodeid == DEVICE_INO {
-            list.extend_from_slice(control::SOCKET_XATTR.as_bytes());
-            list.push(0);
-        }
-        self.xattr_value(h.unique, size, &list);
-    }
-
-    pub(super) fn xattr_value(&self, unique: u64, size: u32, value: &[u8]) {
-        if size == 0 {
-            self.chan.reply_struct(
-                unique,
-                &GetxattrOut {
-                    size: value.len() as u32,
-                    padding: 0,
-                },
-            );
-        } else if (size as usize) < value.len() {
-            self.chan.reply_err(unique, Errno::ERANGE);
-        } else {
-            self.chan.reply(unique, &[value]);
-        }
-    }
-
-    pub(super) fn fuse_ioctl(&mut self, h: &InHeader, io: IoctlIn) {
+    /// An ioctl through FUSE: the caller is blocked in the kernel until the
+    /// answer, so it is reached by its tid.
+    fn fuse_ioctl(&mut self, h: &InHeader, io: IoctlIn) -> Answer {
         let result = if h.pid == 0 {
             // The caller is outside our pid namespace: we cannot reach it.
             Err(Errno::EPERM)
@@ -166,9 +103,82 @@ impl Daemon {
             }
         };
         match result {
-            Ok(()) => self.chan.reply_struct(h.unique, &IoctlOut::default()),
-            Err(e) => self.chan.reply_err(h.unique, e),
+            Ok(()) => Answer::of(&IoctlOut::default()),
+            Err(e) => e.into(),
         }
+    }
+}
+
+/// INIT: the protocol version and limits the daemon works with.
+pub(super) fn init_answer(init: InitIn) -> Answer {
+    if init.major != KERNEL_VERSION {
+        log::warn(format_args!(
+            "kernel speaks FUSE {}.{}; need 7.x",
+            init.major, init.minor
+        ));
+        return Errno::EPROTO.into();
+    }
+    Answer::of(&InitOut {
+        major: KERNEL_VERSION,
+        minor: init.minor.min(KERNEL_MINOR_VERSION),
+        max_readahead: init.max_readahead,
+        // Plenty of room so RELEASEs are never held back behind others.
+        max_background: u16::MAX,
+        congestion_threshold: u16::MAX - 1,
+        max_write: 4096,
+        time_gran: 1,
+        ..Default::default()
+    })
+}
+
+/// CUSE_INIT: the device `/dev/NAME`, with unrestricted ioctls.
+pub(super) fn cuse_init_answer(init: CuseInitIn, name: &str) -> Answer {
+    const CUSE_UNRESTRICTED_IOCTL: u32 = 1;
+    if init.major != KERNEL_VERSION {
+        return Errno::EPROTO.into();
+    }
+    let out = CuseInitOut {
+        major: KERNEL_VERSION,
+        minor: init.minor.min(KERNEL_MINOR_VERSION),
+        flags: CUSE_UNRESTRICTED_IOCTL,
+        max_read: 4096,
+        max_write: 4096,
+        ..Default::default()
+    };
+    let info = format!("DEVNAME={name}\0");
+    Answer::parts(&[out.as_bytes(), info.as_bytes()])
+}
+
+fn statfs_answer() -> Answer {
+    Answer::of(&StatfsOut {
+        bsize: 4096,
+        namelen: 255,
+        ..Default::default()
+    })
+}
+
+/// LISTXATTR: the device has one attribute, naming the control socket.
+pub(super) fn listxattr(ino: u64, size: u32) -> Answer {
+    let mut list = Vec::new();
+    if ino == DEVICE_INO {
+        list.extend_from_slice(control::SOCKET_XATTR.as_bytes());
+        list.push(0);
+    }
+    xattr_value(size, &list)
+}
+
+/// An xattr value for a caller's buffer of `size` bytes: its length if
+/// `size` is 0, ERANGE if it does not fit.
+pub(super) fn xattr_value(size: u32, value: &[u8]) -> Answer {
+    if size == 0 {
+        Answer::of(&GetxattrOut {
+            size: value.len() as u32,
+            padding: 0,
+        })
+    } else if (size as usize) < value.len() {
+        Errno::ERANGE.into()
+    } else {
+        Answer::Ok(value.to_vec())
     }
 }
 

@@ -3,6 +3,7 @@
 //! of it undone if anything fails or the kexec is called off.
 
 use std::os::fd::AsFd;
+use std::path::Path;
 
 use luo_kexec_helper::handover::StashedFile;
 use luo_store::Direction;
@@ -10,8 +11,8 @@ use luo_store::Direction;
 use super::control::refused_freeze;
 use super::Daemon;
 use crate::control::Response;
-use crate::log;
 use crate::persist::Header;
+use crate::{log, sys};
 
 /// A live update in progress, and what an adopted kexec left waiting.
 pub(super) struct Update {
@@ -225,5 +226,38 @@ impl Daemon {
             "withdrew {} stashes a kexec that did not happen left in kmod-shim",
             tokens.len()
         ));
+    }
+}
+
+/// An error and its causes as one sentence.
+/// Where the workload of `luo run` trees is tracked: a cgroup v2 directory
+/// named after the state dir, or none (with a warning) if cgroup v2 is not
+/// available.
+pub(super) fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Workload> {
+    let root = luo_kexec_helper::cgroup2_mount().or_else(|| {
+        let own = state_dir.join("cgroup");
+        std::fs::create_dir_all(&own).ok()?;
+        sys::mount("cgroup2", &own, Some("cgroup2"), 0, None).ok()?;
+        Some(own)
+    });
+    let Some(root) = root else {
+        log::warn(format_args!(
+            "no cgroup v2: updates will not end the processes of `luo run`"
+        ));
+        return None;
+    };
+    let name = state_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
+    match luo_kexec_helper::Workload::new(&root.join("luo").join(name), epoch) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn(format_args!(
+                "{}; updates will not end the processes of `luo run`",
+                log::error_chain(&e)
+            ));
+            None
+        }
     }
 }

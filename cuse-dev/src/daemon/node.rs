@@ -11,6 +11,7 @@ use crate::wire::abi::{
     Attr, AttrOut, EntryOut, InHeader, OpenOut, SetattrIn, FATTR_GID, FATTR_MODE, FATTR_UID,
     FOPEN_DIRECT_IO, FOPEN_NOFLUSH, FOPEN_NONSEEKABLE,
 };
+use crate::wire::fuse::Answer;
 
 pub(super) const ROOT_INO: u64 = 1;
 pub(super) const DEVICE_INO: u64 = 2;
@@ -52,17 +53,14 @@ impl DeviceNode {
         header.device_owner = self.device_owner;
         header.created_device = self.created_device;
     }
-}
 
-impl Daemon {
-    pub(super) fn attr(&self, ino: u64) -> Option<Attr> {
+    /// The attributes of inode `ino`; `slot` says whether it is a session
+    /// file.
+    pub(super) fn attr(&self, ino: u64, slot: bool) -> Option<Attr> {
         let (mode, (uid, gid)) = match ino {
             ROOT_INO => (libc::S_IFDIR | 0o755, (0, 0)),
-            DEVICE_INO => (
-                libc::S_IFREG | self.node.device_mode,
-                self.node.device_owner,
-            ),
-            ino if self.files.slots.contains_key(&ino) => (libc::S_IFREG | 0o600, (0, 0)),
+            DEVICE_INO => (libc::S_IFREG | self.device_mode, self.device_owner),
+            _ if slot => (libc::S_IFREG | 0o600, (0, 0)),
             _ => return None,
         };
         Some(Attr {
@@ -76,104 +74,133 @@ impl Daemon {
         })
     }
 
-    pub(super) fn entry(&self, unique: u64, ino: u64) {
-        let attr = self.attr(ino).expect("entry for a known inode");
-        self.chan.reply_struct(
-            unique,
-            &EntryOut {
+    /// `chmod` and `chown` of the device.
+    pub(super) fn set(&mut self, s: &SetattrIn) {
+        if s.valid & FATTR_MODE != 0 {
+            self.device_mode = s.mode & 0o7777;
+        }
+        if s.valid & FATTR_UID != 0 {
+            self.device_owner.0 = s.uid;
+        }
+        if s.valid & FATTR_GID != 0 {
+            self.device_owner.1 = s.gid;
+        }
+    }
+
+    /// Opens the device: a new file handle, or None while it is open (the
+    /// device is exclusive, as `/dev/liveupdate` is).
+    pub(super) fn open(&mut self) -> Option<u64> {
+        if self.device_holder.is_some() {
+            return None;
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.device_holder = Some(fh);
+        Some(fh)
+    }
+
+    /// The device's file handle `fh` was released.
+    pub(super) fn release(&mut self, fh: u64) {
+        if self.device_holder == Some(fh) {
+            self.device_holder = None;
+        }
+    }
+}
+
+/// The number of the session file named `s<N>`.
+pub(super) fn slot_number(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name)
+        .ok()?
+        .strip_prefix('s')?
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n < SLOT_BASE)
+}
+
+/// An open file handle on our filesystem (every open file is direct I/O,
+/// sends no FLUSH and cannot seek).
+fn opened(fh: u64) -> Answer {
+    Answer::of(&OpenOut {
+        fh,
+        open_flags: FOPEN_DIRECT_IO | FOPEN_NOFLUSH | FOPEN_NONSEEKABLE,
+        backing_id: 0,
+    })
+}
+
+impl Daemon {
+    pub(super) fn attr(&self, ino: u64) -> Option<Attr> {
+        self.node.attr(ino, self.files.slots.contains_key(&ino))
+    }
+
+    pub(super) fn getattr(&self, ino: u64) -> Answer {
+        match self.attr(ino) {
+            Some(attr) => Answer::of(&AttrOut {
+                attr,
+                ..Default::default()
+            }),
+            None => Errno::ENOENT.into(),
+        }
+    }
+
+    fn entry(&self, ino: u64) -> Answer {
+        match self.attr(ino) {
+            Some(attr) => Answer::of(&EntryOut {
                 nodeid: ino,
                 attr,
                 ..Default::default()
-            },
-        );
+            }),
+            None => Errno::ENOENT.into(),
+        }
     }
 
-    pub(super) fn lookup(&mut self, h: &InHeader, name: &[u8]) {
+    /// The device, or a session file the opener looks up (no one else
+    /// sees them).
+    pub(super) fn lookup(&mut self, h: &InHeader, name: &[u8]) -> Answer {
         if h.nodeid != ROOT_INO {
-            return self.chan.reply_err(h.unique, Errno::ENOENT);
+            return Errno::ENOENT.into();
         }
         if name == b"liveupdate" {
-            return self.entry(h.unique, DEVICE_INO);
+            return self.entry(DEVICE_INO);
         }
-        let slot = std::str::from_utf8(name)
-            .ok()
-            .and_then(|n| n.strip_prefix('s'))
-            .and_then(|n| n.parse::<u64>().ok());
-        match slot {
-            Some(n) if h.pid as i32 == self.files.opener_tid && n < SLOT_BASE => {
+        match slot_number(name) {
+            Some(n) if h.pid as i32 == self.files.opener_tid => {
                 self.files.slots.entry(SLOT_BASE + n).or_insert(None);
                 self.files.next_slot = self.files.next_slot.max(n + 1);
-                self.entry(h.unique, SLOT_BASE + n);
+                self.entry(SLOT_BASE + n)
             }
-            _ => self.chan.reply_err(h.unique, Errno::ENOENT),
+            _ => Errno::ENOENT.into(),
         }
     }
 
-    pub(super) fn setattr(&mut self, h: &InHeader, s: SetattrIn) {
+    pub(super) fn setattr(&mut self, h: &InHeader, s: SetattrIn) -> Answer {
         if h.nodeid != DEVICE_INO {
-            return self.chan.reply_err(h.unique, Errno::EPERM);
+            return Errno::EPERM.into();
         }
-        if s.valid & FATTR_MODE != 0 {
-            self.node.device_mode = s.mode & 0o7777;
-        }
-        if s.valid & FATTR_UID != 0 {
-            self.node.device_owner.0 = s.uid;
-        }
-        if s.valid & FATTR_GID != 0 {
-            self.node.device_owner.1 = s.gid;
-        }
-        let attr = self.attr(DEVICE_INO).expect("device inode");
-        self.chan.reply_struct(
-            h.unique,
-            &AttrOut {
-                attr,
-                ..Default::default()
-            },
-        );
+        self.node.set(&s);
+        self.getattr(DEVICE_INO)
     }
 
-    pub(super) fn open(&mut self, h: &InHeader) {
-        let flags = FOPEN_DIRECT_IO | FOPEN_NOFLUSH | FOPEN_NONSEEKABLE;
+    /// The device, once at a time; a session file, by the opener only.
+    pub(super) fn open(&mut self, h: &InHeader) -> Answer {
         match h.nodeid {
             DEVICE_INO => {
                 if self.node.device_holder.is_some() {
                     self.settle_releases();
                 }
-                if self.node.device_holder.is_some() {
-                    return self.chan.reply_err(h.unique, Errno::EBUSY);
-                }
-                let fh = self.node.next_fh;
-                self.node.next_fh += 1;
-                self.node.device_holder = Some(fh);
-                self.chan.reply_struct(
-                    h.unique,
-                    &OpenOut {
-                        fh,
-                        open_flags: flags,
-                        backing_id: 0,
-                    },
-                );
+                self.node.open().map_or(Errno::EBUSY.into(), opened)
             }
             ino if self.files.slots.contains_key(&ino) && h.pid as i32 == self.files.opener_tid => {
-                self.chan.reply_struct(
-                    h.unique,
-                    &OpenOut {
-                        fh: ino,
-                        open_flags: flags,
-                        backing_id: 0,
-                    },
-                );
+                opened(ino)
             }
-            _ => self.chan.reply_err(h.unique, Errno::EACCES),
+            _ => Errno::EACCES.into(),
         }
     }
 
+    /// The last reference to an open file is gone; a session file's
+    /// session is released, as closing its fd releases it in the kernel.
     pub(super) fn release(&mut self, ino: u64, fh: u64) {
         if ino == DEVICE_INO {
-            if self.node.device_holder == Some(fh) {
-                self.node.device_holder = None;
-            }
-            return;
+            return self.node.release(fh);
         }
         if let Some(Some(sid)) = self.files.slots.remove(&ino) {
             self.files.session_slot.remove(&sid);

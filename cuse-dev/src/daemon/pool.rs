@@ -114,8 +114,7 @@ impl Daemon {
     /// dying (5 times within a minute) stops the daemon, which keeps
     /// everything with the keeper for the next one.
     pub(super) fn respawn_opener(&mut self) -> std::result::Result<(), DaemonError> {
-        // SAFETY: reaps our child if it is gone; WNOHANG never blocks.
-        unsafe { libc::waitpid(self.files.opener_tid, std::ptr::null_mut(), libc::WNOHANG) };
+        sys::try_reap(self.files.opener_tid);
         let now = std::time::Instant::now();
         self.files
             .opener_deaths
@@ -175,26 +174,14 @@ impl Daemon {
     }
 
     pub(super) fn wait_for_opener(&mut self) -> Result<()> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.chan.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.files.opener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array of two pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, OPENER_PATIENCE_MS) } <= 0 {
+        let files = [self.chan.fd(), self.files.opener.as_fd()];
+        let Some([fuse, opener]) = sys::poll_readable(files, OPENER_PATIENCE_MS) else {
             return self.replace_hung_opener();
-        }
-        if fds[0].revents != 0 {
+        };
+        if fuse {
             self.drain_fuse();
         }
-        if fds[1].revents != 0 && self.on_pool_event().is_err() {
+        if opener && self.on_pool_event().is_err() {
             return Err(Errno::EIO);
         }
         Ok(())
@@ -209,16 +196,11 @@ impl Daemon {
             self.files.opener_tid,
             OPENER_PATIENCE_MS / 1000
         ));
-        // SAFETY: kill takes no pointers; the pid is our own child.
-        unsafe { libc::kill(self.files.opener_tid, libc::SIGKILL) };
+        sys::kill(self.files.opener_tid, libc::SIGKILL);
         // Reaped once it is gone (a killed waiter on a FUSE request goes at
         // once; never wait long here).
         for _ in 0..100 {
-            // SAFETY: waitpid on our own child; WNOHANG never blocks.
-            let r = unsafe {
-                libc::waitpid(self.files.opener_tid, std::ptr::null_mut(), libc::WNOHANG)
-            };
-            if r != 0 {
+            if sys::try_reap(self.files.opener_tid) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));

@@ -1,70 +1,54 @@
-//! Ioctls on a session file: PRESERVE_FD, RETRIEVE_FD, FINISH and GET_NAME,
+//! The session commands: PRESERVE_FD, RETRIEVE_FD, FINISH and GET_NAME,
 //! and the fd budget that keeps preserved files from taking the daemon's own
 //! fds.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use luo_store::{Errno, Result, SessionId};
-use zerocopy::IntoBytes;
 
 use super::caller::{refuse, Caller};
+use super::ioctl::Ucmd;
 use super::Daemon;
 use crate::caller::owners::{self, FdBudget};
 use crate::{log, sys, uapi};
 
 impl Daemon {
-    pub(super) fn session_ioctl(
-        &mut self,
-        sid: SessionId,
-        cmd: u32,
-        arg: u64,
-        caller: &Caller,
-    ) -> Result<()> {
-        let kind = self.store.direction(sid)?;
-        let d = uapi::decode(cmd, arg, caller.mem(), Some(kind))?;
-        match d.op.cmd {
-            uapi::PRESERVE_FD => {
-                let a: uapi::FdArgs = d.get();
-                self.preserve(sid, (a.fd, a.token), caller)?;
-                caller.write(arg, &d.buf[..d.respond_len()])
-            }
-            uapi::RETRIEVE_FD => self.retrieve_fd(sid, arg, &d, caller),
-            uapi::FINISH => {
-                let a: uapi::FinishArgs = d.get();
-                if a.reserved != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                self.store.finish(sid)?;
-                caller.write(arg, &d.buf[..d.respond_len()])
-            }
-            uapi::GET_NAME => {
-                let mut a: uapi::GetNameArgs = d.get();
-                if a.reserved != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                a.name = self.store.session(sid).ok_or(Errno::EBADF)?.name.to_field();
-                caller.write(arg, &a.as_bytes()[..d.respond_len()])
-            }
-            _ => Err(Errno::ENOTTY),
-        }
+    pub(super) fn preserve_fd(&mut self, u: &Ucmd<'_>) -> Result<()> {
+        let a: uapi::FdArgs = u.args();
+        self.preserve(u.session()?, (a.fd, a.token), u.caller)?;
+        u.respond_unchanged()
     }
 
-    pub(super) fn retrieve_fd(
-        &mut self,
-        sid: SessionId,
-        arg: u64,
-        d: &uapi::Decoded,
-        caller: &Caller,
-    ) -> Result<()> {
-        let mut a: uapi::FdArgs = d.get();
-        caller.write(arg, &d.buf[..d.respond_len()])?;
+    pub(super) fn retrieve_fd(&mut self, u: &Ucmd<'_>) -> Result<()> {
+        let sid = u.session()?;
+        let mut a: uapi::FdArgs = u.args();
+        u.respond_unchanged()?;
         self.rebuild_waiting(sid, a.token)?;
         let file = self.store.retrieve_fd(sid, a.token)?;
-        if !caller.can_install() {
-            return Err(refuse(caller, "SESSION_RETRIEVE_FD"));
+        if !u.caller.can_install() {
+            return Err(refuse(u.caller, "SESSION_RETRIEVE_FD"));
         }
-        a.fd = caller.install(file)?;
-        caller.write(arg, &a.as_bytes()[..d.respond_len()])
+        a.fd = u.caller.install(file)?;
+        u.respond(&a)
+    }
+
+    pub(super) fn finish(&mut self, u: &Ucmd<'_>) -> Result<()> {
+        let a: uapi::FinishArgs = u.args();
+        if a.reserved != 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.store.finish(u.session()?)?;
+        u.respond_unchanged()
+    }
+
+    pub(super) fn get_name(&mut self, u: &Ucmd<'_>) -> Result<()> {
+        let mut a: uapi::GetNameArgs = u.args();
+        if a.reserved != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let sid = u.session()?;
+        a.name = self.store.session(sid).ok_or(Errno::EBADF)?.name.to_field();
+        u.respond(&a)
     }
 
     /// SESSION_PRESERVE_FD of the caller's `fd` under `token`; the fd is

@@ -13,7 +13,7 @@ use super::event_loop::{
     Loop, TOKEN_CUSE, TOKEN_FUSE, TOKEN_LISTENER_BASE, TOKEN_POOL, TOKEN_SIGNAL,
 };
 use super::journal::Saved;
-use super::kexec::Update;
+use super::kexec::{workload_tracker, Update};
 use super::node::DeviceNode;
 use super::pool::{grant_credit, SessionFiles, POOL_SIZE};
 use super::trap::Runs;
@@ -312,38 +312,5 @@ impl Daemon {
             fds: FdBudget::current(),
             fds_short: false,
         })
-    }
-}
-
-/// An error and its causes as one sentence.
-/// Where the workload of `luo run` trees is tracked: a cgroup v2 directory
-/// named after the state dir, or none (with a warning) if cgroup v2 is not
-/// available.
-pub(super) fn workload_tracker(state_dir: &Path, epoch: u64) -> Option<luo_kexec_helper::Workload> {
-    let root = luo_kexec_helper::cgroup2_mount().or_else(|| {
-        let own = state_dir.join("cgroup");
-        std::fs::create_dir_all(&own).ok()?;
-        sys::mount("cgroup2", &own, Some("cgroup2"), 0, None).ok()?;
-        Some(own)
-    });
-    let Some(root) = root else {
-        log::warn(format_args!(
-            "no cgroup v2: updates will not end the processes of `luo run`"
-        ));
-        return None;
-    };
-    let name = state_dir
-        .to_string_lossy()
-        .trim_matches('/')
-        .replace('/', "_");
-    match luo_kexec_helper::Workload::new(&root.join("luo").join(name), epoch) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            log::warn(format_args!(
-                "{}; updates will not end the processes of `luo run`",
-                log::error_chain(&e)
-            ));
-            None
-        }
     }
 }

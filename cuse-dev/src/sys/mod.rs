@@ -484,6 +484,36 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Reaps the child `pid` if it has exited (`waitpid` with `WNOHANG`, which
+/// never blocks); whether it was reaped or is no child of ours.
+pub fn try_reap(pid: i32) -> bool {
+    // SAFETY: waitpid with a null status pointer and WNOHANG never blocks
+    // and writes nothing.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) != 0 }
+}
+
+/// Sends `signal` to `pid`.
+pub fn kill(pid: i32, signal: i32) {
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// Waits up to `timeout_ms` for any of `fds` to become readable; which
+/// are, or None if none became so in time (or the wait failed).
+pub fn poll_readable<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
+    timeout_ms: i32,
+) -> Option<[bool; N]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: polled is a valid array of N pollfds.
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+    (n > 0).then(|| polled.map(|p| p.revents != 0))
+}
+
 /// Restores SIGPIPE's default action, so that a command-line tool ends
 /// quietly when the reader of its output goes away (`luo status | head`).
 pub fn default_sigpipe() {

@@ -107,9 +107,29 @@ pub enum Kind {
     All,
 }
 
+/// The commands of the uAPI, one per row of the tables below; the daemon
+/// runs one handler per command (`luo_ioctl_op.execute`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Command {
+    /// `LIVEUPDATE_IOCTL_CREATE_SESSION`.
+    CreateSession,
+    /// `LIVEUPDATE_IOCTL_RETRIEVE_SESSION`.
+    RetrieveSession,
+    /// `LIVEUPDATE_SESSION_PRESERVE_FD`.
+    PreserveFd,
+    /// `LIVEUPDATE_SESSION_RETRIEVE_FD`.
+    RetrieveFd,
+    /// `LIVEUPDATE_SESSION_FINISH`.
+    Finish,
+    /// `LIVEUPDATE_SESSION_GET_NAME`.
+    GetName,
+}
+
 /// One row of an ioctl table (`struct luo_ioctl_op`).
 #[derive(Clone, Copy, Debug)]
 pub struct OpDesc {
+    /// The command it decodes.
+    pub command: Command,
     /// The full command number.
     pub cmd: u32,
     /// `sizeof` the kernel struct.
@@ -123,12 +143,14 @@ pub struct OpDesc {
 /// Commands on `/dev/liveupdate` (base 0x00).
 pub const DEVICE_OPS: [OpDesc; 2] = [
     OpDesc {
+        command: Command::CreateSession,
         cmd: CREATE_SESSION,
         size: 72,
         min_size: 72,
         kind: Kind::All,
     },
     OpDesc {
+        command: Command::RetrieveSession,
         cmd: RETRIEVE_SESSION,
         size: 72,
         min_size: 72,
@@ -139,24 +161,28 @@ pub const DEVICE_OPS: [OpDesc; 2] = [
 /// Commands on session fds (base 0x40).
 pub const SESSION_OPS: [OpDesc; 4] = [
     OpDesc {
+        command: Command::PreserveFd,
         cmd: PRESERVE_FD,
         size: 16,
         min_size: 16,
         kind: Kind::Outgoing,
     },
     OpDesc {
+        command: Command::RetrieveFd,
         cmd: RETRIEVE_FD,
         size: 16,
         min_size: 16,
         kind: Kind::Incoming,
     },
     OpDesc {
+        command: Command::Finish,
         cmd: FINISH,
         size: 8,
         min_size: 8,
         kind: Kind::Incoming,
     },
     OpDesc {
+        command: Command::GetName,
         cmd: GET_NAME,
         size: 72,
         min_size: 72,
@@ -181,6 +207,11 @@ impl Decoded {
         T::read_from_prefix(&self.buf)
             .expect("buffer sized for the op")
             .0
+    }
+
+    /// The command decoded.
+    pub fn command(&self) -> Command {
+        self.op.command
     }
 
     /// Bytes to copy back to the caller (`luo_ucmd_respond`).

@@ -136,6 +136,41 @@ fn read_request(fd: i32, buf: &mut [u8]) -> io::Result<Option<Request>> {
     }
 }
 
+/// The answer to a FUSE request, as a value: the code that serves a
+/// request decides it, and [`Channel::answer`] alone sends it (fuser's
+/// `ll::Response`), so that what a request gets can be checked without a
+/// mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Success, with this body (empty for most requests).
+    Ok(Vec<u8>),
+    /// Failure.
+    Err(Errno),
+}
+
+impl Answer {
+    /// Success with no body.
+    pub fn empty() -> Answer {
+        Answer::Ok(Vec::new())
+    }
+
+    /// Success with `value` as the body.
+    pub fn of<T: IntoBytes + Immutable>(value: &T) -> Answer {
+        Answer::Ok(value.as_bytes().to_vec())
+    }
+
+    /// Success with `parts` one after another as the body.
+    pub fn parts(parts: &[&[u8]]) -> Answer {
+        Answer::Ok(parts.concat())
+    }
+}
+
+impl From<Errno> for Answer {
+    fn from(e: Errno) -> Answer {
+        Answer::Err(e)
+    }
+}
+
 /// A reply held back in a batch: the whole message (its header names the
 /// request) and the device it goes to. The route is kept beside the request
 /// id, never in it: every bit of the id is the kernel's (a resent request
@@ -248,19 +283,14 @@ impl Channel {
         read_request(self.fd.as_raw_fd(), &mut self.buf)
     }
 
-    /// Sends a reply made of `parts` after the header.
-    pub fn reply(&self, unique: u64, parts: &[&[u8]]) {
-        self.send(unique, 0, parts);
-    }
-
-    /// Sends an error reply.
-    pub fn reply_err(&self, unique: u64, errno: Errno) {
-        self.send(unique, -errno.0, &[]);
-    }
-
-    /// Sends a struct as the whole reply.
-    pub fn reply_struct<T: IntoBytes + Immutable>(&self, unique: u64, value: &T) {
-        self.send(unique, 0, &[value.as_bytes()]);
+    /// Sends the answer to request `unique` (or holds it back while a batch
+    /// is open): the one place a reply is made.
+    pub fn answer(&self, unique: u64, answer: Answer) {
+        match answer {
+            Answer::Ok(body) if body.is_empty() => self.send(unique, 0, &[]),
+            Answer::Ok(body) => self.send(unique, 0, &[&body]),
+            Answer::Err(e) => self.send(unique, -e.0, &[]),
+        }
     }
 
     /// Starts holding replies back; returns false if a batch is already open.
@@ -454,10 +484,10 @@ mod tests {
         chan.attach_cuse(cuse);
         assert!(chan.begin_batch());
         chan.route(false);
-        chan.reply(RESENT | 4, &[]);
+        chan.answer(RESENT | 4, Answer::empty());
         chan.route(true);
-        chan.reply(6, &[]);
-        chan.reply(RESENT | 8, &[]);
+        chan.answer(6, Answer::empty());
+        chan.answer(RESENT | 8, Answer::empty());
         // Saved and reloaded, as a restarted daemon resends them.
         let saved = serde_json::to_vec(&chan.batch()).unwrap();
         chan.end_batch();
