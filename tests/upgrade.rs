@@ -69,7 +69,10 @@ fn build_previous() -> PathBuf {
     std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
     drop(tar.stdin.take());
     assert!(tar.wait().unwrap().success(), "unpacking {rev} failed");
-    eprintln!("building the previous release {rev} (once; cached in {})", cache.display());
+    eprintln!(
+        "building the previous release {rev} (once; cached in {})",
+        cache.display()
+    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--locked", "-p", "luo-cuse-dev", "--bin", "luo"])
@@ -77,7 +80,10 @@ fn build_previous() -> PathBuf {
         .current_dir(&src)
         .status()
         .expect("run cargo");
-    assert!(status.success(), "building the previous release {rev} failed");
+    assert!(
+        status.success(),
+        "building the previous release {rev} failed"
+    );
     bin
 }
 
@@ -115,7 +121,11 @@ impl Machine {
             .expect("start luo daemon");
         self.daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.luo(luo, &["status", "--state-dir"], true).status.success() {
+        while !self
+            .luo(luo, &["status", "--state-dir"], true)
+            .status
+            .success()
+        {
             assert!(
                 Instant::now() < deadline,
                 "{} daemon did not answer",
@@ -183,7 +193,9 @@ impl Machine {
         );
         assert!(text.contains("match their stage-1 checksums"), "{text}");
         assert!(
-            text.contains(&format!("{EXTRA_SESSIONS} extra sessions retrieved, checked")),
+            text.contains(&format!(
+                "{EXTRA_SESSIONS} extra sessions retrieved, checked"
+            )),
             "{text}"
         );
     }
@@ -222,7 +234,9 @@ impl Machine {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             let ours = args.iter().any(|a| *a == b"keeper")
-                && args.iter().any(|a| *a == keeper.as_os_str().as_encoded_bytes());
+                && args
+                    .iter()
+                    .any(|a| *a == keeper.as_os_str().as_encoded_bytes());
             if let (true, Ok(pid)) = (ours, entry.file_name().to_string_lossy().parse::<i32>()) {
                 // SAFETY: kill takes no pointers.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
