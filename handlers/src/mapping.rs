@@ -1,8 +1,9 @@
-//! A shared, writable mapping of a whole memfd (`mmap`/`munmap`), handed
-//! out page by page: guest RAM in the demo, a stash read back after a kexec,
+//! A shared, writable mapping of a whole memfd (`mmap`/`munmap`), read and
+//! written through borrows of it (other processes that map the same file
+//! see the same pages): guest RAM in the demo, a stash read back after a kexec,
 //! the shim check's patterns.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// The page size pages are counted in.
 pub const PAGE: usize = 4096;
@@ -23,7 +24,7 @@ impl Mapping {
     ///
     /// # Errors
     /// `mmap` failures.
-    pub fn new(fd: RawFd, len: usize) -> std::io::Result<Mapping> {
+    pub fn new(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
         // SAFETY: a fresh shared mapping of `len` bytes of an fd we hold.
         let p = unsafe {
             libc::mmap(
@@ -31,7 +32,7 @@ impl Mapping {
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd,
+                fd.as_raw_fd(),
                 0,
             )
         };
@@ -48,29 +49,36 @@ impl Mapping {
 
     /// Page `i` as u64 words.
     ///
-    /// # Safety
-    /// No other thread may write page `i` while the slice lives.
-    #[expect(
-        clippy::mut_from_ref,
-        reason = "pages are handed out under the caller's exclusivity contract"
-    )]
-    pub unsafe fn page(&self, i: usize) -> &mut [u64] {
-        // SAFETY: i < pages() keeps the page inside the mapping; the caller
-        // guarantees exclusive access to it.
+    /// # Panics
+    /// If `i` is not below [`Mapping::pages`].
+    pub fn page(&self, i: usize) -> &[u64] {
+        assert!(i < self.pages(), "page {i} of {}", self.pages());
+        // SAFETY: page i lies inside the mapping, which lives as long as
+        // self; u64 has no invalid values and the mapping is page-aligned.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(i * PAGE).cast(), PAGE / 8) }
+    }
+
+    /// Page `i` as u64 words, to write.
+    ///
+    /// # Panics
+    /// If `i` is not below [`Mapping::pages`].
+    pub fn page_mut(&mut self, i: usize) -> &mut [u64] {
+        assert!(i < self.pages(), "page {i} of {}", self.pages());
+        // SAFETY: as in `page`; `&mut self` makes the slice the only view
+        // of it in this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * PAGE).cast(), PAGE / 8) }
     }
 
     /// The whole mapping as bytes.
-    ///
-    /// # Safety
-    /// No other thread may use the mapping while the slice lives.
-    #[expect(
-        clippy::mut_from_ref,
-        reason = "the caller vouches for exclusive access"
-    )]
-    pub unsafe fn bytes(&self) -> &mut [u8] {
-        // SAFETY: ptr..ptr+len is the mapping; the caller guarantees
-        // exclusive access.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is the mapping, alive as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The whole mapping as bytes, to write.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; `&mut self` makes the slice the only view
+        // of it in this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
@@ -82,5 +90,8 @@ impl Drop for Mapping {
     }
 }
 
-// SAFETY: the mapping is plain shared memory; access discipline is per page.
+// SAFETY: the mapping is plain shared memory owned by the value; writing
+// needs `&mut Mapping`, so shared references only read.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
 unsafe impl Sync for Mapping {}

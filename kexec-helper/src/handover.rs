@@ -9,7 +9,7 @@
 //! simulated update.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use luo_handlers::mem::{self, Mapping};
 use luo_store::{Errno, FileImage, StoreImage};
@@ -212,13 +212,12 @@ fn adopt_on_every_cpu(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<Fill
 
 /// Reads the stash into a shared mapping of `fd`.
 fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), Fill> {
-    let map =
-        Mapping::new(fd.as_raw_fd(), f.size as usize).map_err(|e| match e.raw_os_error() {
+    let mut map =
+        Mapping::new(fd.as_fd(), f.size as usize).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOMEM | libc::ENOSPC) => Fill::NoMemory(e.to_string()),
             _ => Fill::Failed(e.to_string()),
         })?;
-    // SAFETY: the mapping is ours alone until it is dropped below.
-    let bytes = unsafe { map.bytes() };
+    let bytes = map.bytes_mut();
     for start in (0..bytes.len()).step_by(4 << 20) {
         let end = (start + (4 << 20)).min(bytes.len());
         shim.read(f.shim_token, start as u64, &mut bytes[start..end])

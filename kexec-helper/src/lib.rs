@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod handover;
 pub mod kexec;
 pub mod shim;
+mod sys;
 mod update;
 mod workload;
 

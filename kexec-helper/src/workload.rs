@@ -121,8 +121,7 @@ impl Workload {
         if self.write("cgroup.kill", "1", "kill the workload").is_err() {
             // Kernels before 5.14 have no cgroup.kill.
             for pid in self.pids() {
-                // SAFETY: kill takes no pointers.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                crate::sys::kill(pid, libc::SIGKILL);
             }
         }
         self.write("cgroup.freeze", "0", "thaw the killed workload")?;

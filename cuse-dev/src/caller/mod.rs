@@ -5,8 +5,8 @@
 //! ([`seccomp`]).
 
 pub mod deadline;
-mod memory;
 pub mod owners;
+mod process_vm;
 pub mod seccomp;
 
-pub use memory::{comm, pidfd_getfd, pidfd_open, CallerMem, PinnedVm, ProcessVm};
+pub use process_vm::{comm, pidfd_getfd, pidfd_open, CallerMem, PinnedVm, ProcessVm};

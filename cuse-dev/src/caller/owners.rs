@@ -128,13 +128,7 @@ impl FdBudget {
 
     /// The budget under the daemon's current `RLIMIT_NOFILE`.
     pub fn current() -> FdBudget {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: lim is a valid out pointer.
-        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-        FdBudget::new(if ok { lim.rlim_cur as usize } else { 1024 })
+        FdBudget::new(crate::sys::nofile_limit().map_or(1024, |n| n as usize))
     }
 
     /// Fds the daemon may still open for owners other than root, given the
@@ -224,8 +218,7 @@ mod tests {
     fn the_effective_uid_is_the_second_of_the_four() {
         let status = "Name:\tx\nUid:\t1000\t65534\t1000\t65534\nGid:\t0\t0\t0\t0\n";
         assert_eq!(parse_effective_uid(status), Some(65534));
-        // SAFETY: geteuid cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let me = crate::sys::geteuid();
         assert_eq!(effective_uid(std::process::id() as i32), Some(me));
     }
 

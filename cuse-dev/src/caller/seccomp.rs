@@ -255,6 +255,47 @@ impl Listener {
     }
 }
 
+/// Makes one trapped call that the daemon answers with `EBADF`, so that it
+/// learns where this filter's notification ids start before any call of the
+/// program (see `seccomp::Listener::last_id`). The call is made by a child:
+/// should the daemon be killed between receiving it and saving it, the child
+/// is killed and another one tries, so the program never starts with its
+/// first call unknown to the daemon. Runs between fork and exec, in
+/// `luo run`.
+pub fn first_call() {
+    const CREATE_SESSION: libc::c_ulong = 0xBA00;
+    for _ in 0..10 {
+        // SAFETY: single-threaded; the child only makes one ioctl and exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: fd -1 never names a file; the call is trapped and answered.
+            unsafe {
+                libc::ioctl(-1, CREATE_SESSION, 0);
+                libc::_exit(0);
+            }
+        }
+        if pid < 0 {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            // SAFETY: pid is our child.
+            if unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == pid {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                // SAFETY: pid is our child, not yet reaped.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! listener goes to the daemon, so fd-returning ioctls get real fds.
 
 use std::os::fd::AsFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -107,46 +107,6 @@ fn register(socket: &Path, listener: std::os::fd::BorrowedFd<'_>) -> std::io::Re
     }
 }
 
-/// Makes one trapped call that the daemon answers with `EBADF`, so that it
-/// learns where this filter's notification ids start before any call of the
-/// program (see `seccomp::Listener::last_id`). The call is made by a child:
-/// should the daemon be killed between receiving it and saving it, the child
-/// is killed and another one tries, so the program never starts with its
-/// first call unknown to the daemon. Runs between fork and exec.
-fn first_call() {
-    const CREATE_SESSION: libc::c_ulong = 0xBA00;
-    for _ in 0..10 {
-        // SAFETY: single-threaded; the child only makes one ioctl and exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: fd -1 never names a file; the call is trapped and answered.
-            unsafe {
-                libc::ioctl(-1, CREATE_SESSION, 0);
-                libc::_exit(0);
-            }
-        }
-        if pid < 0 {
-            return;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        loop {
-            // SAFETY: pid is our child.
-            if unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == pid {
-                return;
-            }
-            if std::time::Instant::now() > deadline {
-                // SAFETY: pid is our child, not yet reaped.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-    }
-}
-
 /// Runs `argv` under the filter and returns its exit code (128+signal if it
 /// was killed).
 ///
@@ -157,19 +117,22 @@ pub fn run(device: &Path, argv: &[String]) -> Result<i32, RunError> {
     let privileged = has_cap_sys_admin();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    // SAFETY: `luo run` is single-threaded, so the child may allocate; the
-    // closure only installs the filter and talks to the daemon.
-    unsafe {
-        cmd.pre_exec(move || {
-            if !privileged && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let listener = seccomp::install_filter().map_err(std::io::Error::from)?;
-            register(&socket, listener.as_fd())?;
-            first_call();
-            Ok(())
-        });
-    }
+    // Between fork and exec: the filter, the daemon told of it, and the
+    // first trapped call made (`luo run` is single-threaded, so this may
+    // allocate).
+    sys::before_exec_single_threaded(&mut cmd, move || {
+        if !privileged {
+            sys::no_new_privs()?;
+        }
+        let listener = seccomp::install_filter().map_err(std::io::Error::from)?;
+        register(&socket, listener.as_fd())?;
+        seccomp::first_call();
+        Ok(())
+    })
+    .map_err(|source| RunError::Spawn {
+        program: argv[0].clone(),
+        source,
+    })?;
     let status = cmd.status().map_err(|source| RunError::Spawn {
         program: argv[0].clone(),
         source,

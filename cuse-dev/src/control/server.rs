@@ -338,25 +338,17 @@ impl Conn {
     /// Sends what the peer takes now; `Ok(true)` once everything is sent.
     fn send(&mut self) -> Result<bool, ()> {
         while self.sent < self.output.len() {
-            // SAFETY: sends from a live buffer; MSG_DONTWAIT never blocks and
-            // MSG_NOSIGNAL turns a closed peer into EPIPE, not a signal.
-            let n = unsafe {
-                libc::send(
-                    self.stream.as_raw_fd(),
-                    self.output[self.sent..].as_ptr().cast(),
-                    self.output.len() - self.sent,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
+            let n = match sys::send_nonblocking(self.stream.as_fd(), &self.output[self.sent..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    return match e.kind() {
+                        std::io::ErrorKind::WouldBlock => Ok(false),
+                        std::io::ErrorKind::Interrupted => continue,
+                        _ => Err(()),
+                    }
+                }
             };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return match e.kind() {
-                    std::io::ErrorKind::WouldBlock => Ok(false),
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ => Err(()),
-                };
-            }
-            self.sent += n as usize;
+            self.sent += n;
             self.deadline = Instant::now() + IDLE;
         }
         Ok(true)

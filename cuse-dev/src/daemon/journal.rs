@@ -16,7 +16,7 @@ use crate::caller::seccomp::Listener;
 use crate::log;
 use crate::persist::keeper::Keeper;
 use crate::persist::{self, Header, Journal, KeptFds, Record, SessionRecord};
-use crate::wire::fuse::Channel;
+use crate::wire::dev_fuse::Channel;
 
 /// What has been saved, and where.
 pub(super) struct Saved {

@@ -54,7 +54,7 @@ use thiserror::Error;
 use crate::caller::owners::{self, FdBudget};
 use crate::log;
 use crate::persist;
-use crate::wire::fuse::Channel;
+use crate::wire::dev_fuse::Channel;
 use event_loop::Loop;
 use journal::Saved;
 use kexec::Update;

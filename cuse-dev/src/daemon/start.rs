@@ -24,7 +24,7 @@ use crate::control::{self, Request as CtlRequest};
 use crate::persist::keeper::Keeper;
 use crate::persist::opener::Opener;
 use crate::persist::{self, Header, KeptFds, Loaded};
-use crate::wire::fuse::Channel;
+use crate::wire::dev_fuse::Channel;
 use crate::{log, sys};
 
 impl Daemon {

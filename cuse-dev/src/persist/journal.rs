@@ -1,7 +1,7 @@
 //! The journal being written, and the mirror of what the keeper holds.
 
 use std::collections::HashSet;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use luo_store::{journal_header, journal_record};
@@ -80,20 +80,10 @@ impl Journal {
             return Ok(());
         }
         let want = (self.size + room).next_multiple_of(64 << 10) - self.size;
-        // SAFETY: plain syscall on our file.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                self.size as i64,
-                want as i64,
-            )
-        };
-        if r == 0 {
+        let Err(e) = crate::sys::reserve_space(self.file.as_fd(), self.size, want) else {
             self.allocated = self.size + want;
             return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
+        };
         if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
             // A filesystem without fallocate: writes are all there is.
             self.allocated = u64::MAX;

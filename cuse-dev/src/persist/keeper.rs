@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control;
+use crate::{control, sys};
 
 /// A request to the keeper.
 #[derive(Serialize, Deserialize, Debug)]
@@ -70,24 +70,17 @@ pub fn serve(socket: &Path) -> std::io::Result<()> {
     let listener = UnixListener::bind(socket)?;
     let mut fds: HashMap<String, OwnedFd> = HashMap::new();
     let mut conns: Vec<UnixStream> = Vec::new();
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = sys::geteuid();
     loop {
-        let mut polled: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
-            .chain(conns.iter().map(|c| c.as_raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
+        let watched: Vec<BorrowedFd<'_>> = std::iter::once(listener.as_fd())
+            .chain(conns.iter().map(|c| c.as_fd()))
             .collect();
-        // SAFETY: polled is a valid array of pollfds for the call.
-        if unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as _, -1) } < 0 {
+        let Ok(ready) = sys::poll_many(&watched, -1) else {
             continue;
-        }
+        };
         let mut closed = Vec::new();
-        for (i, p) in polled.iter().enumerate().skip(1) {
-            if p.revents == 0 {
+        for (i, ready) in ready.iter().enumerate().skip(1) {
+            if !ready {
                 continue;
             }
             let stream = &conns[i - 1];
@@ -106,7 +99,7 @@ pub fn serve(socket: &Path) -> std::io::Result<()> {
         for i in closed.into_iter().rev() {
             conns.swap_remove(i);
         }
-        if polled[0].revents != 0 {
+        if ready[0] {
             if let Ok((stream, _)) = listener.accept() {
                 // Only our own user may take fds (the socket is also in a 0700 dir).
                 if crate::sys::peer_uid(stream.as_fd()).ok() == Some(me) {
@@ -181,8 +174,7 @@ pub struct ForeignKeeper {
 fn connect_own(socket: &Path) -> std::io::Result<UnixStream> {
     let stream = UnixStream::connect(socket)?;
     let uid = crate::sys::peer_uid(stream.as_fd())?;
-    // SAFETY: geteuid cannot fail.
-    if uid != unsafe { libc::geteuid() } {
+    if uid != sys::geteuid() {
         let socket = socket.to_owned();
         return Err(std::io::Error::other(ForeignKeeper { socket, uid }));
     }
@@ -223,13 +215,7 @@ impl Keeper {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: setsid is async-signal-safe and touches no memory.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        sys::new_session_on_spawn(&mut cmd);
         cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

@@ -12,7 +12,7 @@
 //! `N` (8 bytes) with the fd. First it reports whether binding the device
 //! worked: `u64::MAX` and an errno (0 for success).
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use crate::sys;
@@ -37,31 +37,10 @@ pub struct Opener {
 /// # Errors
 /// socketpair or fork failures.
 pub fn spawn(opener: &Opener) -> std::io::Result<(OwnedFd, i32)> {
-    let mut sv = [0; 2];
-    // SAFETY: sv has room for two fds.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            sv.as_mut_ptr(),
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: socketpair returned two fresh fds that we own.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
-    // SAFETY: the caller guarantees the process is single-threaded, so the
-    // child may go on running ordinary code.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if pid == 0 {
-        drop(ours);
-        run(opener, theirs);
-    }
+    let (ours, theirs) = sys::seqpacket_pair()?;
+    // The child's copy of `ours` goes with every other fd but its socket
+    // (`sys::keep_only_fd3`).
+    let pid = sys::fork_single_threaded(|| run(opener, theirs))?;
     Ok((ours, pid))
 }
 
@@ -72,38 +51,14 @@ pub fn spawn(opener: &Opener) -> std::io::Result<(OwnedFd, i32)> {
 /// # Errors
 /// socketpair or spawn failures.
 pub fn respawn(fs: &std::path::Path, first_slot: u64) -> std::io::Result<(OwnedFd, i32)> {
-    let mut sv = [0; 2];
-    // SAFETY: sv has room for two fds.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            sv.as_mut_ptr(),
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: socketpair returned two fresh fds that we own.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let (ours, theirs) = sys::seqpacket_pair()?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("opener")
         .arg("--fs")
         .arg(fs)
         .arg("--first-slot")
         .arg(first_slot.to_string());
-    let raw = theirs.as_raw_fd();
-    // SAFETY: dup2 and prctl are async-signal-safe and touch no memory.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::dup2(raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    sys::fd3_and_death_signal_on_spawn(&mut cmd, theirs.as_fd());
     let child = cmd.spawn()?;
     drop(theirs);
     Ok((ours, child.id() as i32))
@@ -117,25 +72,19 @@ pub fn serve_fd3(fs: PathBuf, first_slot: u64) -> ! {
         bind_device: None,
         first_slot,
     };
-    // SAFETY: fd 3 is the socket the daemon passed; nothing else owns it.
-    let sock = unsafe { OwnedFd::from_raw_fd(3) };
-    run(&opener, sock)
+    match sys::take_inherited_fd3() {
+        Ok(sock) => run(&opener, sock),
+        Err(e) => {
+            eprintln!("luo opener: fd 3 is not the daemon's socket ({e})");
+            sys::exit_now(1)
+        }
+    }
 }
 
 /// The child: never returns.
 fn run(opener: &Opener, sock: OwnedFd) -> ! {
-    // SAFETY: prctl/close_range take no pointers; the opener keeps only its
-    // socket (moved to fd 3) and the standard fds.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        if sock.as_raw_fd() != 3 {
-            libc::dup2(sock.as_raw_fd(), 3);
-        }
-        libc::close_range(4, u32::MAX, 0);
-    }
-    std::mem::forget(sock);
-    // SAFETY: fd 3 is the socket dup'ed above.
-    let sock = unsafe { BorrowedFd::borrow_raw(3) };
+    // The opener keeps only its socket (as fd 3) and the standard fds.
+    let sock = sys::keep_only_fd3(sock);
     let bound = match &opener.bind_device {
         Some(device) => sys::bind(&opener.fs.join("liveupdate"), device),
         None => Ok(()),
@@ -147,8 +96,7 @@ fn run(opener: &Opener, sock: OwnedFd) -> ! {
     report.extend_from_slice(&errno.to_le_bytes());
     if errno != 0 || sys::send_with_fd(sock, &report, None).is_err() {
         let _ = sys::send_with_fd(sock, &report, None);
-        // SAFETY: _exit ends the child without running the parent's destructors.
-        unsafe { libc::_exit(1) };
+        sys::exit_now(1);
     }
     let mut credit = [0u8; 1];
     for n in opener.first_slot.. {
@@ -163,6 +111,5 @@ fn run(opener: &Opener, sock: OwnedFd) -> ! {
             break;
         }
     }
-    // SAFETY: as above.
-    unsafe { libc::_exit(0) }
+    sys::exit_now(0)
 }

@@ -11,11 +11,13 @@
 //!
 //! Every refusal is an error whose text is the reason, as a sentence.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+
+use crate::sys::{self, fstat, openat};
 
 /// A refusal whose text is `reason`.
 fn untrusted(reason: String) -> io::Error {
@@ -31,38 +33,7 @@ fn us() -> String {
 }
 
 fn euid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_encoded_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// `openat(2)` of one directory entry.
-fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let c = cstr(name)?;
-    // SAFETY: c is a valid C string; dir is an open fd.
-    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) })?;
-    // SAFETY: openat returned a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `fstat(2)`.
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain data; fstat overwrites it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: st is a valid out pointer; fd is open.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
+    sys::geteuid()
 }
 
 /// Opens the next component `name` of a path as a directory, never through a
@@ -78,10 +49,7 @@ fn step(
     let flags = flags | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     match openat(dir, name, flags) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            let c = cstr(name)?;
-            // SAFETY: c is a valid C string; dir is an open fd.
-            let made = check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) });
-            if let Err(e) = made.map(drop) {
+            if let Err(e) = sys::mkdirat(dir, name, mode) {
                 if e.raw_os_error() != Some(libc::EEXIST) {
                     return Err(e);
                 }
@@ -149,12 +117,7 @@ pub fn open_dir_nofollow(
 
 fn openat_cwd(dir: &str) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    // SAFETY: AT_FDCWD is always a valid dirfd for openat.
-    openat(
-        unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
-        OsStr::new(dir),
-        flags,
-    )
+    openat(sys::cwd(), OsStr::new(dir), flags)
 }
 
 /// Refuses an open directory (at `path`) that is not owned by the daemon's
@@ -199,9 +162,7 @@ fn writers(mode: libc::mode_t) -> &'static str {
 pub fn secure_state_dir(dir: &Path) -> io::Result<()> {
     let fd = open_dir_nofollow(dir, 0o700, libc::O_RDONLY)?;
     check_private(fd.as_fd(), dir)?;
-    // SAFETY: fchmod takes no pointers; fd is an open directory.
-    check(unsafe { libc::fchmod(fd.as_raw_fd(), 0o700) })?;
-    Ok(())
+    sys::fchmod(fd.as_fd(), 0o700)
 }
 
 /// Sets who may reach the control socket `socket` in `state_dir`: root

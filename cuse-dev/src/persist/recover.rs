@@ -130,8 +130,7 @@ mod tests {
     #[test]
     fn a_sleeping_thread_is_no_waiter() {
         // This thread is running (R) while it reads its own stat.
-        // SAFETY: gettid cannot fail.
-        let tid = unsafe { libc::gettid() } as u32;
+        let tid = crate::sys::gettid() as u32;
         assert_eq!(waiter(tid), None);
         assert!(threads(None).contains(&tid));
     }

@@ -10,15 +10,16 @@
 //! total) have no floor.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Instant;
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use crate::client::ioctl as lu;
 use crate::client::run::daemon_socket;
 use crate::control::{self, Request};
-use crate::uapi::{self, FdArgs, GetNameArgs, SessionArgs};
+use crate::uapi::{self, FdArgs, GetNameArgs};
 
 /// One row of results.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -80,31 +81,22 @@ impl Timer<'_> {
     }
 }
 
-fn ioctl<T: IntoBytes>(fd: &File, cmd: u32, arg: &mut T) -> std::io::Result<()> {
-    // SAFETY: arg is a live struct of the size the command expects.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), cmd as _, (arg as *mut T).cast::<u8>()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+fn ioctl<T: IntoBytes + FromBytes + Immutable>(
+    fd: &File,
+    cmd: u32,
+    arg: &mut T,
+) -> std::io::Result<()> {
+    lu::call(fd.as_fd(), cmd, arg)
 }
 
-fn name_field(s: &str) -> [u8; 64] {
-    let mut f = [0u8; 64];
-    f[..s.len()].copy_from_slice(s.as_bytes());
-    f
-}
-
+/// CREATE_SESSION or RETRIEVE_SESSION of `name`.
 fn create(dev: &File, name: &str, cmd: u32) -> std::io::Result<File> {
-    let mut a = SessionArgs {
-        size: 72,
-        fd: -1,
-        name: name_field(name),
+    let session = if cmd == uapi::CREATE_SESSION {
+        lu::create_session(dev.as_fd(), name)?
+    } else {
+        lu::retrieve_session(dev.as_fd(), name)?
     };
-    ioctl(dev, cmd, &mut a)?;
-    // SAFETY: the ioctl returned a new fd that we now own.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(a.fd) }))
+    Ok(File::from(session))
 }
 
 fn memfd() -> std::io::Result<File> {
@@ -339,39 +331,23 @@ pub fn stage1(
     )?);
     if hold {
         let all = sessions.into_iter().chain([sizes, files]).chain(many);
-        crate::tools::demo::hold(all.map(OwnedFd::from).collect());
+        crate::sys::hold_in_child(all.map(OwnedFd::from).collect())?;
     }
     Ok(StageReport { rows, session: tag })
 }
 
 fn preserve(session: &File, file: &File, token: u64) -> std::io::Result<()> {
-    let mut a = FdArgs {
-        size: 16,
-        fd: file.as_raw_fd(),
-        token,
-    };
-    ioctl(session, uapi::PRESERVE_FD, &mut a)
+    lu::preserve_fd(session.as_fd(), file.as_fd(), token)
 }
 
 /// SESSION_RETRIEVE_FD of `token`; the fd is kept open in `kept`.
 fn retrieve(session: &File, token: u64, kept: &mut Vec<OwnedFd>) -> std::io::Result<()> {
-    let mut a = FdArgs {
-        size: 16,
-        fd: -1,
-        token,
-    };
-    ioctl(session, uapi::RETRIEVE_FD, &mut a)?;
-    // SAFETY: the ioctl returned a new fd that we now own.
-    kept.push(unsafe { OwnedFd::from_raw_fd(a.fd) });
+    kept.push(lu::retrieve_fd(session.as_fd(), token)?);
     Ok(())
 }
 
 fn finish(session: &File) -> std::io::Result<()> {
-    let mut fin = uapi::FinishArgs {
-        size: 8,
-        reserved: 0,
-    };
-    ioctl(session, uapi::FINISH, &mut fin)
+    lu::finish(session.as_fd())
 }
 
 /// Stage 2: RETRIEVE_FD of every file of the per-call session, then each

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::client::ioctl as lu;
 use crate::control::{self, Request};
 use crate::uapi;
 
@@ -57,11 +58,6 @@ fn step<T>(step: &str, r: std::io::Result<T>) -> Result<T, DemoError> {
         step: step.to_owned(),
         source,
     })
-}
-
-fn errno(what: &str) -> std::io::Error {
-    let e = std::io::Error::last_os_error();
-    std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// Memory backing the guest RAM.
@@ -258,52 +254,28 @@ fn free_huge_mib() -> Option<u64> {
 
 // ---- the VMM ---------------------------------------------------------------
 
-fn ioctl(fd: RawFd, cmd: u32, buf: &mut [u8], what: &str) -> std::io::Result<()> {
-    // SAFETY: buf is a live struct of the size the command expects.
-    if unsafe { libc::ioctl(fd, cmd as _, buf.as_mut_ptr()) } < 0 {
-        return Err(errno(what));
+/// An ioctl's error, with what was being done.
+fn context(what: &str) -> impl FnOnce(std::io::Error) -> std::io::Error + '_ {
+    move |e| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn session_ioctl(dev: BorrowedFd<'_>, cmd: u32, name: &str) -> std::io::Result<OwnedFd> {
+    let what = format!("session {name}");
+    if cmd == uapi::CREATE_SESSION {
+        lu::create_session(dev, name).map_err(context(&what))
+    } else {
+        lu::retrieve_session(dev, name).map_err(context(&what))
     }
-    Ok(())
 }
 
-fn session_ioctl(dev: RawFd, cmd: u32, name: &str) -> std::io::Result<OwnedFd> {
-    let mut a = [0u8; 72];
-    a[..4].copy_from_slice(&72u32.to_ne_bytes());
-    a[8..8 + name.len()].copy_from_slice(name.as_bytes());
-    ioctl(dev, cmd, &mut a, &format!("session {name}"))?;
-    // SAFETY: the ioctl returned a new fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes([a[4], a[5], a[6], a[7]])) })
+fn preserve(session: BorrowedFd<'_>, fd: BorrowedFd<'_>, token: u64) -> std::io::Result<()> {
+    lu::preserve_fd(session, fd, token).map_err(context(&format!("preserving token {token}")))
 }
 
-fn fd_args(fd: RawFd, token: u64) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[..4].copy_from_slice(&16u32.to_ne_bytes());
-    a[4..8].copy_from_slice(&fd.to_ne_bytes());
-    a[8..].copy_from_slice(&token.to_ne_bytes());
-    a
-}
-
-fn preserve(session: RawFd, fd: RawFd, token: u64) -> std::io::Result<()> {
-    ioctl(
-        session,
-        uapi::PRESERVE_FD,
-        &mut fd_args(fd, token),
-        &format!("preserving token {token}"),
-    )
-}
-
-fn retrieve(session: RawFd, token: u64) -> std::io::Result<File> {
-    let mut a = fd_args(-1, token);
-    ioctl(
-        session,
-        uapi::RETRIEVE_FD,
-        &mut a,
-        &format!("retrieving token {token}"),
-    )?;
-    // SAFETY: the ioctl returned a new fd that we now own.
-    Ok(File::from(unsafe {
-        OwnedFd::from_raw_fd(i32::from_ne_bytes([a[4], a[5], a[6], a[7]]))
-    }))
+fn retrieve(session: BorrowedFd<'_>, token: u64) -> std::io::Result<File> {
+    let file =
+        lu::retrieve_fd(session, token).map_err(context(&format!("retrieving token {token}")))?;
+    Ok(File::from(file))
 }
 
 fn fill(page: &mut [u64], index: u64, generation: u64) {
@@ -322,14 +294,6 @@ fn hash(page: &[u64]) -> u64 {
     page.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
         (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(5)
     })
-}
-
-fn monotonic_ns() -> u64 {
-    // SAFETY: a zeroed timespec is valid; clock_gettime fills it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: ts is a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 struct Progress {
@@ -392,11 +356,8 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         0
     };
     let ram = step("allocating guest RAM", memfd("guest-ram", flags, len))?;
-    let map = step(
-        "mapping guest RAM",
-        Mapping::new(ram.as_raw_fd(), len as usize),
-    )?;
-    let written = run_vcpu(&map);
+    let mut map = step("mapping guest RAM", Mapping::new(ram.as_fd(), len as usize))?;
+    let written = run_vcpu(&mut map);
     println!(
         "stage 1: vCPU wrote {written} pages ({} MiB of RAM), paused",
         mib
@@ -404,28 +365,24 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
     let mut progress = Progress::new("checksumming guest RAM");
     let mut sums = Vec::with_capacity(map.pages());
     for i in 0..map.pages() {
-        // SAFETY: the vCPU thread has stopped; we are the only accessor.
-        sums.push(hash(unsafe { map.page(i) }));
+        sums.push(hash(map.page(i)));
         progress.update(i + 1, map.pages());
     }
     progress.done();
-    let d = dev.as_raw_fd();
+    let d = dev.as_fd();
     let session = step(
         "creating the session",
         session_ioctl(d, uapi::CREATE_SESSION, session_name(backing)),
     )?;
     // The blackout starts here: a real VMM stops its vCPUs right before it
     // hands guest RAM to LUO (the checksums above only serve the check).
-    let paused_ns = monotonic_ns();
+    let paused_ns = crate::sys::monotonic_ns();
     let state = step("writing VMM state", vmm_state(len, paused_ns, &sums))?;
-    let s = session.as_raw_fd();
-    step(
-        "preserving guest RAM",
-        preserve(s, ram.as_raw_fd(), RAM_TOKEN),
-    )?;
+    let s = session.as_fd();
+    step("preserving guest RAM", preserve(s, ram.as_fd(), RAM_TOKEN))?;
     step(
         "preserving VMM state",
-        preserve(s, state.as_raw_fd(), STATE_TOKEN),
+        preserve(s, state.as_fd(), STATE_TOKEN),
     )?;
     let mut held = vec![session];
     for i in 0..extra {
@@ -441,7 +398,7 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         )?;
         step(
             "preserving a small memfd",
-            preserve(extra_session.as_raw_fd(), small.as_raw_fd(), 1),
+            preserve(extra_session.as_fd(), small.as_fd(), 1),
         )?;
         held.push(extra_session);
     }
@@ -450,28 +407,28 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         session_name(backing)
     );
     drop(dev);
-    hold(held);
+    // Held by a detached child, as a VMM waiting for the update would.
+    step("holding the sessions", crate::sys::hold_in_child(held))?;
     Ok(())
 }
 
 /// Fills every page once, then keeps dirtying pages for a second.
-fn run_vcpu(map: &Mapping) -> u64 {
+fn run_vcpu(map: &mut Mapping) -> u64 {
     let stop = AtomicBool::new(false);
     let written = AtomicU64::new(0);
+    let pages = map.pages();
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            let pages = map.pages() as u64;
+            let pages = pages as u64;
             let mut n = 0u64;
             while n < pages || !stop.load(Ordering::Relaxed) {
                 let i = (n % pages) as usize;
-                // SAFETY: only this thread touches the mapping while it runs.
-                fill(unsafe { map.page(i) }, i as u64, n / pages);
+                fill(map.page_mut(i), i as u64, n / pages);
                 n += 1;
                 written.store(n, Ordering::Relaxed);
             }
         });
         let mut progress = Progress::new("vCPU filling guest RAM");
-        let pages = map.pages();
         while (written.load(Ordering::Relaxed) as usize) < pages {
             progress.update(
                 written.load(Ordering::Relaxed) as usize / 4096 * 4096,
@@ -499,35 +456,15 @@ fn vmm_state(len: u64, paused_ns: u64, sums: &[u64]) -> std::io::Result<File> {
     Ok(f)
 }
 
-/// Keeps the session fds in a detached child until the update ends it, as
-/// a VMM waiting for the update would; returns in the parent.
-pub(crate) fn hold(fds: Vec<OwnedFd>) {
-    // SAFETY: the child only detaches and sleeps.
-    if unsafe { libc::fork() } == 0 {
-        let _keep = fds;
-        // SAFETY: detaching from the terminal and the driver's pipes.
-        unsafe {
-            libc::setsid();
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            for fd in 0..3 {
-                libc::dup2(null, fd);
-            }
-        }
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-    }
-}
-
 fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError> {
-    let d = dev.as_raw_fd();
+    let d = dev.as_fd();
     let session = step(
         "retrieving the session",
         session_ioctl(d, uapi::RETRIEVE_SESSION, session_name(backing)),
     )?;
-    let s = session.as_raw_fd();
+    let s = session.as_fd();
     let ram = step("retrieving guest RAM", retrieve(s, RAM_TOKEN))?;
-    let first_ns = monotonic_ns();
+    let first_ns = crate::sys::monotonic_ns();
     let state = step("retrieving VMM state", retrieve(s, STATE_TOKEN))?;
     let (len, paused_ns, sums) = read_state(&state)?;
     let t = Instant::now();
@@ -537,7 +474,7 @@ fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError
             "retrieving an extra session",
             session_ioctl(d, uapi::RETRIEVE_SESSION, &name),
         )?;
-        let small = step("retrieving a small memfd", retrieve(es.as_raw_fd(), 1))?;
+        let small = step("retrieving a small memfd", retrieve(es.as_fd(), 1))?;
         let mut v = [0u8; 8];
         step(
             "reading a small memfd",
@@ -546,17 +483,13 @@ fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError
         if u64::from_le_bytes(v) != i as u64 {
             return Err(DemoError::Mismatch(format!("session {name} holds {v:?}")));
         }
-        step("finishing an extra session", finish(es.as_raw_fd()))?;
+        step("finishing an extra session", finish(es.as_fd()))?;
     }
     let extra_time = t.elapsed();
-    let map = step(
-        "mapping guest RAM",
-        Mapping::new(ram.as_raw_fd(), len as usize),
-    )?;
+    let map = step("mapping guest RAM", Mapping::new(ram.as_fd(), len as usize))?;
     let mut progress = Progress::new("verifying guest RAM");
     for (i, want) in sums.iter().enumerate() {
-        // SAFETY: nothing else maps this memfd in this process.
-        let page = unsafe { map.page(i) };
+        let page = map.page(i);
         if page[0] != i as u64 || hash(page) != *want {
             return Err(DemoError::Mismatch(format!(
                 "page {i} differs from what stage 1 recorded"
@@ -586,9 +519,8 @@ fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError
     Ok(())
 }
 
-fn finish(session: RawFd) -> std::io::Result<()> {
-    let mut a = [8u8, 0, 0, 0, 0, 0, 0, 0];
-    ioctl(session, uapi::FINISH, &mut a, "finish")
+fn finish(session: BorrowedFd<'_>) -> std::io::Result<()> {
+    lu::finish(session).map_err(context("finish"))
 }
 
 fn read_state(f: &File) -> Result<(u64, u64, Vec<u64>), DemoError> {

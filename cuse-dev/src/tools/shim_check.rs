@@ -5,7 +5,7 @@
 /// a hugetlb memfd written with a known pattern (the rig's `shim` scenario).
 pub mod check {
     use std::io::{Seek, SeekFrom};
-    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
     use std::path::Path;
     use std::time::Instant;
 
@@ -56,13 +56,7 @@ pub mod check {
             shim.stash_number(999, 1).map(|_| ()),
             Errno::EBADF,
         )?;
-        let mut p = [0i32; 2];
-        // SAFETY: p has room for the two fds pipe() writes.
-        if unsafe { libc::pipe(p.as_mut_ptr()) } != 0 {
-            return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fresh fds we own.
-        let (r, _w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let (r, _w) = crate::sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         expect(
             "stash of a pipe",
             shim.stash(r.as_fd(), 1).map(|_| ()),
@@ -97,9 +91,8 @@ pub mod check {
             }
             let size = mib << 20;
             let fd = memfd_of_kind("luo-shim-check", kind, size)?;
-            let map = Mapping::new(fd.as_raw_fd(), size as usize).map_err(|e| e.to_string())?;
-            // SAFETY: the mapping is ours alone while it lives.
-            let bytes = unsafe { map.bytes() };
+            let mut map = Mapping::new(fd.as_fd(), size as usize).map_err(|e| e.to_string())?;
+            let bytes = map.bytes_mut();
             for (i, w) in bytes.chunks_exact_mut(8).enumerate() {
                 w.copy_from_slice(&word(token, i as u64).to_ne_bytes());
             }
@@ -113,8 +106,8 @@ pub mod check {
             };
             let mut file = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?);
             file.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
-            // SAFETY: plain fcntl on our fd.
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+            // The stash must carry the seals; a refusal shows in stage 2.
+            let _ = luo_handlers::mem::set_position_and_seals(&fd, pos, seals);
             let t = Instant::now();
             let s = shim
                 .stash(fd.as_fd(), token)
@@ -199,10 +192,8 @@ pub mod check {
                 let fd = shim
                     .map(m.token)
                     .map_err(|e| format!("map {}: {e}", m.token))?;
-                let map =
-                    Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
-                // SAFETY: the mapping is ours alone while it lives.
-                verify_contents(unsafe { map.bytes() }, m)?;
+                let map = Mapping::new(fd.as_fd(), m.size as usize).map_err(|e| e.to_string())?;
+                verify_contents(map.bytes(), m)?;
                 expect("map twice", shim.map(m.token).map(|_| ()), Errno::ENOENT)?;
                 println!(
                     "SHIM token {} (hugetlb, mapped through the module): {} MiB identical ({} pages checked)",
@@ -259,9 +250,8 @@ pub mod check {
     /// Every page's sum, every word's pattern, the position and the seals
     /// of a restored file against what stage 1 recorded.
     fn verify(fd: &OwnedFd, m: &Meta) -> Result<(), String> {
-        let map = Mapping::new(fd.as_raw_fd(), m.size as usize).map_err(|e| e.to_string())?;
-        // SAFETY: the mapping is ours alone while it lives.
-        verify_contents(unsafe { map.bytes() }, m)?;
+        let map = Mapping::new(fd.as_fd(), m.size as usize).map_err(|e| e.to_string())?;
+        verify_contents(map.bytes(), m)?;
         drop(map);
         verify_position_and_seals(fd, m)
     }
@@ -297,14 +287,8 @@ pub mod check {
     }
 
     fn verify_position_and_seals(fd: &OwnedFd, m: &Meta) -> Result<(), String> {
-        // SAFETY: plain syscalls on our fd.
-        let (pos, seals) = unsafe {
-            (
-                libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_CUR),
-                libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS),
-            )
-        };
-        if pos as u64 != m.pos || seals != m.seals {
+        let (pos, seals) = luo_handlers::mem::position_and_seals(fd);
+        if pos != m.pos || seals != m.seals {
             return Err(format!(
                 "token {}: position {pos}, seals {seals:#x}",
                 m.token
@@ -333,7 +317,7 @@ pub mod check {
 /// stashed twice: one comes back in place (`LUO_SHIM_ADOPT`), its twin by
 /// copying (the path a module without ADOPT, or hugetlb, takes).
 pub mod bench {
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsFd;
     use std::time::Instant;
 
     use crate::tools::bench::{filled_memfd, size_name, Row, StageReport};
@@ -381,10 +365,9 @@ pub mod bench {
             }
             let kib = hugetlb_mib << 10;
             let f = memfd_of_kind("luo-bench", HUGETLB, kib << 10)?;
-            let map =
-                Mapping::new(f.as_raw_fd(), (kib << 10) as usize).map_err(|e| e.to_string())?;
-            // SAFETY: the mapping is ours alone while it lives.
-            unsafe { map.bytes() }.fill(0x5a);
+            let mut map =
+                Mapping::new(f.as_fd(), (kib << 10) as usize).map_err(|e| e.to_string())?;
+            map.bytes_mut().fill(0x5a);
             drop(map);
             let t = Instant::now();
             shim.stash(f.as_fd(), kib << 2 | variant)
@@ -405,9 +388,8 @@ pub mod bench {
     /// module's own file, every page touched (and checked) once.
     fn mapped_and_touched(shim: &Shim, token: u64, size: u64) -> Result<(), String> {
         let fd = shim.map(token).map_err(|e| format!("map {token}: {e}"))?;
-        let map = Mapping::new(fd.as_raw_fd(), size as usize).map_err(|e| e.to_string())?;
-        // SAFETY: the mapping is ours alone while it lives.
-        let bytes = unsafe { map.bytes() };
+        let mut map = Mapping::new(fd.as_fd(), size as usize).map_err(|e| e.to_string())?;
+        let bytes = map.bytes_mut();
         if let Some(i) = (0..bytes.len()).step_by(4096).find(|&i| bytes[i] != 0x5a) {
             return Err(format!("mapped token {token}: byte {i} differs"));
         }

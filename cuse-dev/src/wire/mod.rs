@@ -1,7 +1,9 @@
 //! The FUSE and CUSE wire protocol: the structs of `include/uapi/linux/fuse.h`
-//! ([`abi`]), and a channel on `/dev/fuse` or `/dev/cuse` with a parser that
-//! turns request bytes into an [`fuse::Op`] and replies into bytes
-//! ([`fuse`]).
+//! ([`abi`]), a parser that turns request bytes into an [`fuse::Op`] and the
+//! answers and replies the daemon makes ([`fuse`]), and the channel on
+//! `/dev/fuse` or `/dev/cuse` that reads the one and writes the other
+//! ([`dev_fuse`]).
 
 pub mod abi;
+pub mod dev_fuse;
 pub mod fuse;

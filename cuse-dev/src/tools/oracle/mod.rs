@@ -11,12 +11,17 @@
 //! update, on the incoming ones.
 
 use std::fmt::Write as _;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::uapi;
+
+mod holders;
+mod syscalls;
+
+pub use holders::{hold_resized, hold_spliced};
 
 const CREATE: u64 = uapi::CREATE_SESSION as u64;
 const RETRIEVE: u64 = uapi::RETRIEVE_SESSION as u64;
@@ -39,7 +44,7 @@ struct Step<'a> {
     seen: String,
 }
 
-struct Oracle {
+pub(super) struct Oracle {
     label: String,
     phase: u8,
 }
@@ -66,7 +71,7 @@ fn fd_args(fd: i32, token: u64) -> Vec<u8> {
     a
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         let _ = write!(s, "{b:02x}");
@@ -76,53 +81,6 @@ fn hex(bytes: &[u8]) -> String {
     let keep = trimmed.len().div_ceil(2) * 2;
     s.truncate(keep);
     s
-}
-
-fn raw_ioctl(fd: RawFd, cmd: u64, arg: *mut u8) -> (i64, i32) {
-    // SAFETY: arg is null (the EFAULT probes) or points at a live buffer at
-    // least as large as the size it declares.
-    let r = unsafe { libc::ioctl(fd, cmd as _, arg) };
-    let errno = if r < 0 {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-    } else {
-        0
-    };
-    (i64::from(r), errno)
-}
-
-fn memfd(name: &str, contents: &[u8]) -> OwnedFd {
-    let c = std::ffi::CString::new(name).expect("no NUL");
-    // SAFETY: c is a valid C string.
-    let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_ALLOW_SEALING) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh fd we own.
-    let m = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: writes from a live buffer.
-    let n = unsafe { libc::write(fd, contents.as_ptr().cast(), contents.len()) };
-    assert_eq!(n, contents.len() as isize);
-    m
-}
-
-/// What a retrieved memfd shows: size, position, seals, fd and file flags,
-/// contents (hex of the first 64 bytes).
-fn describe(fd: RawFd) -> String {
-    // SAFETY: plain syscalls on an fd number; failures show as -1.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::fstat(fd, &mut st);
-        let pos = libc::lseek(fd, 0, libc::SEEK_CUR);
-        let seals = libc::fcntl(fd, libc::F_GET_SEALS);
-        let fdflags = libc::fcntl(fd, libc::F_GETFD);
-        let flflags = libc::fcntl(fd, libc::F_GETFL) & libc::O_ACCMODE;
-        let mut buf = [0u8; 64];
-        let n = libc::pread(fd, buf.as_mut_ptr().cast(), 64, 0);
-        format!(
-            "size={} pos={pos} seals={seals:#x} cloexec={} accmode={flflags} data={}",
-            st.st_size,
-            fdflags & libc::FD_CLOEXEC,
-            hex(&buf[..n.max(0) as usize])
-        )
-    }
 }
 
 impl Oracle {
@@ -148,13 +106,12 @@ impl Oracle {
         mut a: Vec<u8>,
         fd_at: Option<usize>,
     ) -> (i64, i32, Option<OwnedFd>) {
-        let (r, e) = raw_ioctl(fd, cmd, a.as_mut_ptr());
+        let (r, e) = syscalls::raw_ioctl(fd, cmd, a.as_mut_ptr());
         let mut got = None;
         if let Some(at) = fd_at.filter(|at| r >= 0 && a.len() >= at + 4) {
             let n = i32::from_ne_bytes(a[at..at + 4].try_into().expect("4 bytes"));
             if n >= 0 {
-                // SAFETY: the ioctl returned this new fd to us.
-                got = Some(unsafe { OwnedFd::from_raw_fd(n) });
+                got = Some(syscalls::returned_fd(n));
             }
             a[at..at + 4].copy_from_slice(&[0xff; 4]);
         }
@@ -170,7 +127,7 @@ impl Oracle {
     /// PRESERVE_FD; the caller's own fd number is masked in the output.
     fn preserve(&self, step: &str, s: RawFd, fd: i32, token: u64) -> i32 {
         let mut a = fd_args(fd, token);
-        let (r, e) = raw_ioctl(s, PRESERVE, a.as_mut_ptr());
+        let (r, e) = syscalls::raw_ioctl(s, PRESERVE, a.as_mut_ptr());
         a[4..8].copy_from_slice(&[0xff; 4]);
         self.emit(step, (r, e), &a, String::new());
         e
@@ -191,17 +148,13 @@ impl Oracle {
     }
 
     fn open(&self, step: &str, device: &Path) -> Option<OwnedFd> {
-        let c = std::ffi::CString::new(device.as_os_str().as_encoded_bytes()).expect("no NUL");
-        // SAFETY: c is a valid C string.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        let errno = if fd < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        } else {
-            0
+        let opened = syscalls::open_rdwr(device);
+        let outcome = match &opened {
+            Ok(_) => (0, 0),
+            Err(errno) => (-1, *errno),
         };
-        self.emit(step, (i64::from(fd.min(0)), errno), &[], String::new());
-        // SAFETY: a fresh fd we own.
-        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        self.emit(step, outcome, &[], String::new());
+        opened.ok()
     }
 
     fn phase1(&self, device: &Path) {
@@ -226,13 +179,13 @@ impl Oracle {
         self.call("session-cmd-on-device", d, PRESERVE, fd_args(0, 1), None);
         self.emit(
             "null-arg",
-            raw_ioctl(d, CREATE, std::ptr::null_mut()),
+            syscalls::raw_ioctl(d, CREATE, std::ptr::null_mut()),
             &[],
             String::new(),
         );
         self.emit(
             "bad-pointer",
-            raw_ioctl(d, CREATE, 8 as *mut u8),
+            syscalls::raw_ioctl(d, CREATE, 8 as *mut u8),
             &[],
             String::new(),
         );
@@ -328,24 +281,17 @@ impl Oracle {
         self.call("get-name-nonzero-tail", sa, GET_NAME, big, None);
 
         // PRESERVE_FD.
-        let m1 = memfd("m1", b"first");
-        let m2 = memfd("m2", b"second");
+        let m1 = syscalls::memfd("m1", b"first");
+        let m2 = syscalls::memfd("m2", b"second");
         self.preserve("preserve", sa, m1.as_raw_fd(), 1);
         self.preserve("preserve-token-used", sa, m2.as_raw_fd(), 1);
         self.preserve("preserve-bad-fd", sa, -1, 2);
         self.preserve("preserve-closed-fd", sa, 999, 2);
-        let mut p = [0; 2];
-        // SAFETY: p has room for two fds.
-        unsafe { libc::pipe(p.as_mut_ptr()) };
-        self.preserve("preserve-pipe", sa, p[0], 3);
-        // SAFETY: closing the fds pipe() just made.
-        unsafe {
-            libc::close(p[0]);
-            libc::close(p[1]);
+        if let Ok((r, _w)) = crate::sys::pipe() {
+            self.preserve("preserve-pipe", sa, r.as_raw_fd(), 3);
         }
         self.preserve("preserve-same-file-again", sa, m1.as_raw_fd(), 4);
-        // SAFETY: dup of a live fd.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(m1.as_raw_fd())) };
+        let dup = syscalls::dup(m1.as_fd());
         self.preserve("preserve-dup-of-same-file", sa, dup.as_raw_fd(), 5);
         self.preserve("preserve-device-fd", sa, d, 6);
         self.preserve("preserve-session-fd", sa, sa, 7);
@@ -359,26 +305,24 @@ impl Oracle {
         a24.resize(24, 0);
         a24[..4].copy_from_slice(&24u32.to_ne_bytes());
         a24[4..8].copy_from_slice(&m2.as_raw_fd().to_ne_bytes());
-        let (r, e) = raw_ioctl(sa, PRESERVE, a24.as_mut_ptr());
+        let (r, e) = syscalls::raw_ioctl(sa, PRESERVE, a24.as_mut_ptr());
         a24[4..8].copy_from_slice(&[0xff; 4]);
         self.emit("preserve-size-24-zero-tail", (r, e), &a24, String::new());
         a24[4..8].copy_from_slice(&m2.as_raw_fd().to_ne_bytes());
         // A preserved memfd's size is frozen in the kernel.
-        // SAFETY: plain syscalls on our own memfd.
-        let r = unsafe { libc::ftruncate(m2.as_raw_fd(), 4096) };
-        self.syscall("truncate-preserved", i64::from(r), String::new());
-        // SAFETY: as above, from a live buffer.
-        let r = unsafe { libc::pwrite(m2.as_raw_fd(), b"x".as_ptr().cast(), 1, 8192) };
-        self.syscall("grow-preserved-by-write", r as i64, String::new());
+        let r = syscalls::ftruncate(m2.as_fd(), 4096);
+        self.syscall("truncate-preserved", r, String::new());
+        let r = syscalls::pwrite(m2.as_fd(), b"x", 8192);
+        self.syscall("grow-preserved-by-write", r, String::new());
         a24[20] = 1;
         a24[8..16].copy_from_slice(&9u64.to_ne_bytes());
-        let (r, e) = raw_ioctl(sa, PRESERVE, a24.as_mut_ptr());
+        let (r, e) = syscalls::raw_ioctl(sa, PRESERVE, a24.as_mut_ptr());
         a24[4..8].copy_from_slice(&[0xff; 4]);
         self.emit("preserve-size-24-nonzero-tail", (r, e), &a24, String::new());
         self.preserve(
             "preserve-token-max",
             sa,
-            memfd("m3", b"x").as_raw_fd(),
+            syscalls::memfd("m3", b"x").as_raw_fd(),
             u64::MAX,
         );
 
@@ -402,8 +346,7 @@ impl Oracle {
         // dup'ed and passed session fds keep the session.
         let c = self.create("create-c", d, b"oracle-c");
         if let Some(c) = c {
-            // SAFETY: dup of a live fd.
-            let c2 = unsafe { OwnedFd::from_raw_fd(libc::dup(c.as_raw_fd())) };
+            let c2 = syscalls::dup(c.as_fd());
             drop(c);
             self.get_name("get-name-through-dup", c2.as_raw_fd());
             self.create("create-c-while-dup-open", d, b"oracle-c");
@@ -422,21 +365,14 @@ impl Oracle {
             return;
         };
         let files = [
-            memfd("in1", b"one"),
-            memfd("in2", &[0xA5; 100]),
-            memfd("in3", b"sealed"),
-            memfd("fin1", b"f1"),
-            memfd("fin2", b"f2"),
+            syscalls::memfd("in1", b"one"),
+            syscalls::memfd("in2", &[0xA5; 100]),
+            syscalls::memfd("in3", b"sealed"),
+            syscalls::memfd("fin1", b"f1"),
+            syscalls::memfd("fin2", b"f2"),
         ];
-        // SAFETY: plain syscalls on our own memfds.
-        unsafe {
-            libc::lseek(files[1].as_raw_fd(), 7, libc::SEEK_SET);
-            libc::fcntl(
-                files[2].as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-            );
-        }
+        syscalls::seek(files[1].as_fd(), 7);
+        syscalls::add_seals(files[2].as_fd(), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
         for (i, f) in files[..3].iter().enumerate() {
             self.preserve(
                 &format!("preserve-in-{i}"),
@@ -454,7 +390,7 @@ impl Oracle {
             );
         }
         drop(dev);
-        hold_until_killed(vec![keep, fin]);
+        crate::sys::hold_in_child(vec![keep, fin]).expect("fork a holder");
     }
 
     fn phase2(&self, device: &Path) {
@@ -496,7 +432,7 @@ impl Oracle {
         let Some(s) = s else { return };
         let si = s.as_raw_fd();
         self.get_name("get-name-incoming", si);
-        let m = memfd("late", b"late");
+        let m = syscalls::memfd("late", b"late");
         self.preserve("preserve-on-incoming", si, m.as_raw_fd(), 9);
         self.call(
             "retrieve-fd-unknown-token",
@@ -515,7 +451,7 @@ impl Oracle {
             );
             let seen = f
                 .as_ref()
-                .map(|f| describe(f.as_raw_fd()))
+                .map(|f| syscalls::describe(f.as_raw_fd()))
                 .unwrap_or_default();
             self.emit(&format!("retrieved-{token}"), (r, e), &[], seen);
         }
@@ -534,7 +470,7 @@ impl Oracle {
             Some(4),
         );
         if let (Some(a), Some(b)) = (a, b) {
-            let same = same_file(a.as_raw_fd(), b.as_raw_fd());
+            let same = syscalls::same_file(a.as_raw_fd(), b.as_raw_fd());
             self.emit(
                 "retrieve-twice-same-file",
                 (0, 0),
@@ -586,18 +522,6 @@ impl Oracle {
     }
 }
 
-fn same_file(a: RawFd, b: RawFd) -> bool {
-    // SAFETY: fstat into zeroed structs.
-    unsafe {
-        let mut x: libc::stat = std::mem::zeroed();
-        let mut y: libc::stat = std::mem::zeroed();
-        libc::fstat(a, &mut x) == 0
-            && libc::fstat(b, &mut y) == 0
-            && x.st_ino == y.st_ino
-            && x.st_dev == y.st_dev
-    }
-}
-
 /// Sends `fd` to ourselves over a socket pair and returns the received copy
 /// (the original is closed).
 fn pass_over_socket(fd: OwnedFd) -> Option<OwnedFd> {
@@ -615,75 +539,6 @@ fn pass_over_socket(fd: OwnedFd) -> Option<OwnedFd> {
         .1
 }
 
-/// Keeps `fds` open in a detached child until the update ends it.
-fn hold_until_killed(fds: Vec<OwnedFd>) {
-    // SAFETY: the child only sleeps; the parent returns.
-    if unsafe { libc::fork() } == 0 {
-        // SAFETY: detaching from the caller's terminal and pipes.
-        unsafe {
-            libc::setsid();
-            for fd in 0..3 {
-                libc::close(fd);
-            }
-        }
-        let _keep = fds;
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(60));
-        }
-    }
-}
-
-/// Creates session `name` holding a 4 MiB shmem memfd one page of which is
-/// spliced into a pipe (`vmsplice`), and leaves both held by a detached
-/// child. The pipe's reference keeps that folio from migrating, so where it
-/// lies in `ZONE_MOVABLE` or CMA it cannot be pinned for a stash: the
-/// refused-stash case of `luo kexec` tests.
-///
-/// # Errors
-/// What failed, as a sentence.
-pub fn hold_spliced(device: &Path, name: &str) -> Result<(), String> {
-    let o = Oracle {
-        label: "hold".into(),
-        phase: 1,
-    };
-    let dev = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(device)
-        .map_err(|e| format!("open {}: {e}", device.display()))?;
-    let s = o
-        .create("create", dev.as_raw_fd(), name.as_bytes())
-        .ok_or("CREATE_SESSION failed")?;
-    let size = 4 << 20;
-    let m = luo_handlers::mem::create("spliced", luo_handlers::Backing::Shmem, size as u64)?;
-    let map = luo_handlers::mem::Mapping::new(m.as_raw_fd(), size).map_err(|e| e.to_string())?;
-    // SAFETY: the mapping is ours alone while it lives.
-    let bytes = unsafe { map.bytes() };
-    bytes.fill(0x5a);
-    let mut p = [0i32; 2];
-    // SAFETY: p has room for the two fds pipe2() writes.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fresh fds we own.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
-    let iov = libc::iovec {
-        iov_base: bytes.as_mut_ptr().cast(),
-        iov_len: 4096,
-    };
-    // SAFETY: iov names one page of our live mapping.
-    if unsafe { libc::vmsplice(w.as_raw_fd(), &iov, 1, 0) } != 4096 {
-        return Err(format!("vmsplice: {}", std::io::Error::last_os_error()));
-    }
-    drop(map);
-    if o.preserve("preserve", s.as_raw_fd(), m.as_raw_fd(), 1) != 0 {
-        return Err("PRESERVE_FD failed".into());
-    }
-    drop(dev);
-    hold_until_killed(vec![s, m, r, w]);
-    Ok(())
-}
-
 /// Runs phase `phase` (1 or 2) against `device`, labelling lines `label`.
 pub fn run(device: &Path, phase: u8, label: &str) {
     let o = Oracle {
@@ -694,52 +549,4 @@ pub fn run(device: &Path, phase: u8, label: &str) {
         1 => o.phase1(device),
         _ => o.phase2(device),
     }
-}
-
-/// Creates session `name` holding a memfd that is resized after it is
-/// preserved (a freeze of it fails, as the kernel's would), and leaves it
-/// held by a detached child: the refused-freeze case of update tests. A
-/// shmem memfd (`hugetlb` false) cannot be resized where the daemon fixes
-/// preserved sizes as the kernel does (kmod-shim loaded): then `ftruncate`
-/// fails with EPERM and so does this. A hugetlb memfd grows from 2 to 4 MiB.
-///
-/// # Errors
-/// What failed, as a sentence.
-pub fn hold_resized(device: &Path, name: &str, hugetlb: bool) -> Result<(), String> {
-    let o = Oracle {
-        label: "hold".into(),
-        phase: 1,
-    };
-    let c =
-        std::ffi::CString::new(device.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: c is a valid C string.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!(
-            "open {}: {}",
-            device.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: a fresh fd we own.
-    let dev = unsafe { OwnedFd::from_raw_fd(fd) };
-    let s = o
-        .create("create", dev.as_raw_fd(), name.as_bytes())
-        .ok_or("CREATE_SESSION failed")?;
-    let (m, grown) = if hugetlb {
-        let m = luo_handlers::mem::create("resized", luo_handlers::Backing::Hugetlb, 2 << 20)?;
-        (m, 4 << 20)
-    } else {
-        (memfd("resized", &[1; 4096]), 8192)
-    };
-    if o.preserve("preserve", s.as_raw_fd(), m.as_raw_fd(), 1) != 0 {
-        return Err("PRESERVE_FD failed".into());
-    }
-    // SAFETY: plain syscall on our memfd.
-    if unsafe { libc::ftruncate(m.as_raw_fd(), grown) } != 0 {
-        return Err(format!("ftruncate: {}", std::io::Error::last_os_error()));
-    }
-    drop(dev);
-    hold_until_killed(vec![s, m]);
-    Ok(())
 }
