@@ -10,7 +10,7 @@ use std::path::Path;
 
 use luo_store::{Direction, Errno, Result};
 
-use crate::caller::CallerMem;
+use crate::uapi::CallerMem;
 
 /// A FUSE or CUSE request as read from `/dev/fuse` or `/dev/cuse`.
 pub fn fuse_request(data: &[u8]) {

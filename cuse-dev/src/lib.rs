@@ -16,8 +16,8 @@
 //!
 //! - [`sys`]: the raw syscalls the daemon makes (mount, sockets, epoll, fds).
 //! - [`wire`]: the FUSE/CUSE wire protocol, bytes in and replies out.
-//! - [`uapi`]: the LUO uAPI, its command table and decoding rules.
-//! - [`caller`]: the calling process: its memory, its fds, the seccomp bridge.
+//! - `uapi`: the LUO uAPI, its command table and decoding rules.
+//! - `caller`: the calling process: its memory, its fds, the seccomp bridge.
 //! - [`persist`]: what outlives a daemon: journal, keeper, opener, recovery.
 //! - [`control`]: the control socket's protocol and server.
 //! - [`daemon`]: the daemon, one file per concern.
@@ -25,7 +25,7 @@
 //! - [`tools`]: `luo bench`, `demo`, `oracle` and `shim-check`, which use the
 //!   layers above and are used by none of them.
 
-pub mod caller;
+mod caller;
 pub mod client;
 pub mod control;
 pub mod daemon;
@@ -34,5 +34,5 @@ pub mod log;
 pub mod persist;
 pub mod sys;
 pub mod tools;
-pub mod uapi;
+mod uapi;
 pub mod wire;

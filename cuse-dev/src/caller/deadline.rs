@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use luo_store::{Errno, Result};
 
-use crate::caller::CallerMem;
+use crate::uapi::CallerMem;
 
 /// How long the daemon waits for one access to a caller's memory.
 pub const DEADLINE: Duration = Duration::from_millis(250);

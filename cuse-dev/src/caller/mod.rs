@@ -9,4 +9,4 @@ pub mod owners;
 mod process_vm;
 pub mod seccomp;
 
-pub use process_vm::{comm, pidfd_getfd, pidfd_open, CallerMem, PinnedVm, ProcessVm};
+pub use process_vm::{comm, pidfd_getfd, pidfd_open, PinnedVm, ProcessVm};

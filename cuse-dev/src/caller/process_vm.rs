@@ -10,21 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use luo_store::{Errno, Result};
 
-/// Reads and writes a caller's memory. Any failure is `EFAULT`, as a kernel
-/// `copy_{from,to}_user` would report.
-pub trait CallerMem {
-    /// Reads `buf.len()` bytes at `addr`.
-    ///
-    /// # Errors
-    /// `EFAULT` unless every byte was read.
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
-
-    /// Writes `buf` at `addr`.
-    ///
-    /// # Errors
-    /// `EFAULT` unless every byte was written.
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<()>;
-}
+use crate::uapi::CallerMem;
 
 /// A process's memory through `process_vm_readv`/`process_vm_writev`; these
 /// honour page protections as `copy_to_user` does.

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::uapi::{self, FdArgs, FinishArgs, GetNameArgs, SessionArgs};
+use crate::uapi::{self, FdArgs, FinishArgs, SessionArgs};
 
 /// `ioctl(fd, cmd, arg)` with `arg` the command's struct.
 ///
@@ -111,19 +111,4 @@ pub fn finish(session: BorrowedFd<'_>) -> io::Result<()> {
         reserved: 0,
     };
     call(session, uapi::FINISH, &mut a)
-}
-
-/// `LIVEUPDATE_SESSION_GET_NAME`.
-///
-/// # Errors
-/// The device's errno.
-pub fn get_name(session: BorrowedFd<'_>) -> io::Result<String> {
-    let mut a = GetNameArgs {
-        size: size_of::<GetNameArgs>() as u32,
-        reserved: 0,
-        name: [0; 64],
-    };
-    call(session, uapi::GET_NAME, &mut a)?;
-    let len = a.name.iter().position(|b| *b == 0).unwrap_or(a.name.len());
-    Ok(String::from_utf8_lossy(&a.name[..len]).into_owned())
 }

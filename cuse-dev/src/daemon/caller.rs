@@ -13,8 +13,9 @@ use luo_store::{Errno, Result};
 use crate::caller::deadline::{Guarded, Runner};
 use crate::caller::owners;
 use crate::caller::seccomp::Listener;
-use crate::caller::{self, CallerMem, PinnedVm, ProcessVm};
+use crate::caller::{self, PinnedVm, ProcessVm};
 use crate::persist;
+use crate::uapi::CallerMem;
 use crate::{log, sys};
 
 /// A caller of an ioctl: through FUSE (blocked until we reply) or through a

@@ -75,7 +75,7 @@ pub struct Config {
     /// A group whose members may ask for `status` (everything else on the
     /// control socket is root's alone).
     pub status_group: Option<u32>,
-    /// What session owners other than root may hold (see [`owners`]).
+    /// What session owners other than root may hold (see `caller::owners`).
     pub limits: Limits,
 }
 

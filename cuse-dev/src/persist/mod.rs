@@ -12,8 +12,8 @@
 
 pub mod keeper;
 pub mod opener;
-pub mod paths;
-pub mod recover;
+pub(crate) mod paths;
+pub(crate) mod recover;
 
 mod format;
 mod journal;

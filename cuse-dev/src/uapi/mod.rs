@@ -4,7 +4,21 @@
 use luo_store::{Direction, Errno, Result};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::caller::CallerMem;
+/// Reads and writes a caller's memory. Any failure is `EFAULT`, as a kernel
+/// `copy_{from,to}_user` would report.
+pub trait CallerMem {
+    /// Reads `buf.len()` bytes at `addr`.
+    ///
+    /// # Errors
+    /// `EFAULT` unless every byte was read.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `buf` at `addr`.
+    ///
+    /// # Errors
+    /// `EFAULT` unless every byte was written.
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<()>;
+}
 
 /// `LIVEUPDATE_IOCTL_TYPE`.
 pub const IOCTL_TYPE: u32 = 0xBA;

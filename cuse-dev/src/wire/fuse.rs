@@ -1,6 +1,6 @@
 //! The FUSE wire protocol: a parser that turns request bytes into [`Op`]
 //! without `unsafe`, and the answers and replies the daemon makes (sent by
-//! [`super::dev_fuse::Channel`]).
+//! `dev_fuse::Channel`).
 
 use std::io;
 
@@ -117,7 +117,7 @@ pub fn is_noreply(op: &Op) -> bool {
 }
 
 /// The answer to a FUSE request, as a value: the code that serves a
-/// request decides it, and [`Channel::answer`] alone sends it (fuser's
+/// request decides it, and `Channel::answer` alone sends it (fuser's
 /// `ll::Response`), so that what a request gets can be checked without a
 /// mount.
 #[derive(Clone, Debug, PartialEq, Eq)]

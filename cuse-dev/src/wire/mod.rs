@@ -2,8 +2,8 @@
 //! ([`abi`]), a parser that turns request bytes into an [`fuse::Op`] and the
 //! answers and replies the daemon makes ([`fuse`]), and the channel on
 //! `/dev/fuse` or `/dev/cuse` that reads the one and writes the other
-//! ([`dev_fuse`]).
+//! (`dev_fuse`).
 
 pub mod abi;
-pub mod dev_fuse;
+pub(crate) mod dev_fuse;
 pub mod fuse;
