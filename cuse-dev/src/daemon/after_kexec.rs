@@ -14,8 +14,8 @@ pub(super) type Rebuilt = Option<(luo_kexec_helper::shim::Shim, Vec<u64>)>;
 
 impl Daemon {
     /// After a kexec: rebuilds the incoming sessions from what kmod-shim
-    /// brought over, if it brought anything.
-    /// Returns the shim and the stashes rebuilt, to let go once saved.
+    /// brought over, if it brought anything; returns the shim and the
+    /// stashes rebuilt, to let go once saved.
     pub(super) fn adopt_kexec(&mut self) -> std::result::Result<Rebuilt, DaemonError> {
         let Ok(shim) = luo_kexec_helper::shim::Shim::open(std::path::Path::new(
             luo_kexec_helper::shim::DEVICE,
@@ -188,7 +188,6 @@ impl Daemon {
     }
 }
 
-/// Delivers the outcome of a trapped call.
 /// Lets kmod-shim drop these stashes (files no session holds any more).
 pub(super) fn release_stashes(tokens: &[u64]) {
     if tokens.is_empty() {

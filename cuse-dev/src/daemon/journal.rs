@@ -50,9 +50,8 @@ impl Saved {
 }
 
 impl Daemon {
-    /// Saves what changed (and gives the keeper any new fds). Called before
-    /// replies that report changes leave the daemon.
-    /// Saves what changed before the replies that report it leave. A
+    /// Saves what changed (and gives the keeper any new fds) before the
+    /// replies that report it leave. A
     /// compaction that fails (a full state dir) falls back to an append; an
     /// append goes into room reserved ahead (changes are refused while there
     /// is none, see [`Daemon::room_for_change`]). If even that fails the

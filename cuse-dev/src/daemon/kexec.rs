@@ -229,7 +229,6 @@ impl Daemon {
     }
 }
 
-/// An error and its causes as one sentence.
 /// Where the workload of `luo run` trees is tracked: a cgroup v2 directory
 /// named after the state dir, or none (with a warning) if cgroup v2 is not
 /// available.
