@@ -352,21 +352,23 @@ impl Daemon {
     }
 }
 
+/// Ends the `luo run` workloads of the daemon whose state dir is `state`
+/// (holders a test or a failed update left alive), through their cgroups.
+pub fn end_workloads(state: &Path) {
+    if let Some(root) = luo_kexec_helper::cgroup2_mount() {
+        let name = state.to_string_lossy().trim_matches('/').replace('/', "_");
+        let base = root.join("luo").join(name);
+        for epoch in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let _ = std::fs::write(epoch.path().join("cgroup.kill"), "1");
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         // End the workloads this daemon's tests left behind (holders that a
         // failed update kept alive).
-        if let Some(root) = luo_kexec_helper::cgroup2_mount() {
-            let name = self
-                .state
-                .to_string_lossy()
-                .trim_matches('/')
-                .replace('/', "_");
-            let base = root.join("luo").join(name);
-            for epoch in std::fs::read_dir(&base).into_iter().flatten().flatten() {
-                let _ = std::fs::write(epoch.path().join("cgroup.kill"), "1");
-            }
-        }
+        end_workloads(&self.state);
         let _ = Command::new(LUO)
             .args(["shutdown", "--state-dir"])
             .arg(&self.state)

@@ -254,9 +254,14 @@ impl Drop for Machine {
             let _ = vmm.kill();
             let _ = vmm.wait();
         }
+        common::end_workloads(&self.state);
         let shutdown = self.luo(LUO.as_ref(), &["shutdown", "--state-dir"], true);
         if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
+            if !shutdown.status.success() {
+                let _ = d.kill();
+            }
+            // A daemon shutting down unmounts and ends its keeper before it
+            // exits: waited for, never cut short.
             let _ = d.wait();
         }
         if !shutdown.status.success() {

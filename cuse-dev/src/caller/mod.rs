@@ -1,5 +1,5 @@
 //! The calling process: its memory (the ioctl struct) and its fds
-//! ([`memory`]), calls into it that it could make hang, run with a deadline
+//! (`process_vm`), calls into it that it could make hang, run with a deadline
 //! ([`deadline`]), who owns what and how much more it may hold ([`owners`]),
 //! and the seccomp bridge that lets the daemon install an fd in it
 //! ([`seccomp`]).

@@ -10,7 +10,7 @@ use super::{Daemon, DaemonError};
 use crate::log;
 
 /// After a kexec: kmod-shim and the stashes rebuilt into memfds.
-pub(super) type Rebuilt = Option<(luo_kexec_helper::shim::Shim, Vec<u64>)>;
+type Rebuilt = Option<(luo_kexec_helper::shim::Shim, Vec<u64>)>;
 
 impl Daemon {
     /// After a kexec: rebuilds the incoming sessions from what kmod-shim

@@ -82,7 +82,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn control_request(&mut self, incoming: Incoming, token: u64) -> Response {
+    fn control_request(&mut self, incoming: Incoming, token: u64) -> Response {
         match incoming.request {
             CtlRequest::Status => self.status(),
             CtlRequest::Register => match incoming.fd {
@@ -129,7 +129,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn simulate_update(&mut self) -> Response {
+    fn simulate_update(&mut self) -> Response {
         let mut workload = self.update.workload.take();
         let result = luo_kexec_helper::simulate(self, workload.as_mut());
         self.update.workload = workload;

@@ -29,7 +29,7 @@ impl Daemon {
 
 /// Points `luo run` at the control socket: a character device cannot carry
 /// the `user.luo.control` attribute, so `/run/luo/NAME.control` links to it.
-pub(super) fn link_cuse_control(device: &Path, socket: &Path) -> std::io::Result<()> {
+fn link_cuse_control(device: &Path, socket: &Path) -> std::io::Result<()> {
     let dir = Path::new(crate::control::CUSE_LINKS);
     crate::persist::paths::trusted_dir(dir)?;
     let name = device

@@ -135,7 +135,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn read_request(&mut self) -> Option<fuse::Request> {
+    fn read_request(&mut self) -> Option<fuse::Request> {
         let next = match self.chan.next_request() {
             Ok(None) => self.chan.next_cuse_request(),
             other => other,
@@ -169,7 +169,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn dispatch(&mut self, req: fuse::Request) {
+    fn dispatch(&mut self, req: fuse::Request) {
         // Replies go where the request came from; a request served while
         // this one waits (see `take_slot`) routes its own.
         let before = self.chan.route(req.cuse);

@@ -185,7 +185,7 @@ impl Daemon {
     }
 
     /// Who a session the caller creates belongs to: its uid and its tree.
-    pub(super) fn owner_of(&mut self, caller: &Caller) -> Owner {
+    fn owner_of(&mut self, caller: &Caller) -> Owner {
         let tree = caller
             .tree
             .map(|token| match self.runs.trees.get_mut(&token) {

@@ -126,7 +126,7 @@ impl Daemon {
     /// The keeper died under a running daemon: what it held is closed there,
     /// but the daemon holds every fd itself, so a new keeper is started and
     /// handed all of them again (with a full snapshot naming them).
-    pub(super) fn replace_keeper(&mut self) -> std::io::Result<()> {
+    fn replace_keeper(&mut self) -> std::io::Result<()> {
         log::error(format_args!(
             "the fd keeper is gone (killed?): starting a new one and handing it every fd again"
         ));
@@ -141,7 +141,7 @@ impl Daemon {
         Ok(())
     }
 
-    pub(super) fn may_compact(&self, size: u64) -> bool {
+    fn may_compact(&self, size: u64) -> bool {
         self.saved
             .compaction_failed_at
             .is_none_or(|at| size >= at + persist::RESERVE)
@@ -192,7 +192,7 @@ impl Daemon {
 
     /// Appends one record of what changed: whole sessions where much changed,
     /// otherwise the session's fields and the files that changed.
-    pub(super) fn append(&mut self, changes: &luo_store::Changes) -> std::io::Result<()> {
+    fn append(&mut self, changes: &luo_store::Changes) -> std::io::Result<()> {
         let header = self.header();
         let mut fds = own_fds(&self.chan, &self.runs.listeners);
         // Keeper keys that may have to go: those of whole sessions and of the
@@ -268,7 +268,7 @@ impl Daemon {
 }
 
 /// The fds of the connection and the listeners, by key.
-pub(super) fn own_fds<'a>(
+fn own_fds<'a>(
     chan: &'a Channel,
     listeners: &'a HashMap<u64, Rc<Listener>>,
 ) -> Vec<(String, BorrowedFd<'a>)> {

@@ -106,7 +106,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn thaw_workload(&self) {
+    fn thaw_workload(&self) {
         if let Some(w) = &self.update.workload {
             w.thaw();
         }
@@ -114,7 +114,7 @@ impl Daemon {
 
     /// Stashes every outgoing file and publishes the blob; returns the number
     /// of files and bytes.
-    pub(super) fn stash_and_publish(
+    fn stash_and_publish(
         &mut self,
         shim: &luo_kexec_helper::shim::Shim,
         progress: &mut dyn FnMut(String),
@@ -175,7 +175,7 @@ impl Daemon {
         Ok((n, bytes))
     }
 
-    pub(super) fn undo_stash(&mut self, shim: &luo_kexec_helper::shim::Shim) {
+    fn undo_stash(&mut self, shim: &luo_kexec_helper::shim::Shim) {
         let _ = shim.unpublish();
         for t in std::mem::take(&mut self.update.stashed) {
             let _ = shim.unstash(t);

@@ -17,7 +17,7 @@ pub(super) const SLOT_BASE: u64 = 1 << 32;
 pub(super) const POOL_SIZE: usize = 16;
 /// How long a call waits for a session file before the opener is taken
 /// for hung and replaced.
-pub(super) const OPENER_PATIENCE_MS: i32 = 5000;
+const OPENER_PATIENCE_MS: i32 = 5000;
 
 /// Session files, open and to come.
 pub(super) struct SessionFiles {
@@ -113,7 +113,7 @@ impl Daemon {
     /// the next slot, and gets the credits the pool lacks. One that keeps
     /// dying (5 times within a minute) stops the daemon, which keeps
     /// everything with the keeper for the next one.
-    pub(super) fn respawn_opener(&mut self) -> std::result::Result<(), DaemonError> {
+    fn respawn_opener(&mut self) -> std::result::Result<(), DaemonError> {
         sys::try_reap(self.files.opener_tid);
         let now = std::time::Instant::now();
         self.files
@@ -173,7 +173,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn wait_for_opener(&mut self) -> Result<()> {
+    fn wait_for_opener(&mut self) -> Result<()> {
         let files = [self.chan.fd(), self.files.opener.as_fd()];
         let Some([fuse, opener]) = sys::poll_readable(files, OPENER_PATIENCE_MS) else {
             return self.replace_hung_opener();
@@ -190,7 +190,7 @@ impl Daemon {
     /// The opener sent no session file for [`OPENER_PATIENCE_MS`] (stopped,
     /// or stuck): it is killed and a new one takes over; the call that
     /// waited goes on waiting for the new one's files.
-    pub(super) fn replace_hung_opener(&mut self) -> Result<()> {
+    fn replace_hung_opener(&mut self) -> Result<()> {
         log::warn(format_args!(
             "the session-file opener (pid {}) sent no session file within {} s; replacing it",
             self.files.opener_tid,

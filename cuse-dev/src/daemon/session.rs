@@ -72,7 +72,7 @@ impl Daemon {
         result
     }
 
-    pub(super) fn try_preserve(
+    fn try_preserve(
         &mut self,
         sid: SessionId,
         (fd, token): (i32, u64),
@@ -100,7 +100,7 @@ impl Daemon {
     /// could take the fds the daemon keeps for its own work: root is not
     /// limited by owners' budgets, but the daemon never lets itself run out
     /// of fds. Logs once when that begins and once when it ends.
-    pub(super) fn daemon_fd_room(&mut self, counted: usize) -> Result<()> {
+    fn daemon_fd_room(&mut self, counted: usize) -> Result<()> {
         let room = self.fds.room_for_all(counted);
         let need = self.store.fds_to_come() + 2;
         let short = need > room;
@@ -131,7 +131,7 @@ impl Daemon {
     /// since that would wait on this very thread. A file no handler takes
     /// (`takes`) is closed off this thread: the close of a FUSE file waits
     /// for its server's answer to `FLUSH`.
-    pub(super) fn foreign(
+    fn foreign(
         fs_dev: u64,
         file: OwnedFd,
         takes: &dyn Fn(BorrowedFd<'_>) -> bool,

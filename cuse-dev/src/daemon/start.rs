@@ -69,7 +69,7 @@ impl Daemon {
     }
 
     /// A first start: mount, bind the device, start a keeper.
-    pub(super) fn fresh(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
+    fn fresh(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
         let created_device = if cfg.cuse {
             cuse_device_name(&cfg.device)?;
             false
@@ -241,7 +241,7 @@ impl Daemon {
         Ok(())
     }
 
-    pub(super) fn assemble(
+    fn assemble(
         cfg: Config,
         fuse_fd: OwnedFd,
         cuse_fd: Option<OwnedFd>,

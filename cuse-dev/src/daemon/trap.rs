@@ -186,7 +186,7 @@ impl Daemon {
     }
 
     /// Receives every notification waiting to be received.
-    pub(super) fn receive_pending(&mut self, pending: &mut Vec<(u64, Notif)>) {
+    fn receive_pending(&mut self, pending: &mut Vec<(u64, Notif)>) {
         for (token, l) in &self.runs.listeners {
             while sys::readable(l.fd()) {
                 match l.recv() {
@@ -199,7 +199,7 @@ impl Daemon {
 
     /// Received notifications nobody answered and that are not in `pending`:
     /// those a killed daemon received and did not save.
-    pub(super) fn unanswered_ids(&self, pending: &[(u64, Notif)]) -> Vec<(u64, u64)> {
+    fn unanswered_ids(&self, pending: &[(u64, Notif)]) -> Vec<(u64, u64)> {
         let mut lost: Vec<(u64, u64)> = Vec::new();
         for (token, l) in &self.runs.listeners {
             let Some(last) = l.last_id() else { continue };
