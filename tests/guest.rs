@@ -2,7 +2,9 @@
 //! `linux-source-7.*` with CUSE, KHO and the in-kernel LUO, booted under QEMU
 //! (TCG) with one scenario per boot. The same selftests run against the
 //! in-kernel module (the baseline, across a real kexec) and against the
-//! daemon serving a real character device through `/dev/cuse`.
+//! daemon serving a real character device through `/dev/cuse`. One boot
+//! drives a real PCI device (QEMU's edu) through VFIO and iommufd behind an
+//! emulated IOMMU.
 //!
 //! The kernel build (about 5 minutes on 2 cores) is cached under
 //! `$LUO_TEST_CACHE/vm`, keyed by source version and config fragment.
@@ -71,6 +73,12 @@ fn boot(scenario: &str, args: &[&str]) -> Option<String> {
     boot_with(scenario, "3G", BOOT_TIMEOUT_S, args)
 }
 
+/// QEMU's machine for device handover: q35 with an intel-iommu that remaps
+/// interrupts (the kernel then lets VFIO and iommufd attach devices), and
+/// the edu DMA device.
+const IOMMU_MACHINE: &str =
+    "-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on -device edu";
+
 /// [`boot`] in a guest of `mem` memory (QEMU's `-m`), killed after
 /// `timeout_s` seconds.
 fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option<String> {
@@ -111,9 +119,15 @@ fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option
         timeout.as_str(),
     ];
     argv.extend_from_slice(args);
+    let machine = if scenario.starts_with("vfio") {
+        IOMMU_MACHINE
+    } else {
+        ""
+    };
     let out = Command::new(root().join("tests/vm/boot.sh"))
         .args(&argv)
         .env("RIG_MEM", mem)
+        .env("RIG_QEMU_ARGS", machine)
         .output()
         .unwrap();
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -252,6 +266,16 @@ fn the_bench_measures_the_kernel_cuse_and_fuse_file_devices() {
 /// hugetlb memfd written with a pattern come back across a real kexec,
 /// identical, with size, position and seals; bad input gets the module's
 /// errno; the module cannot be unloaded while it holds stashes.
+#[test]
+fn a_vfio_device_does_dma_into_a_memfd_through_iommufd() {
+    let Some(console) = boot("vfio", &["intel_iommu=on", "iommu=nopt"]) else {
+        return;
+    };
+    for line in ["went to the device and back through IOVA", "read nothing"] {
+        assert!(console.contains(line), "no '{line}':\n{console}");
+    }
+}
+
 #[test]
 fn kmod_shim_carries_shmem_and_hugetlb_memfds_across_a_real_kexec() {
     let Some(console) = boot("shim", &["kho=on", "liveupdate=off"]) else {

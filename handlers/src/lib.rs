@@ -9,6 +9,7 @@ mod mapping;
 pub mod mem;
 pub mod memfd;
 mod sys;
+pub mod vfio;
 
 use std::sync::Arc;
 

@@ -1,8 +1,9 @@
 //! Tools built on the library and used by nothing in it: `luo bench`,
-//! `luo demo`, `luo oracle`, and `luo shim-check` with the kexec rows of the
-//! benchmark.
+//! `luo demo`, `luo oracle`, `luo shim-check` with the kexec rows of the
+//! benchmark, and `luo vfio-check`.
 
 pub mod bench;
 pub mod demo;
 pub mod oracle;
 pub mod shim_check;
+pub mod vfio_check;

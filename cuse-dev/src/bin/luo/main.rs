@@ -182,6 +182,20 @@ enum Command {
         #[arg(long, default_value = "device")]
         label: String,
     },
+    /// Drive QEMU's edu device through its VFIO cdev and an iommufd: DMA
+    /// into and out of a memfd, checked byte for byte.
+    #[command(hide = true)]
+    VfioCheck {
+        /// The device's VFIO cdev.
+        #[arg(long, default_value = "/dev/vfio/devices/vfio0")]
+        device: PathBuf,
+        /// The iommufd device.
+        #[arg(long, default_value = "/dev/iommu")]
+        iommu: PathBuf,
+        /// Guest RAM to map, in MiB.
+        #[arg(long, default_value_t = 64)]
+        ram_mib: u64,
+    },
     /// Exercise kmod-shim across a real kexec: stage 1 stashes a shmem and a
     /// hugetlb memfd written with a pattern, stage 2 checks they came back.
     #[command(hide = true)]
@@ -379,6 +393,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("luo hold-resized: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::VfioCheck {
+            device,
+            iommu,
+            ram_mib,
+        } => match luo_cuse_dev::tools::vfio_check::run(&device, &iommu, ram_mib) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("luo vfio-check: {e}");
                 ExitCode::FAILURE
             }
         },

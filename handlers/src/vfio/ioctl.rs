@@ -1,0 +1,231 @@
+//! The VFIO and iommufd calls of device handover, on owned fds.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use luo_store::{Errno, Result};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use super::uapi::{
+    AttachPt, BindIommufd, Destroy, IoasAlloc, IoasMapFile, IoasUnmap, RegionInfo, IOMMU_DESTROY,
+    IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA, MAP_READABLE,
+    MAP_WRITEABLE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD,
+    VFIO_DEVICE_GET_REGION_INFO,
+};
+
+/// `ioctl(fd, cmd, arg)` with `arg` the command's struct.
+fn call<T: IntoBytes + FromBytes + Immutable>(
+    fd: BorrowedFd<'_>,
+    cmd: u32,
+    arg: &mut T,
+) -> Result<()> {
+    // SAFETY: arg is a live, writable struct of the size the command reads
+    // (each struct's first field, argsz or size, says so to the kernel).
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), cmd as _, (arg as *mut T).cast::<u8>()) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+fn size_of_u32<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+fn open_rdwr(path: &Path) -> Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(Errno::from)
+}
+
+/// An iommufd (`/dev/iommu`).
+#[derive(Debug)]
+pub struct Iommufd {
+    file: File,
+}
+
+impl Iommufd {
+    /// Opens `/dev/iommu` (or `path`).
+    ///
+    /// # Errors
+    /// The kernel's (ENOENT without `CONFIG_IOMMUFD`).
+    pub fn open(path: &Path) -> Result<Iommufd> {
+        Ok(Iommufd {
+            file: open_rdwr(path)?,
+        })
+    }
+
+    /// A new IO address space (`IOMMU_IOAS_ALLOC`); its id.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn alloc_ioas(&self) -> Result<u32> {
+        let mut a = IoasAlloc {
+            size: size_of_u32::<IoasAlloc>(),
+            ..IoasAlloc::default()
+        };
+        call(self.file.as_fd(), IOMMU_IOAS_ALLOC, &mut a)?;
+        Ok(a.out_ioas_id)
+    }
+
+    /// Maps `length` bytes of `file` from `start` at `iova`, readable and
+    /// writable by the device (`IOMMU_IOAS_MAP_FILE`, a memfd's pages
+    /// pinned).
+    ///
+    /// # Errors
+    /// The kernel's (EINVAL for a file that is not a memfd).
+    pub fn map_file(
+        &self,
+        ioas: u32,
+        file: BorrowedFd<'_>,
+        start: u64,
+        length: u64,
+        iova: u64,
+    ) -> Result<()> {
+        let mut a = IoasMapFile {
+            size: size_of_u32::<IoasMapFile>(),
+            flags: MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE,
+            ioas_id: ioas,
+            fd: file.as_raw_fd(),
+            start,
+            length,
+            iova,
+        };
+        call(self.file.as_fd(), IOMMU_IOAS_MAP_FILE, &mut a)
+    }
+
+    /// Unmaps `length` bytes at `iova` (`IOMMU_IOAS_UNMAP`).
+    ///
+    /// # Errors
+    /// The kernel's (ENOENT if nothing is mapped there).
+    pub fn unmap(&self, ioas: u32, iova: u64, length: u64) -> Result<()> {
+        let mut a = IoasUnmap {
+            size: size_of_u32::<IoasUnmap>(),
+            ioas_id: ioas,
+            iova,
+            length,
+        };
+        call(self.file.as_fd(), IOMMU_IOAS_UNMAP, &mut a)
+    }
+
+    /// Destroys object `id` (`IOMMU_DESTROY`).
+    ///
+    /// # Errors
+    /// The kernel's (EBUSY while a device is attached to it).
+    pub fn destroy(&self, id: u32) -> Result<()> {
+        let mut a = Destroy {
+            size: size_of_u32::<Destroy>(),
+            id,
+        };
+        call(self.file.as_fd(), IOMMU_DESTROY, &mut a)
+    }
+
+    /// The iommufd's fd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Where a region of a device is, within its fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Offset of the region in the device fd.
+    pub offset: u64,
+    /// Its size.
+    pub size: u64,
+}
+
+/// A VFIO device opened through its cdev.
+#[derive(Debug)]
+pub struct VfioDevice {
+    file: File,
+}
+
+impl VfioDevice {
+    /// Opens `/dev/vfio/devices/vfioN`.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn open(path: &Path) -> Result<VfioDevice> {
+        Ok(VfioDevice {
+            file: open_rdwr(path)?,
+        })
+    }
+
+    /// Binds the device to `iommufd` (`VFIO_DEVICE_BIND_IOMMUFD`); its
+    /// device id there.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn bind(&self, iommufd: &Iommufd) -> Result<u32> {
+        let mut a = BindIommufd {
+            argsz: size_of_u32::<BindIommufd>(),
+            flags: 0,
+            iommufd: iommufd.fd().as_raw_fd(),
+            out_devid: 0,
+        };
+        call(self.file.as_fd(), VFIO_DEVICE_BIND_IOMMUFD, &mut a)?;
+        Ok(a.out_devid)
+    }
+
+    /// Attaches the bound device to IO address space `ioas`
+    /// (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`): its DMA is translated by it.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn attach(&self, ioas: u32) -> Result<()> {
+        let mut a = AttachPt {
+            argsz: size_of_u32::<AttachPt>(),
+            flags: 0,
+            pt_id: ioas,
+        };
+        call(self.file.as_fd(), VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut a)
+    }
+
+    /// Region `index` (`VFIO_DEVICE_GET_REGION_INFO`).
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn region(&self, index: u32) -> Result<Region> {
+        let mut a = RegionInfo {
+            argsz: size_of_u32::<RegionInfo>(),
+            index,
+            ..RegionInfo::default()
+        };
+        call(self.file.as_fd(), VFIO_DEVICE_GET_REGION_INFO, &mut a)?;
+        Ok(Region {
+            offset: a.offset,
+            size: a.size,
+        })
+    }
+
+    /// Reads `buf.len()` bytes of `region` at `at`.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn read(&self, region: Region, at: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, region.offset + at)
+            .map_err(Errno::from)
+    }
+
+    /// Writes `bytes` into `region` at `at`.
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn write(&self, region: Region, at: u64, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(bytes, region.offset + at)
+            .map_err(Errno::from)
+    }
+
+    /// The device's fd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
