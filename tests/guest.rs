@@ -267,7 +267,7 @@ fn the_bench_measures_the_kernel_cuse_and_fuse_file_devices() {
 /// identical, with size, position and seals; bad input gets the module's
 /// errno; the module cannot be unloaded while it holds stashes.
 #[test]
-fn a_vfio_device_does_dma_into_a_memfd_through_iommufd() {
+fn a_vfio_device_does_dma_through_iommufd_and_is_handed_over_by_an_update() {
     let Some(console) = boot("vfio", &["intel_iommu=on", "iommu=nopt"]) else {
         return;
     };

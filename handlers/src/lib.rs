@@ -16,6 +16,7 @@ use std::sync::Arc;
 use luo_store::{Result, Store};
 
 pub use memfd::{Backing, MemfdHandler, MemfdState, SizeLock};
+pub use vfio::VfioHandler;
 
 /// Registers every built-in handler: shmem memfds, then hugetlb memfds.
 ///
@@ -24,7 +25,7 @@ pub use memfd::{Backing, MemfdHandler, MemfdState, SizeLock};
 pub fn register_all(store: &mut Store) -> Result<()> {
     store.register_handler(Box::new(MemfdHandler::new(Backing::Shmem)))?;
     store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
-    Ok(())
+    register_devices(store)
 }
 
 /// [`register_all`], with preserved shmem files' sizes fixed by `lock`.
@@ -34,6 +35,14 @@ pub fn register_all(store: &mut Store) -> Result<()> {
 pub fn register_all_with(store: &mut Store, lock: Arc<dyn SizeLock>) -> Result<()> {
     store.register_handler(Box::new(MemfdHandler::with_size_lock(Backing::Shmem, lock)))?;
     store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
+    register_devices(store)
+}
+
+/// VFIO device cdevs and iommufds, after the memfds (so a journal written
+/// before they existed names the same handlers).
+fn register_devices(store: &mut Store) -> Result<()> {
+    store.register_handler(Box::new(VfioHandler::new(vfio::Kind::Device)))?;
+    store.register_handler(Box::new(VfioHandler::new(vfio::Kind::Iommufd)))?;
     Ok(())
 }
 

@@ -288,3 +288,27 @@ fn a_size_lock_fixes_shmem_from_preserve_to_unpreserve_retrieve_or_finish() {
     let freed = taken(&lock);
     assert!(freed.contains(&(ino(&b), false)), "{freed:?}");
 }
+
+#[test]
+fn vfio_handlers_take_only_their_own_character_devices() {
+    use luo_store::FileHandler;
+
+    use crate::vfio::{Kind, VfioHandler};
+    let device = VfioHandler::new(Kind::Device);
+    let iommufd = VfioHandler::new(Kind::Iommufd);
+    // Another character device (DEVNAME=null), a regular file, a memfd.
+    let null = File::open("/dev/null").unwrap();
+    let m = memfd("not-a-device", 0).unwrap();
+    let tmp = tempfile_in_tmp();
+    for f in [&null, &m, &tmp] {
+        assert!(!device.can_preserve(f.as_fd()), "{f:?}");
+        assert!(!iommufd.can_preserve(f.as_fd()), "{f:?}");
+    }
+}
+
+fn tempfile_in_tmp() -> File {
+    let path = std::env::temp_dir().join(format!("luo-vfio-test-{}", std::process::id()));
+    let f = File::create(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    f
+}

@@ -1,6 +1,10 @@
 //! `luo vfio-check`: QEMU's `edu` PCI device (1234:11e8, a DMA engine with
 //! a 4 KiB buffer) driven through its VFIO cdev and an iommufd, DMA into
 //! and out of a memfd checked byte for byte (the rig's `vfio` scenario).
+//! Stage 0 checks the device and the IOMMU alone; stage 1 is a VMM that sets
+//! the device up and preserves guest RAM, the device and the iommufd in a
+//! session; stage 2, after a simulated update, retrieves them and DMAs to
+//! the same IOVAs with no setup at all.
 //!
 //! edu quirks this works with: MMIO is 4 or 8 bytes wide; a DMA completes on
 //! a 100 ms virtual timer and clears bit 0 of the command register; its DMA
@@ -13,6 +17,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use luo_handlers::vfio::ioctl::Region;
+use std::os::fd::OwnedFd;
+
+use crate::client::ioctl as lu;
 use luo_handlers::vfio::uapi::{PCI_BAR0_REGION, PCI_CONFIG_REGION};
 use luo_handlers::vfio::{Iommufd, VfioDevice};
 
@@ -139,13 +146,42 @@ fn pattern(seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// Binds `device` to a new iommufd, maps a memfd of `mib` MiB at IOVA
-/// 16 MiB, and checks DMA both ways byte for byte, and that an unmapped IOVA
-/// gives the device nothing of guest RAM.
+/// The session a stage-1 VMM leaves its device in.
+const SESSION: &str = "vfio-vm";
+/// Its tokens.
+const RAM_TOKEN: u64 = 1;
+const DEVICE_TOKEN: u64 = 2;
+const IOMMUFD_TOKEN: u64 = 3;
+
+/// Where the paths are.
+pub struct Paths<'a> {
+    /// The device's VFIO cdev.
+    pub device: &'a Path,
+    /// The iommufd device.
+    pub iommu: &'a Path,
+    /// The LUO device.
+    pub liveupdate: &'a Path,
+}
+
+/// Runs `stage` (0, 1 or 2; see the module docs) with `mib` MiB of guest RAM.
 ///
 /// # Errors
 /// What failed, as a sentence.
-pub fn run(device: &Path, iommu: &Path, mib: u64) -> Result<(), String> {
+pub fn run(paths: &Paths<'_>, stage: u32, mib: u64) -> Result<(), String> {
+    match stage {
+        0 => check_alone(paths.device, paths.iommu, mib),
+        1 => preserve(paths, mib),
+        _ => retrieve(paths.liveupdate),
+    }
+}
+
+/// A device bound to a new iommufd and attached to a new IOAS that maps a
+/// fresh memfd of `mib` MiB at [`RAM_IOVA`], bus mastering on.
+fn set_up(
+    device: &Path,
+    iommu: &Path,
+    mib: u64,
+) -> Result<(Edu, Iommufd, u32, std::fs::File), String> {
     let iommufd = Iommufd::open(iommu).map_err(|e| format!("open {}: {e}", iommu.display()))?;
     let dev = VfioDevice::open(device).map_err(|e| format!("open {}: {e}", device.display()))?;
     let devid = dev
@@ -159,24 +195,101 @@ pub fn run(device: &Path, iommu: &Path, mib: u64) -> Result<(), String> {
     println!("vfio-check: device {devid} bound, attached to IOAS {ioas}");
     let size = mib << 20;
     let ram = luo_handlers::mem::memfd("guest-ram", 0, size).map_err(|e| e.to_string())?;
-    let map = |what: &str| {
-        iommufd
-            .map_file(ioas, ram.as_fd(), 0, size, RAM_IOVA)
-            .map_err(|e| format!("IOMMU_IOAS_MAP_FILE{what}: {e}"))
-    };
-    map("")?;
-    let edu = Edu::enable(dev)?;
-    // RAM -> edu -> RAM elsewhere: every byte must make the round trip.
-    let out = pattern(7);
-    ram.write_all_at(&out, 0).map_err(|e| e.to_string())?;
-    edu.fetch(RAM_IOVA)?;
-    let back = edu.store_and_read(&ram, 1 << 20)?;
+    iommufd
+        .map_file(ioas, ram.as_fd(), 0, size, RAM_IOVA)
+        .map_err(|e| format!("IOMMU_IOAS_MAP_FILE: {e}"))?;
+    Ok((Edu::enable(dev)?, iommufd, ioas, ram))
+}
+
+/// Writes `seed`'s pattern at offset `from` of guest RAM, DMAs it through
+/// the device to offset `to`, and compares every byte there.
+fn round_trip(edu: &Edu, ram: &std::fs::File, seed: u8, from: u64, to: u64) -> Result<(), String> {
+    let out = pattern(seed);
+    ram.write_all_at(&out, from).map_err(|e| e.to_string())?;
+    edu.fetch(RAM_IOVA + from)?;
+    let back = edu.store_and_read(ram, to)?;
     if let Some(i) = (0..CHUNK).find(|i| back[*i] != out[*i]) {
         return Err(format!(
             "DMA through the IOMMU: byte {i} came back {:#x}, not {:#x}",
             back[i], out[i]
         ));
     }
+    Ok(())
+}
+
+/// Stage 1: set up, DMA, then preserve guest RAM, the device and the
+/// iommufd and hold the session for the update.
+fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
+    let (edu, iommufd, _, ram) = set_up(paths.device, paths.iommu, mib)?;
+    round_trip(&edu, &ram, 11, 0, 1 << 20)?;
+    println!("vfio-check: stage 1: {CHUNK} bytes to the device and back");
+    let dev = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(paths.liveupdate)
+        .map_err(|e| format!("open {}: {e}", paths.liveupdate.display()))?;
+    let session =
+        lu::create_session(dev.as_fd(), SESSION).map_err(|e| format!("CREATE_SESSION: {e}"))?;
+    for (what, fd, token) in [
+        ("guest RAM", ram.as_fd(), RAM_TOKEN),
+        ("the device", edu.dev.fd(), DEVICE_TOKEN),
+        ("the iommufd", iommufd.fd(), IOMMUFD_TOKEN),
+    ] {
+        lu::preserve_fd(session.as_fd(), fd, token)
+            .map_err(|e| format!("SESSION_PRESERVE_FD of {what}: {e}"))?;
+    }
+    println!("vfio-check: stage 1: guest RAM, the device and its iommufd preserved; holding them for the update");
+    crate::sys::hold_in_child(vec![session]).map_err(|e| format!("fork: {e}"))
+}
+
+/// Stage 2: everything retrieved; the device, never reset and still
+/// attached, DMAs to the same IOVAs with no BIND, ATTACH or MAP.
+fn retrieve(liveupdate: &Path) -> Result<(), String> {
+    let dev = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(liveupdate)
+        .map_err(|e| format!("open {}: {e}", liveupdate.display()))?;
+    let session =
+        lu::retrieve_session(dev.as_fd(), SESSION).map_err(|e| format!("RETRIEVE_SESSION: {e}"))?;
+    let take = |what: &str, token| -> Result<OwnedFd, String> {
+        lu::retrieve_fd(session.as_fd(), token)
+            .map_err(|e| format!("SESSION_RETRIEVE_FD of {what}: {e}"))
+    };
+    let ram = std::fs::File::from(take("guest RAM", RAM_TOKEN)?);
+    let device = VfioDevice::from_fd(take("the device", DEVICE_TOKEN)?);
+    let _iommufd = Iommufd::from_fd(take("the iommufd", IOMMUFD_TOKEN)?);
+    let bar0 = device
+        .region(PCI_BAR0_REGION)
+        .map_err(|e| format!("BAR0 region: {e}"))?;
+    let edu = Edu { dev: device, bar0 };
+    // Stage 1's last transfer left its addresses in the DMA registers: a
+    // reset would have cleared them.
+    let (src, dst) = (edu.read(DMA_SRC)?, edu.read(DMA_DST)?);
+    if (src, dst) != (EDU_BUFFER, RAM_IOVA + (1 << 20)) {
+        return Err(format!(
+            "the device was reset: DMA registers {src:#x} -> {dst:#x}"
+        ));
+    }
+    let mut before = vec![0u8; CHUNK];
+    ram.read_exact_at(&mut before, 1 << 20)
+        .map_err(|e| e.to_string())?;
+    if before != pattern(11) {
+        return Err("guest RAM lost what the device wrote in stage 1".into());
+    }
+    round_trip(&edu, &ram, 23, 4 << 20, 5 << 20)?;
+    println!("vfio-check: stage 2: the retrieved device, not reset, DMAs {CHUNK} bytes through the same IOVAs with no setup");
+    lu::finish(session.as_fd()).map_err(|e| format!("FINISH: {e}"))?;
+    Ok(())
+}
+
+/// Stage 0: the device and the IOMMU alone, DMA checked both ways and
+/// unmapped IOVAs read nothing.
+fn check_alone(device: &Path, iommu: &Path, mib: u64) -> Result<(), String> {
+    let (edu, iommufd, ioas, ram) = set_up(device, iommu, mib)?;
+    let size = mib << 20;
+    // RAM -> edu -> RAM elsewhere: every byte must make the round trip.
+    round_trip(&edu, &ram, 7, 0, 1 << 20)?;
     println!("vfio-check: {CHUNK} bytes went to the device and back through IOVA {RAM_IOVA:#x}");
     // An IOVA never mapped: the device reads nothing (zeros).
     edu.fetch(UNMAPPED_IOVA)?;
@@ -188,7 +301,9 @@ pub fn run(device: &Path, iommu: &Path, mib: u64) -> Result<(), String> {
         .unmap(ioas, RAM_IOVA, size)
         .map_err(|e| format!("IOMMU_IOAS_UNMAP: {e}"))?;
     edu.fetch(RAM_IOVA)?;
-    map(" again")?;
+    iommufd
+        .map_file(ioas, ram.as_fd(), 0, size, RAM_IOVA)
+        .map_err(|e| format!("IOMMU_IOAS_MAP_FILE again: {e}"))?;
     nothing(&edu.store_and_read(&ram, 3 << 20)?)?;
     println!("vfio-check: once unmapped, IOVA {RAM_IOVA:#x} gives the device nothing of the memfd");
     Ok(())

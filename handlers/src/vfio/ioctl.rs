@@ -60,6 +60,13 @@ impl Iommufd {
         })
     }
 
+    /// An iommufd already open (one retrieved after an update).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Iommufd {
+        Iommufd {
+            file: File::from(fd),
+        }
+    }
+
     /// A new IO address space (`IOMMU_IOAS_ALLOC`); its id.
     ///
     /// # Errors
@@ -155,6 +162,14 @@ impl VfioDevice {
         Ok(VfioDevice {
             file: open_rdwr(path)?,
         })
+    }
+
+    /// A device already open, bound and attached (one retrieved after an
+    /// update).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> VfioDevice {
+        VfioDevice {
+            file: File::from(fd),
+        }
     }
 
     /// Binds the device to `iommufd` (`VFIO_DEVICE_BIND_IOMMUFD`); its

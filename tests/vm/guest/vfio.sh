@@ -19,8 +19,20 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
 done
 [ -c /dev/vfio/devices/vfio0 ] || { ls -l /dev/vfio /sys/bus/pci/devices/$bdf/; fail "no /dev/vfio/devices/vfio0"; }
 [ -c /dev/iommu ] || fail "no /dev/iommu"
-out=$(luo vfio-check --device /dev/vfio/devices/vfio0 --iommu /dev/iommu --ram-mib 64 2>&1) \
+out=$(luo vfio-check --stage 0 --device /dev/vfio/devices/vfio0 --iommu /dev/iommu --ram-mib 64 2>&1) \
   || { echo "$out"; dmesg | tail -20; fail "vfio-check failed"; }
 echo "$out" | sed 's/^/RIG: /'
 dmesg | grep -i -E "DMAR.*fault" | tail -3 | sed 's/^/RIG: /'
-say "vfio: edu DMA through iommufd checked"
+# The same device handed over by a simulated update: a VMM sets it up,
+# preserves guest RAM, the device and its iommufd, and is ended by the
+# update; the next VMM retrieves them and DMAs with no setup.
+start_daemon /dev/liveupdate /run/luo --cuse
+luo run -- luo vfio-check --stage 1 --liveupdate /dev/liveupdate --ram-mib 64 > /tmp/vmm1 2>&1 \
+  || { cat /tmp/vmm1 /tmp/luo.log; fail "stage 1 of the handover failed"; }
+sed 's/^/RIG: /' /tmp/vmm1
+luo status --state-dir /run/luo | sed 's/^/RIG: /'
+luo update --simulate --state-dir /run/luo >/dev/null || { cat /tmp/luo.log; fail "the simulated update failed"; }
+out=$(luo run -- luo vfio-check --stage 2 --liveupdate /dev/liveupdate 2>&1) \
+  || { echo "$out"; cat /tmp/luo.log; fail "stage 2 of the handover failed"; }
+echo "$out" | sed 's/^/RIG: /'
+say "vfio: edu DMA through iommufd checked, and handed over by a simulated update"

@@ -183,12 +183,19 @@ enum Command {
         label: String,
     },
     /// Drive QEMU's edu device through its VFIO cdev and an iommufd: DMA
-    /// into and out of a memfd, checked byte for byte.
+    /// into and out of a memfd, checked byte for byte; stage 1 preserves it
+    /// all in a session, stage 2 retrieves it after an update.
     #[command(hide = true)]
     VfioCheck {
+        /// 0: the device alone; 1: set up and preserve; 2: retrieve.
+        #[arg(long, default_value_t = 0)]
+        stage: u32,
         /// The device's VFIO cdev.
         #[arg(long, default_value = "/dev/vfio/devices/vfio0")]
         device: PathBuf,
+        /// The LUO device.
+        #[arg(long, default_value = DEFAULT_DEVICE)]
+        liveupdate: PathBuf,
         /// The iommufd device.
         #[arg(long, default_value = "/dev/iommu")]
         iommu: PathBuf,
@@ -397,10 +404,20 @@ fn main() -> ExitCode {
             }
         },
         Command::VfioCheck {
+            stage,
             device,
+            liveupdate,
             iommu,
             ram_mib,
-        } => match luo_cuse_dev::tools::vfio_check::run(&device, &iommu, ram_mib) {
+        } => match luo_cuse_dev::tools::vfio_check::run(
+            &luo_cuse_dev::tools::vfio_check::Paths {
+                device: &device,
+                iommu: &iommu,
+                liveupdate: &liveupdate,
+            },
+            stage,
+            ram_mib,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("luo vfio-check: {e}");
