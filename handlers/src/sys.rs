@@ -103,3 +103,33 @@ pub fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> Result<()> {
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }.into())?;
     Ok(())
 }
+
+/// What `statx` knows of an open file without asking its filesystem
+/// (`AT_STATX_DONT_SYNC`: cached attributes, so a FUSE or network file whose
+/// server never answers cannot make the caller wait).
+#[derive(Clone, Copy, Debug)]
+pub struct CachedStat {
+    /// `st_mode`'s file type bits.
+    pub kind: u32,
+    /// The device a character or block special file names.
+    pub rdev: u64,
+    /// The inode number.
+    pub ino: u64,
+}
+
+/// [`CachedStat`] of `fd`.
+pub fn stat_cached(fd: BorrowedFd<'_>) -> Result<CachedStat> {
+    // SAFETY: all-zero is a valid `statx` to be overwritten.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC;
+    let mask = libc::STATX_TYPE | libc::STATX_INO;
+    // SAFETY: c"" is a valid empty path (with AT_EMPTY_PATH, fd itself is
+    // asked about); st is a valid out pointer.
+    let r = unsafe { libc::statx(fd.as_raw_fd(), c"".as_ptr(), flags, mask, &mut st) };
+    check(r.into())?;
+    Ok(CachedStat {
+        kind: u32::from(st.stx_mode) & libc::S_IFMT,
+        rdev: libc::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+        ino: st.stx_ino,
+    })
+}

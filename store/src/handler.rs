@@ -119,6 +119,13 @@ pub trait FileHandler: Send {
     /// Releases everything LUO kept for the file (`finish`).
     fn finish(&self, state: &FileState<'_>);
 
+    /// What the preserved object is, for `luo status` (a device's address,
+    /// say); None where the handler has nothing to add.
+    fn describe(&self, state: &FileState<'_>) -> Option<String> {
+        let _ = state;
+        None
+    }
+
     /// FLBs this handler's files depend on, in registration order.
     fn flbs(&self) -> Vec<crate::FlbId> {
         Vec::new()

@@ -93,6 +93,12 @@ impl Store {
         self.handlers[index].compatible()
     }
 
+    /// What `file`'s handler says the preserved object is (see
+    /// [`FileHandler::describe`]).
+    pub fn describe_file(&self, file: &LuoFile) -> Option<String> {
+        self.handlers[file.handler].describe(&file.state())
+    }
+
     /// Index of the handler with this compatible string.
     pub fn handler_index(&self, compatible: &str) -> Option<usize> {
         self.handlers

@@ -62,6 +62,10 @@ pub struct FileStatus {
     /// free huge pages to be rebuilt (why, as a sentence).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// What the preserved object is, where its handler says (a VFIO
+    /// device's PCI address and device node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// A session in a status report.

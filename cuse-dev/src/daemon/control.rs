@@ -173,6 +173,7 @@ impl Daemon {
                     .map(|f| FileStatus {
                         token: f.token,
                         handler: self.store.handler_compatible(f.handler).into(),
+                        object: self.store.describe_file(f),
                         retrieved: f.retrieve_status == luo_store::RetrieveStatus::Retrieved,
                         waiting: self.waiting_for(s.id, f.token).map(|w| {
                             let need = luo_kexec_helper::handover::huge_pages_for(w.size);

@@ -217,12 +217,39 @@ fn round_trip(edu: &Edu, ram: &std::fs::File, seed: u8, from: u64, to: u64) -> R
     Ok(())
 }
 
+/// The legacy VFIO group of the device behind `device` (`/dev/vfio/N`).
+fn group_of(device: &Path) -> Result<std::path::PathBuf, String> {
+    let meta = std::fs::metadata(device).map_err(|e| e.to_string())?;
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&meta);
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let link = format!("/sys/dev/char/{major}:{minor}/device/iommu_group");
+    let group = std::fs::read_link(&link).map_err(|e| format!("{link}: {e}"))?;
+    let n = group.file_name().ok_or("no IOMMU group")?;
+    Ok(Path::new("/dev/vfio").join(n))
+}
+
+/// PRESERVE_FD of `fd` must fail with `errno`.
+fn refused(
+    session: &OwnedFd,
+    what: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+    errno: i32,
+) -> Result<(), String> {
+    match lu::preserve_fd(session.as_fd(), fd, 100) {
+        Err(e) if e.raw_os_error() == Some(errno) => {
+            println!("vfio-check: stage 1: preserving {what} is refused: {e}");
+            Ok(())
+        }
+        other => Err(format!("preserving {what}: {other:?}, not errno {errno}")),
+    }
+}
+
 /// Stage 1: set up, DMA, then preserve guest RAM, the device and the
-/// iommufd and hold the session for the update.
+/// iommufd and hold the session for the update. Around that, what cannot
+/// be handed over is refused: the device's legacy group fd and a device fd
+/// bound to no iommufd (ENOENT, as for any file no handler takes), and the
+/// same device a second time (EBUSY).
 fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
-    let (edu, iommufd, _, ram) = set_up(paths.device, paths.iommu, mib)?;
-    round_trip(&edu, &ram, 11, 0, 1 << 20)?;
-    println!("vfio-check: stage 1: {CHUNK} bytes to the device and back");
     let dev = std::fs::File::options()
         .read(true)
         .write(true)
@@ -230,6 +257,31 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         .map_err(|e| format!("open {}: {e}", paths.liveupdate.display()))?;
     let session =
         lu::create_session(dev.as_fd(), SESSION).map_err(|e| format!("CREATE_SESSION: {e}"))?;
+    let group = group_of(paths.device)?;
+    let group_fd = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&group)
+        .map_err(|e| format!("open {}: {e}", group.display()))?;
+    refused(
+        &session,
+        "the device's VFIO group",
+        group_fd.as_fd(),
+        libc::ENOENT,
+    )?;
+    drop(group_fd);
+    let (edu, iommufd, _, ram) = set_up(paths.device, paths.iommu, mib)?;
+    round_trip(&edu, &ram, 11, 0, 1 << 20)?;
+    println!("vfio-check: stage 1: {CHUNK} bytes to the device and back");
+    let unbound = VfioDevice::open(paths.device)
+        .map_err(|e| format!("open {} again: {e}", paths.device.display()))?;
+    refused(
+        &session,
+        "a device fd bound to no iommufd",
+        unbound.fd(),
+        libc::ENOENT,
+    )?;
+    drop(unbound);
     for (what, fd, token) in [
         ("guest RAM", ram.as_fd(), RAM_TOKEN),
         ("the device", edu.dev.fd(), DEVICE_TOKEN),
@@ -238,6 +290,7 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         lu::preserve_fd(session.as_fd(), fd, token)
             .map_err(|e| format!("SESSION_PRESERVE_FD of {what}: {e}"))?;
     }
+    refused(&session, "the same device again", edu.dev.fd(), libc::EBUSY)?;
     println!("vfio-check: stage 1: guest RAM, the device and its iommufd preserved; holding them for the update");
     crate::sys::hold_in_child(vec![session]).map_err(|e| format!("fork: {e}"))
 }

@@ -11,6 +11,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use luo_store::{Errno, FileHandler, FileId, FileState, Preserved, Result};
 
+use super::ioctl::device_info;
 use crate::sys;
 
 /// What a character device is, as `/sys/dev/char/MAJ:MIN` names it.
@@ -22,14 +23,15 @@ struct CharDevice {
     pci: Option<String>,
 }
 
-/// The character device `file` is open on, if it is one. Answered by the
-/// inode and sysfs, never by the device.
+/// The character device `file` is open on, if it is one. Answered from
+/// cached attributes and sysfs, never by the file's filesystem or the
+/// device: a caller's file may be on a filesystem that never answers.
 fn char_device(file: BorrowedFd<'_>) -> Option<CharDevice> {
-    let st = sys::fstat(file).ok()?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFCHR {
+    let st = sys::stat_cached(file).ok()?;
+    if st.kind != libc::S_IFCHR {
         return None;
     }
-    let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+    let (major, minor) = (libc::major(st.rdev), libc::minor(st.rdev));
     let dir = format!("/sys/dev/char/{major}:{minor}");
     let uevent = std::fs::read_to_string(format!("{dir}/uevent")).ok()?;
     let devname = uevent
@@ -80,16 +82,21 @@ impl FileHandler for VfioHandler {
     }
 
     fn can_preserve(&self, file: BorrowedFd<'_>) -> bool {
-        char_device(file).is_some_and(|d| self.takes(&d))
+        if !char_device(file).is_some_and(|d| self.takes(&d)) {
+            return false;
+        }
+        // A device fd not bound to an iommufd reaches nothing: refused as a
+        // file no handler takes.
+        self.kind == Kind::Iommufd || device_info(file).is_ok()
     }
 
     fn get_id(&self, file: BorrowedFd<'_>) -> Result<FileId> {
         // One open file per device node: a device opened twice is refused
         // (EBUSY), as one device cannot be handed over twice.
-        let st = sys::fstat(file)?;
+        let st = sys::stat_cached(file)?;
         Ok(FileId {
-            dev: st.st_rdev,
-            ino: st.st_ino,
+            dev: st.rdev,
+            ino: st.ino,
         })
     }
 
@@ -115,4 +122,12 @@ impl FileHandler for VfioHandler {
     }
 
     fn finish(&self, _state: &FileState<'_>) {}
+
+    fn describe(&self, state: &FileState<'_>) -> Option<String> {
+        let text = std::str::from_utf8(state.data).ok()?;
+        Some(match text.split_once(' ') {
+            Some((devname, pci)) => format!("{pci}, /dev/{devname}"),
+            None => format!("/dev/{text}"),
+        })
+    }
 }

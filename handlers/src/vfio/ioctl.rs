@@ -9,10 +9,10 @@ use luo_store::{Errno, Result};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::uapi::{
-    AttachPt, BindIommufd, Destroy, IoasAlloc, IoasMapFile, IoasUnmap, RegionInfo, IOMMU_DESTROY,
-    IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA, MAP_READABLE,
-    MAP_WRITEABLE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD,
-    VFIO_DEVICE_GET_REGION_INFO,
+    AttachPt, BindIommufd, Destroy, DeviceInfo, IoasAlloc, IoasMapFile, IoasUnmap, RegionInfo,
+    IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA,
+    MAP_READABLE, MAP_WRITEABLE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD,
+    VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO,
 };
 
 /// `ioctl(fd, cmd, arg)` with `arg` the command's struct.
@@ -41,6 +41,20 @@ fn open_rdwr(path: &Path) -> Result<File> {
         .write(true)
         .open(path)
         .map_err(Errno::from)
+}
+
+/// `VFIO_DEVICE_GET_INFO` of a device fd: fails (EINVAL) until the fd is
+/// bound to an iommufd, as every call but BIND does.
+///
+/// # Errors
+/// The kernel's.
+pub fn device_info(device: BorrowedFd<'_>) -> Result<DeviceInfo> {
+    let mut a = DeviceInfo {
+        argsz: size_of_u32::<DeviceInfo>(),
+        ..DeviceInfo::default()
+    };
+    call(device, VFIO_DEVICE_GET_INFO, &mut a)?;
+    Ok(a)
 }
 
 /// An iommufd (`/dev/iommu`).

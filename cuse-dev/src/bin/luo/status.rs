@@ -40,10 +40,12 @@ pub fn status(state_dir: &Path, json: bool) -> ExitCode {
         );
         for f in &s.files {
             let waiting = f.waiting.as_deref().map(|w| format!(" ({w})"));
+            let object = f.object.as_deref().map(|o| format!(" {o}"));
             println!(
-                "    token {:#x} {}{}{}",
+                "    token {:#x} {}{}{}{}",
                 f.token,
                 f.handler,
+                object.unwrap_or_default(),
                 if f.retrieved { " retrieved" } else { "" },
                 waiting.unwrap_or_default()
             );
