@@ -75,9 +75,9 @@ fn boot(scenario: &str, args: &[&str]) -> Option<String> {
 
 /// QEMU's machine for device handover: q35 with an intel-iommu that remaps
 /// interrupts (the kernel then lets VFIO and iommufd attach devices), and
-/// the edu DMA device.
+/// two edu DMA devices.
 const IOMMU_MACHINE: &str =
-    "-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on -device edu";
+    "-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on -device edu -device edu";
 
 /// [`boot`] in a guest of `mem` memory (QEMU's `-m`), killed after
 /// `timeout_s` seconds.

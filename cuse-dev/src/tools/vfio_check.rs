@@ -148,6 +148,8 @@ fn pattern(seed: u8) -> Vec<u8> {
 
 /// The session a stage-1 VMM leaves its device in.
 const SESSION: &str = "vfio-vm";
+/// The session of the spare device.
+const SPARE_SESSION: &str = "vfio-spare";
 /// Its tokens.
 const RAM_TOKEN: u64 = 1;
 const DEVICE_TOKEN: u64 = 2;
@@ -157,6 +159,8 @@ const IOMMUFD_TOKEN: u64 = 3;
 pub struct Paths<'a> {
     /// The device's VFIO cdev.
     pub device: &'a Path,
+    /// A second edu's cdev, preserved alone and finished unretrieved.
+    pub spare: &'a Path,
     /// The iommufd device.
     pub iommu: &'a Path,
     /// The LUO device.
@@ -171,7 +175,7 @@ pub fn run(paths: &Paths<'_>, stage: u32, mib: u64) -> Result<(), String> {
     match stage {
         0 => check_alone(paths.device, paths.iommu, mib),
         1 => preserve(paths, mib),
-        _ => retrieve(paths.liveupdate),
+        _ => retrieve(paths.liveupdate, paths.spare),
     }
 }
 
@@ -291,13 +295,48 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
             .map_err(|e| format!("SESSION_PRESERVE_FD of {what}: {e}"))?;
     }
     refused(&session, "the same device again", edu.dev.fd(), libc::EBUSY)?;
+    // The spare: bound to the same iommufd, alone in its session.
+    let spare = VfioDevice::open(paths.spare)
+        .map_err(|e| format!("open {}: {e}", paths.spare.display()))?;
+    spare
+        .bind(&iommufd)
+        .map_err(|e| format!("bind the spare: {e}"))?;
+    let spare_session = lu::create_session(dev.as_fd(), SPARE_SESSION)
+        .map_err(|e| format!("CREATE_SESSION of the spare: {e}"))?;
+    lu::preserve_fd(spare_session.as_fd(), spare.fd(), DEVICE_TOKEN)
+        .map_err(|e| format!("SESSION_PRESERVE_FD of the spare: {e}"))?;
     println!("vfio-check: stage 1: guest RAM, the device and its iommufd preserved; holding them for the update");
-    crate::sys::hold_in_child(vec![session]).map_err(|e| format!("fork: {e}"))
+    crate::sys::hold_in_child(vec![session, spare_session]).map_err(|e| format!("fork: {e}"))
+}
+
+/// Whether `device` can be opened and bound to a new iommufd: a cdev device
+/// is bound by one open file at a time, so not while LUO holds one.
+fn bindable(device: &Path) -> bool {
+    let fresh = Iommufd::open(Path::new("/dev/iommu"));
+    let dev = VfioDevice::open(device);
+    matches!((fresh, dev), (Ok(i), Ok(d)) if d.bind(&i).is_ok())
+}
+
+/// The spare's session finished without retrieving the device: the device
+/// is let go (it can be bound afresh), as the kernel finishes an
+/// unretrieved file.
+fn finish_unretrieved(dev: &std::fs::File, spare: &Path) -> Result<(), String> {
+    let session = lu::retrieve_session(dev.as_fd(), SPARE_SESSION)
+        .map_err(|e| format!("RETRIEVE_SESSION of the spare: {e}"))?;
+    if bindable(spare) {
+        return Err("the spare could be bound while LUO held it".into());
+    }
+    lu::finish(session.as_fd()).map_err(|e| format!("FINISH of the spare: {e}"))?;
+    if !bindable(spare) {
+        return Err("the spare was not let go by FINISH".into());
+    }
+    println!("vfio-check: stage 2: a device never retrieved is let go by FINISH");
+    Ok(())
 }
 
 /// Stage 2: everything retrieved; the device, never reset and still
 /// attached, DMAs to the same IOVAs with no BIND, ATTACH or MAP.
-fn retrieve(liveupdate: &Path) -> Result<(), String> {
+fn retrieve(liveupdate: &Path, spare: &Path) -> Result<(), String> {
     let dev = std::fs::File::options()
         .read(true)
         .write(true)
@@ -333,7 +372,7 @@ fn retrieve(liveupdate: &Path) -> Result<(), String> {
     round_trip(&edu, &ram, 23, 4 << 20, 5 << 20)?;
     println!("vfio-check: stage 2: the retrieved device, not reset, DMAs {CHUNK} bytes through the same IOVAs with no setup");
     lu::finish(session.as_fd()).map_err(|e| format!("FINISH: {e}"))?;
-    Ok(())
+    finish_unretrieved(&dev, spare)
 }
 
 /// Stage 0: the device and the IOMMU alone, DMA checked both ways and

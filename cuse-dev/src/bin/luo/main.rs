@@ -193,6 +193,9 @@ enum Command {
         /// The device's VFIO cdev.
         #[arg(long, default_value = "/dev/vfio/devices/vfio0")]
         device: PathBuf,
+        /// A second device's cdev (stages 1 and 2).
+        #[arg(long, default_value = "/dev/vfio/devices/vfio1")]
+        spare: PathBuf,
         /// The LUO device.
         #[arg(long, default_value = DEFAULT_DEVICE)]
         liveupdate: PathBuf,
@@ -406,12 +409,14 @@ fn main() -> ExitCode {
         Command::VfioCheck {
             stage,
             device,
+            spare,
             liveupdate,
             iommu,
             ram_mib,
         } => match luo_cuse_dev::tools::vfio_check::run(
             &luo_cuse_dev::tools::vfio_check::Paths {
                 device: &device,
+                spare: &spare,
                 iommu: &iommu,
                 liveupdate: &liveupdate,
             },
