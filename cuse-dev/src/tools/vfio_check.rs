@@ -122,13 +122,23 @@ impl Edu {
         Ok(back)
     }
 
-    /// One transfer of [`CHUNK`] bytes, waited for.
-    fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<(), String> {
+    /// Starts a transfer of [`CHUNK`] bytes without waiting for it.
+    fn start_dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<(), String> {
         self.write(DMA_SRC, src)?;
         self.write(DMA_DST, dst)?;
         self.write(DMA_COUNT, CHUNK as u64)?;
         let cmd = CMD_START | if to_ram { CMD_TO_RAM } else { 0 };
-        self.write(DMA_CMD, cmd)?;
+        self.write(DMA_CMD, cmd)
+    }
+
+    /// Whether a transfer is still running.
+    fn busy(&self) -> Result<bool, String> {
+        Ok(self.read(DMA_CMD)? & CMD_START != 0)
+    }
+
+    /// One transfer of [`CHUNK`] bytes, waited for.
+    fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<(), String> {
+        self.start_dma(src, dst, to_ram)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.read(DMA_CMD)? & CMD_START != 0 {
             if Instant::now() > deadline {
@@ -148,6 +158,8 @@ fn pattern(seed: u8) -> Vec<u8> {
 
 /// The session a stage-1 VMM leaves its device in.
 const SESSION: &str = "vfio-vm";
+/// Where stage 1's last DMA, still running as it leaves, writes.
+const IN_FLIGHT_AT: u64 = 6 << 20;
 /// The session of the spare device.
 const SPARE_SESSION: &str = "vfio-spare";
 /// Its tokens.
@@ -305,6 +317,14 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         .map_err(|e| format!("CREATE_SESSION of the spare: {e}"))?;
     lu::preserve_fd(spare_session.as_fd(), spare.fd(), DEVICE_TOKEN)
         .map_err(|e| format!("SESSION_PRESERVE_FD of the spare: {e}"))?;
+    // A DMA into guest RAM started now finishes after this VMM is gone (edu
+    // takes 100 ms): stage 2 finds it landed.
+    edu.fetch(RAM_IOVA)?;
+    edu.start_dma(EDU_BUFFER, RAM_IOVA + IN_FLIGHT_AT, true)?;
+    if !edu.busy()? {
+        return Err("the last DMA finished before the VMM left".into());
+    }
+    println!("vfio-check: stage 1: a DMA into guest RAM is in flight as the VMM leaves");
     println!("vfio-check: stage 1: guest RAM, the device and its iommufd preserved; holding them for the update");
     crate::sys::hold_in_child(vec![session, spare_session]).map_err(|e| format!("fork: {e}"))
 }
@@ -358,7 +378,7 @@ fn retrieve(liveupdate: &Path, spare: &Path) -> Result<(), String> {
     // Stage 1's last transfer left its addresses in the DMA registers: a
     // reset would have cleared them.
     let (src, dst) = (edu.read(DMA_SRC)?, edu.read(DMA_DST)?);
-    if (src, dst) != (EDU_BUFFER, RAM_IOVA + (1 << 20)) {
+    if (src, dst) != (EDU_BUFFER, RAM_IOVA + IN_FLIGHT_AT) {
         return Err(format!(
             "the device was reset: DMA registers {src:#x} -> {dst:#x}"
         ));
@@ -369,6 +389,12 @@ fn retrieve(liveupdate: &Path, spare: &Path) -> Result<(), String> {
     if before != pattern(11) {
         return Err("guest RAM lost what the device wrote in stage 1".into());
     }
+    ram.read_exact_at(&mut before, IN_FLIGHT_AT)
+        .map_err(|e| e.to_string())?;
+    if before != pattern(11) {
+        return Err("the DMA in flight during the update did not land in guest RAM".into());
+    }
+    println!("vfio-check: stage 2: the DMA in flight during the blackout landed in guest RAM");
     round_trip(&edu, &ram, 23, 4 << 20, 5 << 20)?;
     println!("vfio-check: stage 2: the retrieved device, not reset, DMAs {CHUNK} bytes through the same IOVAs with no setup");
     lu::finish(session.as_fd()).map_err(|e| format!("FINISH: {e}"))?;
