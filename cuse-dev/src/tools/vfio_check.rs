@@ -158,6 +158,8 @@ fn pattern(seed: u8) -> Vec<u8> {
 
 /// The session a stage-1 VMM leaves its device in.
 const SESSION: &str = "vfio-vm";
+/// Where in guest RAM stage 1 leaves the time its blackout started.
+const PAUSED_AT: u64 = 7 << 20;
 /// Where stage 1's last DMA, still running as it leaves, writes.
 const IN_FLIGHT_AT: u64 = 6 << 20;
 /// The session of the spare device.
@@ -298,6 +300,10 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         libc::ENOENT,
     )?;
     drop(unbound);
+    // The blackout starts here; stage 2 reads when from guest RAM.
+    let paused = crate::sys::monotonic_ns();
+    ram.write_all_at(&paused.to_le_bytes(), PAUSED_AT)
+        .map_err(|e| e.to_string())?;
     for (what, fd, token) in [
         ("guest RAM", ram.as_fd(), RAM_TOKEN),
         ("the device", edu.dev.fd(), DEVICE_TOKEN),
@@ -306,6 +312,7 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         lu::preserve_fd(session.as_fd(), fd, token)
             .map_err(|e| format!("SESSION_PRESERVE_FD of {what}: {e}"))?;
     }
+    let preserved = crate::sys::monotonic_ns() - paused;
     refused(&session, "the same device again", edu.dev.fd(), libc::EBUSY)?;
     // The spare: bound to the same iommufd, alone in its session.
     let spare = VfioDevice::open(paths.spare)
@@ -325,7 +332,10 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         return Err("the last DMA finished before the VMM left".into());
     }
     println!("vfio-check: stage 1: a DMA into guest RAM is in flight as the VMM leaves");
-    println!("vfio-check: stage 1: guest RAM, the device and its iommufd preserved; holding them for the update");
+    println!(
+        "vfio-check: stage 1: guest RAM, the device and its iommufd preserved in {} us; holding them for the update",
+        preserved / 1000
+    );
     crate::sys::hold_in_child(vec![session, spare_session]).map_err(|e| format!("fork: {e}"))
 }
 
@@ -368,9 +378,20 @@ fn retrieve(liveupdate: &Path, spare: &Path) -> Result<(), String> {
         lu::retrieve_fd(session.as_fd(), token)
             .map_err(|e| format!("SESSION_RETRIEVE_FD of {what}: {e}"))
     };
+    let start = crate::sys::monotonic_ns();
     let ram = std::fs::File::from(take("guest RAM", RAM_TOKEN)?);
     let device = VfioDevice::from_fd(take("the device", DEVICE_TOKEN)?);
     let _iommufd = Iommufd::from_fd(take("the iommufd", IOMMUFD_TOKEN)?);
+    let now = crate::sys::monotonic_ns();
+    let mut paused = [0u8; 8];
+    ram.read_exact_at(&mut paused, PAUSED_AT)
+        .map_err(|e| e.to_string())?;
+    let blackout = now.saturating_sub(u64::from_le_bytes(paused));
+    println!(
+        "vfio-check: stage 2: guest RAM, the device and its iommufd retrieved in {} us; blackout (preserve started -> device retrieved) {:.1} ms",
+        (now - start) / 1000,
+        blackout as f64 / 1e6
+    );
     let bar0 = device
         .region(PCI_BAR0_REGION)
         .map_err(|e| format!("BAR0 region: {e}"))?;
