@@ -2,20 +2,12 @@
 //! sealable, at a size; and carrying a file's position and seals over to
 //! a rebuilt copy, as `memfd_luo` does on retrieve.
 
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 
 pub use crate::mapping::{Mapping, PAGE};
 use crate::memfd::Backing;
 use crate::sys;
-
-/// A memfd of `len` bytes (`MFD_CLOEXEC` is always added to `flags`).
-///
-/// # Errors
-/// `memfd_create` or `ftruncate` failures.
-pub fn memfd(name: &str, flags: libc::c_uint, len: u64) -> std::io::Result<File> {
-    sys::memfd(name, flags, len)
-}
+pub use crate::sys::memfd;
 
 /// A sealable memfd of `size` bytes with `backing`.
 ///

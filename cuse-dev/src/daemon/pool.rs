@@ -175,13 +175,13 @@ impl Daemon {
 
     fn wait_for_opener(&mut self) -> Result<()> {
         let files = [self.chan.fd(), self.files.opener.as_fd()];
-        let Some([fuse, opener]) = sys::poll_readable(files, OPENER_PATIENCE_MS) else {
+        let Some(ready) = sys::poll_readable(&files, OPENER_PATIENCE_MS) else {
             return self.replace_hung_opener();
         };
-        if fuse {
+        if ready[0] {
             self.drain_fuse();
         }
-        if opener && self.on_pool_event().is_err() {
+        if ready[1] && self.on_pool_event().is_err() {
             return Err(Errno::EIO);
         }
         Ok(())

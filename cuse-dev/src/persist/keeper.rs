@@ -75,7 +75,7 @@ pub fn serve(socket: &Path) -> std::io::Result<()> {
         let watched: Vec<BorrowedFd<'_>> = std::iter::once(listener.as_fd())
             .chain(conns.iter().map(|c| c.as_fd()))
             .collect();
-        let Ok(ready) = sys::poll_many(&watched, -1) else {
+        let Some(ready) = sys::poll_readable(&watched, -1) else {
             continue;
         };
         let mut closed = Vec::new();

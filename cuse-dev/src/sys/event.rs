@@ -101,28 +101,10 @@ pub fn readable(fd: BorrowedFd<'_>) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
 }
 
-/// Waits up to `timeout_ms` for any of `fds` to become readable; which
-/// are, or None if none became so in time (or the wait failed).
-pub fn poll_readable<const N: usize>(
-    fds: [BorrowedFd<'_>; N],
-    timeout_ms: i32,
-) -> Option<[bool; N]> {
-    let mut polled = fds.map(|fd| libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    // SAFETY: polled is a valid array of N pollfds.
-    let n = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
-    (n > 0).then(|| polled.map(|p| p.revents != 0))
-}
-
 /// Waits up to `timeout_ms` (-1: for good) for any of `fds` to become
-/// readable (or hang up); which are.
-///
-/// # Errors
-/// The kernel's (EINTR included).
-pub fn poll_many(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool>> {
+/// readable (or hang up); which are, or None if none became so in time (or
+/// the wait failed, EINTR included).
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> Option<Vec<bool>> {
     let mut polled: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
@@ -131,13 +113,8 @@ pub fn poll_many(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool
             revents: 0,
         })
         .collect();
-    // SAFETY: polled is a valid array of polled.len() pollfds.
-    check(unsafe {
-        libc::poll(
-            polled.as_mut_ptr(),
-            polled.len() as libc::nfds_t,
-            timeout_ms,
-        )
-    })?;
-    Ok(polled.iter().map(|p| p.revents != 0).collect())
+    let len = polled.len() as libc::nfds_t;
+    // SAFETY: polled is a valid array of `len` pollfds.
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), len, timeout_ms) };
+    (n > 0).then(|| polled.iter().map(|p| p.revents != 0).collect())
 }
