@@ -25,24 +25,32 @@ pub use vfio::VfioHandler;
 pub fn register_all(store: &mut Store) -> Result<()> {
     store.register_handler(Box::new(MemfdHandler::new(Backing::Shmem)))?;
     store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
-    register_devices(store)
+    register_devices(store, vfio::DmaTable::default())
 }
 
-/// [`register_all`], with preserved shmem files' sizes fixed by `lock`.
+/// [`register_all`], with preserved shmem files' sizes fixed by `lock` and
+/// devices' DMA recorded in `dma`.
 ///
 /// # Errors
 /// `EEXIST` if one is already registered.
-pub fn register_all_with(store: &mut Store, lock: Arc<dyn SizeLock>) -> Result<()> {
+pub fn register_all_with(
+    store: &mut Store,
+    lock: Arc<dyn SizeLock>,
+    dma: vfio::DmaTable,
+) -> Result<()> {
     store.register_handler(Box::new(MemfdHandler::with_size_lock(Backing::Shmem, lock)))?;
     store.register_handler(Box::new(MemfdHandler::new(Backing::Hugetlb)))?;
-    register_devices(store)
+    register_devices(store, dma)
 }
 
 /// VFIO device cdevs and iommufds, after the memfds (so a journal written
-/// before they existed names the same handlers).
-fn register_devices(store: &mut Store) -> Result<()> {
-    store.register_handler(Box::new(VfioHandler::new(vfio::Kind::Device)))?;
-    store.register_handler(Box::new(VfioHandler::new(vfio::Kind::Iommufd)))?;
+/// before they existed names the same handlers), and the iommufd FLB.
+fn register_devices(store: &mut Store, dma: vfio::DmaTable) -> Result<()> {
+    let flb = store
+        .flbs
+        .register(Box::new(vfio::IommufdFlb::new(dma.clone())))?;
+    store.register_handler(Box::new(VfioHandler::device(dma, flb)))?;
+    store.register_handler(Box::new(VfioHandler::iommufd()))?;
     Ok(())
 }
 

@@ -252,7 +252,7 @@ fn ino(f: &File) -> u64 {
 fn a_size_lock_fixes_shmem_from_preserve_to_unpreserve_retrieve_or_finish() {
     let lock = std::sync::Arc::new(Recorder::default());
     let mut s = Store::new();
-    crate::register_all_with(&mut s, lock.clone()).unwrap();
+    crate::register_all_with(&mut s, lock.clone(), crate::vfio::DmaTable::default()).unwrap();
     let taken = |lock: &Recorder| std::mem::take(&mut *lock.0.lock().unwrap());
     let (a, b, c) = (
         memfd("a", 0).unwrap(),
@@ -293,9 +293,9 @@ fn a_size_lock_fixes_shmem_from_preserve_to_unpreserve_retrieve_or_finish() {
 fn vfio_handlers_take_only_their_own_character_devices() {
     use luo_store::FileHandler;
 
-    use crate::vfio::{Kind, VfioHandler};
-    let device = VfioHandler::new(Kind::Device);
-    let iommufd = VfioHandler::new(Kind::Iommufd);
+    use crate::vfio::{DmaTable, VfioHandler};
+    let device = VfioHandler::device(DmaTable::default(), luo_store::FlbId(0));
+    let iommufd = VfioHandler::iommufd();
     // Another character device (DEVNAME=null), a regular file, a memfd.
     let null = File::open("/dev/null").unwrap();
     let m = memfd("not-a-device", 0).unwrap();

@@ -39,6 +39,21 @@ pub struct FlbHandover {
     pub data: Vec<u8>,
 }
 
+/// One registered FLB as `luo status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlbStatus {
+    /// Compatible string.
+    pub compatible: String,
+    /// Outgoing files depending on it.
+    pub outgoing: u64,
+    /// Incoming files depending on it.
+    pub incoming: u64,
+    /// Whether its incoming state was retrieved.
+    pub retrieved: bool,
+    /// What it holds, where it says (its outgoing state, else its incoming).
+    pub detail: Option<String>,
+}
+
 impl FlbRegistry {
     /// Registers an FLB.
     ///
@@ -154,24 +169,52 @@ impl FlbRegistry {
         self.slots.get(id.0).map_or(0, |s| s.incoming.count)
     }
 
-    /// Serializes every FLB that outgoing files use.
+    /// Every registered FLB, in registration order.
+    pub fn list(&self) -> Vec<FlbStatus> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let out = s.outgoing.count > 0;
+                let data = if out {
+                    s.ops.current().unwrap_or_else(|| s.outgoing.data.clone())
+                } else {
+                    s.incoming.data.clone()
+                };
+                FlbStatus {
+                    compatible: s.ops.compatible().to_owned(),
+                    outgoing: s.outgoing.count,
+                    incoming: s.incoming.count,
+                    retrieved: s.incoming.retrieve_status == 1,
+                    detail: (out || s.incoming.count > 0)
+                        .then(|| s.ops.describe(&data))
+                        .flatten(),
+                }
+            })
+            .collect()
+    }
+
+    /// Serializes every FLB that outgoing files use, as it is now.
     pub fn handover(&self) -> Vec<FlbHandover> {
-        self.side_handover(|s| &s.outgoing)
+        self.slots
+            .iter()
+            .filter(|s| s.outgoing.count > 0)
+            .map(|s| FlbHandover {
+                compatible: s.ops.compatible().to_owned(),
+                count: s.outgoing.count,
+                data: s.ops.current().unwrap_or_else(|| s.outgoing.data.clone()),
+            })
+            .collect()
     }
 
     /// Serializes every FLB that incoming files use (for a daemon restart).
     pub fn incoming_handover(&self) -> Vec<FlbHandover> {
-        self.side_handover(|s| &s.incoming)
-    }
-
-    fn side_handover(&self, side: impl Fn(&Slot) -> &Side) -> Vec<FlbHandover> {
         self.slots
             .iter()
-            .filter(|s| side(s).count > 0)
+            .filter(|s| s.incoming.count > 0)
             .map(|s| FlbHandover {
                 compatible: s.ops.compatible().to_owned(),
-                count: side(s).count,
-                data: side(s).data.clone(),
+                count: s.incoming.count,
+                data: s.incoming.data.clone(),
             })
             .collect()
     }
@@ -200,6 +243,11 @@ impl FlbRegistry {
     /// Incoming FLBs of the epoch before that are dropped, as a kexec does.
     pub fn flip(&mut self) {
         for slot in &mut self.slots {
+            if slot.outgoing.count > 0 {
+                if let Some(now) = slot.ops.current() {
+                    slot.outgoing.data = now;
+                }
+            }
             slot.incoming = std::mem::take(&mut slot.outgoing);
             slot.incoming.retrieve_status = 0;
         }

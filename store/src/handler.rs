@@ -22,7 +22,9 @@ use crate::errno::Result;
 
 /// Identity used to refuse preserving the same object twice (`EBUSY`); the
 /// kernel's `get_id` (the inode for memfds).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct FileId {
     /// `st_dev` of the object.
     pub dev: u64,
@@ -156,4 +158,18 @@ pub trait Flb: Send {
 
     /// Called after the last file using the FLB is finished.
     fn finish(&mut self, data: &[u8]);
+
+    /// The state as it is now, where it changes after the first preserve
+    /// (the kernel's FLB object is live; its serialized form is taken at
+    /// the update). None keeps what `preserve` returned.
+    fn current(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// What the state holds, for `luo status`; None where there is nothing
+    /// to add.
+    fn describe(&self, data: &[u8]) -> Option<String> {
+        let _ = data;
+        None
+    }
 }

@@ -27,7 +27,7 @@ mod session;
 mod store;
 
 pub use errno::{Errno, Result};
-pub use flb::{FlbHandover, FlbId, FlbRegistry};
+pub use flb::{FlbHandover, FlbId, FlbRegistry, FlbStatus};
 pub use handler::{FileHandler, FileId, FileState, Flb, Preserved, RetrieveStatus};
 pub use image::{
     decode_image, encode_image, journal_header, journal_record, read_journal, FileImage,
@@ -36,7 +36,7 @@ pub use image::{
 pub use limits::{Count, Limits, Owner, Refusal, Resource, Scope, Tree};
 pub use name::{SessionName, SESSION_NAME_LENGTH};
 pub use session::{Direction, LuoFile, Session, SessionId};
-pub use store::{Changes, Dirty, FreezeFailure, Store};
+pub use store::{Changes, Dirty, FreezeFailure, Lookup, Store};
 
 #[cfg(test)]
 mod tests;

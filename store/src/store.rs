@@ -40,6 +40,35 @@ impl Changes {
     }
 }
 
+/// What a preserve may ask about while it holds the caller's file (see
+/// [`Store::preserve_fd_with`]).
+pub struct Lookup<'a> {
+    handlers: &'a [Box<dyn FileHandler>],
+    preserved: &'a HashMap<FileId, SessionId>,
+    sessions: &'a BTreeMap<SessionId, Session>,
+}
+
+impl Lookup<'_> {
+    /// Whether any handler takes `file`.
+    pub fn takes(&self, file: BorrowedFd<'_>) -> bool {
+        self.handlers.iter().any(|h| h.can_preserve(file))
+    }
+
+    /// The outgoing session and token `id` is preserved under, if it is.
+    pub fn outgoing(&self, id: FileId) -> Option<(&SessionName, u64)> {
+        let session = self.sessions.get(self.preserved.get(&id)?)?;
+        if session.direction != Direction::Outgoing {
+            return None;
+        }
+        let file = session.files.iter().find(|f| {
+            f.file
+                .as_ref()
+                .is_some_and(|fd| self.handlers[f.handler].get_id(fd.as_fd()) == Ok(id))
+        })?;
+        Some((&session.name, file.token))
+    }
+}
+
 /// The LUO object model of one daemon.
 #[derive(Default)]
 pub struct Store {
@@ -297,7 +326,7 @@ impl Store {
         &mut self,
         id: SessionId,
         token: u64,
-        file: impl FnOnce(&dyn Fn(BorrowedFd<'_>) -> bool) -> Result<OwnedFd>,
+        file: impl FnOnce(&Lookup<'_>) -> Result<OwnedFd>,
     ) -> Result<()> {
         self.refusal = None;
         self.touch_file(id, token);
@@ -319,9 +348,13 @@ impl Store {
         );
         self.refuse(verdict)?;
         // `file` may ask whether any handler takes what it found (and, if
-        // none does, close it where it cannot wait on its filesystem).
-        let handlers = &self.handlers;
-        let file = file(&|f| handlers.iter().any(|h| h.can_preserve(f)))?;
+        // none does, close it where it cannot wait on its filesystem), and
+        // whether what the file depends on is preserved.
+        let file = file(&Lookup {
+            handlers: &self.handlers,
+            preserved: &self.preserved,
+            sessions: &self.sessions,
+        })?;
         let handler_index = self
             .handlers
             .iter()
@@ -376,7 +409,14 @@ impl Store {
             RetrieveStatus::Retrieved => {}
             RetrieveStatus::NotAttempted => {
                 let handler = &self.handlers[file.handler];
-                match handler.retrieve(&file.state()) {
+                // The handler's global state first, on demand
+                // (`liveupdate_flb_get_incoming` in its retrieve).
+                let flbs = handler.flbs();
+                let rebuilt = flbs
+                    .iter()
+                    .try_for_each(|id| self.flbs.get_incoming(*id))
+                    .and_then(|()| handler.retrieve(&file.state()));
+                match rebuilt {
                     Ok(fd) => {
                         if let Ok(fid) = handler.get_id(fd.as_fd()) {
                             self.preserved.insert(fid, id);

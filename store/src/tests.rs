@@ -18,6 +18,7 @@ struct Script {
     fail_retrieve: Option<Errno>,
     refuse_finish: bool,
     flb_fail_preserve: bool,
+    flb_fail_retrieve: bool,
 }
 
 type Shared = Arc<Mutex<Script>>;
@@ -137,7 +138,11 @@ impl Flb for TestFlb {
     }
     fn retrieve(&mut self, data: &[u8]) -> Result<()> {
         assert_eq!(data, b"flb");
-        self.0.lock().unwrap().log.push("flb retrieve".into());
+        let mut s = self.0.lock().unwrap();
+        s.log.push("flb retrieve".into());
+        if s.flb_fail_retrieve {
+            return Err(Errno::ENODEV);
+        }
         Ok(())
     }
     fn finish(&mut self, _data: &[u8]) {
@@ -417,8 +422,11 @@ fn retrieve_fd_semantics() {
     assert_eq!(first, again);
     assert_eq!(
         f.log(),
-        [format!("retrieve {}", Fixture::ino(&b))],
-        "retrieve runs once"
+        [
+            "flb retrieve".into(),
+            format!("retrieve {}", Fixture::ino(&b))
+        ],
+        "retrieve runs once, after its FLB's"
     );
 }
 
@@ -1132,4 +1140,67 @@ fn a_session_image_written_before_owners_were_recorded_loads_with_no_owner() {
     let tree_unknown = br#"{"uid":65534}"#;
     let owner: Owner = serde_json::from_slice(tree_unknown).unwrap();
     assert_eq!(owner.to_string(), "uid 65534");
+}
+
+#[test]
+fn retrieving_a_file_retrieves_its_flb_first_and_once() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let (a, b) = (f.pipe(), f.pipe());
+    f.preserve(id, 1, &a).unwrap();
+    f.preserve(id, 2, &b).unwrap();
+    f.update();
+    f.log();
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    f.store.retrieve_fd(inc, 1).unwrap();
+    f.store.retrieve_fd(inc, 2).unwrap();
+    let log = f.log();
+    assert_eq!(log.iter().filter(|l| *l == "flb retrieve").count(), 1);
+    assert_eq!(log[0], "flb retrieve", "before any file: {log:?}");
+}
+
+#[test]
+fn a_failed_flb_retrieve_fails_the_files_that_need_it_for_good() {
+    let mut f = fixture();
+    let id = f.create("s");
+    f.preserve(id, 1, &f.pipe()).unwrap();
+    f.update();
+    f.script.lock().unwrap().flb_fail_retrieve = true;
+    let inc = f.store.retrieve_session(&name("s")).unwrap();
+    assert_eq!(f.store.retrieve_fd(inc, 1).err(), Some(Errno::ENODEV));
+    f.script.lock().unwrap().flb_fail_retrieve = false;
+    assert_eq!(f.store.retrieve_fd(inc, 1).err(), Some(Errno::ENODEV));
+}
+
+#[test]
+fn a_preserve_can_ask_where_another_file_is_preserved() {
+    let mut f = fixture();
+    let id = f.create("s");
+    let (a, b) = (f.pipe(), f.pipe());
+    f.preserve(id, 7, &a).unwrap();
+    let st = fstat(a.as_fd());
+    let fid = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    let mut seen = None;
+    f.store
+        .preserve_fd_with(id, 8, |lookup| {
+            seen = lookup.outgoing(fid).map(|(n, t)| (n.to_string(), t));
+            assert!(lookup.takes(b.as_fd()));
+            Ok(b.try_clone().unwrap())
+        })
+        .unwrap();
+    assert_eq!(seen, Some(("s".to_string(), 7)));
+    // Once carried across an update it is no longer outgoing.
+    f.update();
+    let c = f.pipe();
+    let out = f.create("t");
+    f.store
+        .preserve_fd_with(out, 1, |lookup| {
+            seen = lookup.outgoing(fid).map(|(n, t)| (n.to_string(), t));
+            Ok(c.try_clone().unwrap())
+        })
+        .unwrap();
+    assert_eq!(seen, None);
 }

@@ -2,7 +2,9 @@
 //! supervisor side the daemon uses to answer trapped ioctls with new fds.
 //!
 //! The filter traps only `ioctl(fd, cmd, arg)` where `cmd` is one of the three
-//! fd-returning LUO commands; every other syscall runs untouched. The daemon
+//! fd-returning LUO commands or one of the seven iommufd and VFIO calls that
+//! change what a device's DMA reaches (the kernel runs those once recorded);
+//! every other syscall runs untouched. The daemon
 //! answers a trapped call itself when `fd` is its device or one of its session
 //! fds, and lets the kernel run it (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`) when it
 //! is anything else (another device that happens to use the same numbers).
@@ -12,7 +14,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use luo_store::{Errno, Result};
 
-use crate::uapi::FD_RETURNING;
+use crate::uapi::TRAPPED;
 
 const SECCOMP_SET_MODE_FILTER: libc::c_uint = 1;
 const SECCOMP_FILTER_FLAG_NEW_LISTENER: libc::c_uint = 1 << 3;
@@ -104,12 +106,13 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The BPF program: trap `ioctl` with an fd-returning LUO command, allow the rest.
+/// The BPF program: trap `ioctl` with an fd-returning LUO command or an
+/// iommufd/VFIO call the DMA record needs, allow the rest.
 pub fn filter_program() -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let n = FD_RETURNING.len() as u8;
+    let n = TRAPPED.len() as u8;
     let mut prog = vec![
         stmt(LD_W_ABS, 4), // arch
         jump(JEQ_K, AUDIT_ARCH, 1, 0),
@@ -119,7 +122,7 @@ pub fn filter_program() -> Vec<libc::sock_filter> {
         stmt(RET_K, SECCOMP_RET_ALLOW),
         stmt(LD_W_ABS, 24), // low word of args[1] (ioctl cmd is an unsigned int)
     ];
-    for (i, cmd) in FD_RETURNING.iter().enumerate() {
+    for (i, cmd) in TRAPPED.iter().enumerate() {
         // On a match jump to the USER_NOTIF return after the ALLOW.
         prog.push(jump(JEQ_K, *cmd, n - i as u8, 0));
     }
@@ -331,7 +334,7 @@ mod tests {
             }
         };
         let ioctl = libc::SYS_ioctl as u32;
-        for cmd in FD_RETURNING {
+        for cmd in TRAPPED {
             assert_eq!(run(AUDIT_ARCH, ioctl, cmd), SECCOMP_RET_USER_NOTIF);
         }
         for cmd in [
@@ -339,6 +342,8 @@ mod tests {
             crate::uapi::GET_NAME,
             crate::uapi::FINISH,
             0x5401,
+            luo_handlers::vfio::uapi::IOMMU_IOAS_ALLOC,
+            luo_handlers::vfio::uapi::VFIO_DEVICE_GET_INFO,
         ] {
             assert_eq!(run(AUDIT_ARCH, ioctl, cmd), SECCOMP_RET_ALLOW);
         }

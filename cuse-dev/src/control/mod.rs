@@ -68,6 +68,23 @@ pub struct FileStatus {
     pub object: Option<String>,
 }
 
+/// An FLB in a status report: global state shared by the files of one or
+/// more handlers (`luo_flb.c`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FlbStatus {
+    /// Its compatible string.
+    pub compatible: String,
+    /// Outgoing files depending on it.
+    pub outgoing: u64,
+    /// Incoming files depending on it.
+    pub incoming: u64,
+    /// Whether its incoming state was retrieved.
+    pub retrieved: bool,
+    /// What it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// A session in a status report.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SessionStatus {
@@ -104,6 +121,9 @@ pub struct Response {
     /// Status: `luo run` trees being served.
     #[serde(default)]
     pub luo_run_trees: usize,
+    /// Status: every registered FLB.
+    #[serde(default)]
+    pub flbs: Vec<FlbStatus>,
     /// A progress report sent before the answer of a long request; the
     /// answer is the first line without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,7 +12,7 @@ use super::{setup, Daemon, DaemonError};
 use crate::caller::owners::TreeRoot;
 use crate::caller::seccomp::Listener;
 use crate::control::server::{ControlServer, Event, Incoming, Policy};
-use crate::control::{FileStatus, Request as CtlRequest, Response, SessionStatus};
+use crate::control::{FileStatus, FlbStatus, Request as CtlRequest, Response, SessionStatus};
 use crate::log;
 
 impl Daemon {
@@ -157,6 +157,20 @@ impl Daemon {
 
     pub(super) fn status(&mut self) -> Response {
         self.drain_fuse();
+        self.prune_dma();
+        let flbs = self
+            .store
+            .flbs
+            .list()
+            .into_iter()
+            .map(|f| FlbStatus {
+                compatible: f.compatible,
+                outgoing: f.outgoing,
+                incoming: f.incoming,
+                retrieved: f.retrieved,
+                detail: f.detail,
+            })
+            .collect();
         let sessions = self
             .store
             .sessions()
@@ -189,6 +203,7 @@ impl Daemon {
             epoch: self.store.epoch(),
             sessions,
             luo_run_trees: self.runs.listeners.len(),
+            flbs,
             ..Response::default()
         }
     }

@@ -187,6 +187,7 @@ impl Daemon {
         self.files.save_into(&mut header);
         self.runs.save_into(&mut header);
         self.update.save_into(&mut header);
+        self.dma.save_into(&mut header);
         header
     }
 

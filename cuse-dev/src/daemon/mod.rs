@@ -33,6 +33,7 @@ mod after_kexec;
 mod caller;
 mod control;
 mod device_path;
+mod dma;
 mod event_loop;
 mod fuse_ops;
 mod ioctl;
@@ -146,6 +147,8 @@ pub struct Daemon {
     saved: Saved,
     /// A kexec being prepared or just adopted, and the workload (`kexec.rs`).
     update: Update,
+    /// What each iommufd maps, and its devices (`dma.rs`).
+    dma: dma::Dma,
     /// The fds owners other than root may make the daemon hold.
     fds: FdBudget,
     /// Preserving is refused: the files could take the daemon's own fds.

@@ -2,11 +2,13 @@
 //! and the fd budget that keeps preserved files from taking the daemon's own
 //! fds.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
-use luo_store::{Errno, Result, SessionId};
+use luo_handlers::vfio::dma::Anchor;
+use luo_store::{Errno, Lookup, Result, SessionId};
 
 use super::caller::{refuse, Caller};
+use super::dma;
 use super::ioctl::Ucmd;
 use super::Daemon;
 use crate::caller::owners::{self, FdBudget};
@@ -87,12 +89,28 @@ impl Daemon {
         self.daemon_fd_room(counted)?;
         self.store.set_fd_room(Some(self.fds.room(counted)));
         let fs_dev = self.files.fs_dev;
+        self.prune_dma();
+        let dma = &self.dma.table;
+        let mut iommufd = false;
         self.store
-            .preserve_fd_with(sid, token, |takes| match caller.get_fd(fd) {
+            .preserve_fd_with(sid, token, |lookup| match caller.get_fd(fd) {
                 // No fd to spare (root may use them all): no room, not a bad fd.
                 Err(Errno::EMFILE | Errno::ENFILE) => Err(Errno::ENOSPC),
-                got => got.and_then(|f| Daemon::foreign(fs_dev, f, takes, caller)),
-            })
+                got => {
+                    let file = got.and_then(|f| Daemon::foreign(fs_dev, f, lookup, caller))?;
+                    dma::check_device(dma, file.as_fd(), lookup, caller)?;
+                    iommufd = luo_handlers::vfio::is_iommufd(file.as_fd());
+                    Ok(file)
+                }
+            })?;
+        if iommufd {
+            if let (Some(pid), Some(s)) = (sys::tgid(caller.tid()), self.store.session(sid)) {
+                let session = s.name.to_string();
+                self.hold_iommufd(Anchor { pid, fd }, session, token);
+                self.saved.dirty = true;
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a file (ENOSPC) once the files preserved, each of which may
@@ -134,14 +152,14 @@ impl Daemon {
     fn foreign(
         fs_dev: u64,
         file: OwnedFd,
-        takes: &dyn Fn(BorrowedFd<'_>) -> bool,
+        lookup: &Lookup<'_>,
         caller: &Caller,
     ) -> Result<OwnedFd> {
         let (dev, _) = sys::dev_ino(file.as_fd())?;
         if dev == fs_dev {
             return Err(Errno::ENOENT);
         }
-        if !takes(file.as_fd()) {
+        if !lookup.takes(file.as_fd()) {
             caller.dispose(file);
             return Err(Errno::ENOENT);
         }

@@ -292,8 +292,13 @@ impl Daemon {
         let mut store = Store::new();
         let size_lock =
             luo_kexec_helper::shim::ShimSizeLock::new(Path::new(luo_kexec_helper::shim::DEVICE));
-        luo_handlers::register_all_with(&mut store, std::sync::Arc::new(size_lock))
-            .expect("built-in handlers register once");
+        let dma = super::dma::Dma::from_header(image);
+        luo_handlers::register_all_with(
+            &mut store,
+            std::sync::Arc::new(size_lock),
+            dma.table.clone(),
+        )
+        .expect("built-in handlers register once");
         store.set_limits(cfg.limits);
         Ok(Daemon {
             cfg,
@@ -309,6 +314,7 @@ impl Daemon {
                 waiting: image.waiting.clone(),
                 workload,
             },
+            dma,
             fds: FdBudget::current(),
             fds_short: false,
         })

@@ -85,7 +85,10 @@ impl Daemon {
         // session is refused (ENOSPC) before it does, so none has an effect
         // to answer exactly once: nothing is saved for it, and a client
         // retrying against a full disk cannot use up the reserve.
-        let saved = self.room_for_change().is_ok();
+        // A call only recorded (the kernel runs it) has no answer of ours
+        // to give exactly once: its record is saved before it runs.
+        let recorded_only = crate::uapi::DMA_RECORDED.contains(&(call.args[1] as u32));
+        let saved = !recorded_only && self.room_for_change().is_ok();
         if saved {
             self.runs.inflight = Some(call);
             self.saved.dirty = true;
@@ -233,8 +236,12 @@ impl Daemon {
         let ino = match id {
             Ok(id) if id.chr && self.node.cuse_rdev.is_some_and(|r| r == id.rdev) => DEVICE_INO,
             Ok(id) if !id.chr && id.dev == self.files.fs_dev => id.ino,
-            // Not ours: the kernel runs the ioctl.
+            // Not ours: the kernel runs the ioctl, once the DMA record has
+            // what it changes.
             _ => {
+                if crate::uapi::DMA_RECORDED.contains(&cmd) {
+                    self.record_dma(caller, (fd, file.as_fd()), cmd, arg);
+                }
                 caller.dispose(file);
                 return None;
             }

@@ -51,6 +51,12 @@ pub struct Header {
     /// kexec, waiting for free huge pages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting: Vec<luo_kexec_helper::handover::StashedFile>,
+    /// What each iommufd of `luo run` trees maps, and its devices.
+    #[serde(
+        default,
+        skip_serializing_if = "luo_handlers::vfio::dma::Spaces::is_empty"
+    )]
+    pub dma: luo_handlers::vfio::dma::Spaces,
 }
 
 /// A session and the session file that stands for it in clients.

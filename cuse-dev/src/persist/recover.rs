@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use crate::uapi::FD_RETURNING;
+use crate::uapi::TRAPPED;
 
 /// How far past the last saved id to look (a signal that restarts a trapped
 /// call uses up an id, so the lost call is not always the very next one).
@@ -96,7 +96,7 @@ fn trapped_ioctl(line: &str) -> Option<[u64; 3]> {
     }
     let mut arg = || u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok();
     let args = [arg()?, arg()?, arg()?];
-    FD_RETURNING.contains(&(args[1] as u32)).then_some(args)
+    TRAPPED.contains(&(args[1] as u32)).then_some(args)
 }
 
 #[cfg(test)]

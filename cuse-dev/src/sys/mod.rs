@@ -53,6 +53,24 @@ mod tests {
     }
 
     #[test]
+    fn kcmp_tells_one_open_file_from_another() {
+        use std::os::fd::AsRawFd;
+        let me = tgid(gettid()).unwrap();
+        assert_eq!(me, std::process::id() as i32);
+        let a = std::fs::File::open("/dev/null").unwrap();
+        let b = std::fs::File::open("/dev/null").unwrap();
+        let a2 = a.try_clone().unwrap();
+        let (a, b, a2) = (a.as_raw_fd(), b.as_raw_fd(), a2.as_raw_fd());
+        assert_eq!(same_file((me, a), (me, a2)), Some(true), "a dup");
+        assert_eq!(
+            same_file((me, a), (me, b)),
+            Some(false),
+            "same inode, two opens"
+        );
+        assert_eq!(same_file((me, a), (me, 999_999)), None, "no such fd");
+    }
+
+    #[test]
     fn nothing_is_unmounted_through_a_symbolic_link() {
         let Some(dir) = scratch("umount") else { return };
         let mnt = dir.join("mnt");

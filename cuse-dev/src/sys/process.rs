@@ -10,6 +10,26 @@ pub fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// The process (thread-group id) thread `tid` belongs to.
+pub fn tgid(tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether fd `fd_a` of process `pid_a` and fd `fd_b` of `pid_b` are the
+/// same open file (`kcmp(KCMP_FILE)`); None when either is gone.
+pub fn same_file((pid_a, fd_a): (i32, i32), (pid_b, fd_b): (i32, i32)) -> Option<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp reads no memory of ours; every argument is a number.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid_a, pid_b, KCMP_FILE, fd_a, fd_b) };
+    (r >= 0).then_some(r == 0)
+}
+
 /// Raises the open-file limit as far as allowed: the daemon and the keeper
 /// hold every preserved file (thousands), far past the usual 1024. As root
 /// the hard limit goes up to `fs.nr_open` too.

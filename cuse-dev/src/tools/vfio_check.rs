@@ -262,11 +262,53 @@ fn refused(
     }
 }
 
+/// The spare on an iommufd of its own is refused (ENOENT) while that
+/// iommufd maps this process's memory (pinned pages no update carries),
+/// and while it maps a memfd that is not preserved.
+fn refused_dma(session: &OwnedFd, spare: &Path) -> Result<(), String> {
+    let iommufd =
+        Iommufd::open(Path::new("/dev/iommu")).map_err(|e| format!("open /dev/iommu: {e}"))?;
+    let dev = VfioDevice::open(spare).map_err(|e| format!("open {}: {e}", spare.display()))?;
+    dev.bind(&iommufd)
+        .map_err(|e| format!("bind the spare: {e}"))?;
+    let ioas = iommufd
+        .alloc_ioas()
+        .map_err(|e| format!("IOMMU_IOAS_ALLOC: {e}"))?;
+    dev.attach(ioas)
+        .map_err(|e| format!("attach the spare: {e}"))?;
+    let len = 64 << 10;
+    let memory = vec![0x5au8; 2 * len];
+    let page = memory.as_ptr().align_offset(4096);
+    iommufd
+        .map_user(ioas, memory[page..].as_ptr(), len as u64, RAM_IOVA)
+        .map_err(|e| format!("IOMMU_IOAS_MAP: {e}"))?;
+    refused(
+        session,
+        "a device whose iommufd maps process memory",
+        dev.fd(),
+        libc::ENOENT,
+    )?;
+    iommufd
+        .unmap(ioas, RAM_IOVA, len as u64)
+        .map_err(|e| format!("IOMMU_IOAS_UNMAP: {e}"))?;
+    let other = luo_handlers::mem::memfd("not-preserved", 0, 1 << 20).map_err(|e| e.to_string())?;
+    iommufd
+        .map_file(ioas, other.as_fd(), 0, 1 << 20, RAM_IOVA)
+        .map_err(|e| format!("IOMMU_IOAS_MAP_FILE: {e}"))?;
+    refused(
+        session,
+        "a device whose iommufd maps a memfd that is not preserved",
+        dev.fd(),
+        libc::ENOENT,
+    )
+}
+
 /// Stage 1: set up, DMA, then preserve guest RAM, the device and the
 /// iommufd and hold the session for the update. Around that, what cannot
-/// be handed over is refused: the device's legacy group fd and a device fd
-/// bound to no iommufd (ENOENT, as for any file no handler takes), and the
-/// same device a second time (EBUSY).
+/// be handed over is refused: the device's legacy group fd, a device fd
+/// bound to no iommufd, the device before the guest RAM it maps, a device
+/// whose DMA reaches memory no update carries (ENOENT, as for any file no
+/// handler takes), and the same device a second time (EBUSY).
 fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
     let dev = std::fs::File::options()
         .read(true)
@@ -300,6 +342,13 @@ fn preserve(paths: &Paths<'_>, mib: u64) -> Result<(), String> {
         libc::ENOENT,
     )?;
     drop(unbound);
+    refused(
+        &session,
+        "the device before the guest RAM it maps",
+        edu.dev.fd(),
+        libc::ENOENT,
+    )?;
+    refused_dma(&session, paths.spare)?;
     // The blackout starts here; stage 2 reads when from guest RAM.
     let paused = crate::sys::monotonic_ns();
     ram.write_all_at(&paused.to_le_bytes(), PAUSED_AT)

@@ -59,6 +59,37 @@ const _: () = assert!(CREATE_SESSION == 0xBA00 && RETRIEVE_FD == 0xBA41 && GET_N
 /// The ioctls that return a new fd and so must be trapped by `luo run`.
 pub const FD_RETURNING: [u32; 3] = [CREATE_SESSION, RETRIEVE_SESSION, RETRIEVE_FD];
 
+/// The iommufd and VFIO device calls `luo run` traps so that the daemon
+/// learns what each iommufd maps; the kernel runs them (see
+/// `luo_handlers::vfio::dma`).
+pub const DMA_RECORDED: [u32; 7] = {
+    use luo_handlers::vfio::uapi as v;
+    [
+        v::VFIO_DEVICE_BIND_IOMMUFD,
+        v::VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        v::IOMMU_IOAS_MAP,
+        v::IOMMU_IOAS_MAP_FILE,
+        v::IOMMU_IOAS_COPY,
+        v::IOMMU_IOAS_UNMAP,
+        v::IOMMU_DESTROY,
+    ]
+};
+
+/// Every ioctl `luo run` traps.
+pub const TRAPPED: [u32; 10] = {
+    let mut all = [0; 10];
+    let mut i = 0;
+    while i < 3 {
+        all[i] = FD_RETURNING[i];
+        i += 1;
+    }
+    while i < 10 {
+        all[i] = DMA_RECORDED[i - 3];
+        i += 1;
+    }
+    all
+};
+
 /// `struct liveupdate_ioctl_create_session` / `retrieve_session`.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]

@@ -9,8 +9,9 @@
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
-use luo_store::{Errno, FileHandler, FileId, FileState, Preserved, Result};
+use luo_store::{Errno, FileHandler, FileId, FileState, FlbId, Preserved, Result};
 
+use super::dma::DmaTable;
 use super::ioctl::device_info;
 use crate::sys;
 
@@ -44,6 +45,18 @@ fn char_device(file: BorrowedFd<'_>) -> Option<CharDevice> {
     Some(CharDevice { devname, pci })
 }
 
+/// How the DMA record names the VFIO device `file` is open on (its PCI
+/// address, else its device node), if it is one.
+pub fn device_key(file: BorrowedFd<'_>) -> Option<String> {
+    let dev = char_device(file).filter(|d| d.devname.starts_with("vfio/devices/vfio"))?;
+    Some(dev.pci.unwrap_or(dev.devname))
+}
+
+/// Whether `file` is an iommufd.
+pub fn is_iommufd(file: BorrowedFd<'_>) -> bool {
+    char_device(file).is_some_and(|d| d.devname == "iommu")
+}
+
 /// Which of the two kinds a handler takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -57,12 +70,26 @@ pub enum Kind {
 #[derive(Debug)]
 pub struct VfioHandler {
     kind: Kind,
+    /// Devices: what each iommufd maps, and the FLB that hands it over.
+    dma: Option<(DmaTable, FlbId)>,
 }
 
 impl VfioHandler {
-    /// A handler for files of `kind`.
-    pub fn new(kind: Kind) -> VfioHandler {
-        VfioHandler { kind }
+    /// The handler of VFIO device cdevs, whose DMA is recorded in `table`
+    /// and handed over by the FLB `flb`.
+    pub fn device(table: DmaTable, flb: FlbId) -> VfioHandler {
+        VfioHandler {
+            kind: Kind::Device,
+            dma: Some((table, flb)),
+        }
+    }
+
+    /// The handler of iommufds.
+    pub fn iommufd() -> VfioHandler {
+        VfioHandler {
+            kind: Kind::Iommufd,
+            dma: None,
+        }
     }
 
     fn takes(&self, dev: &CharDevice) -> bool {
@@ -125,9 +152,25 @@ impl FileHandler for VfioHandler {
 
     fn describe(&self, state: &FileState<'_>) -> Option<String> {
         let text = std::str::from_utf8(state.data).ok()?;
-        Some(match text.split_once(' ') {
-            Some((devname, pci)) => format!("{pci}, /dev/{devname}"),
-            None => format!("/dev/{text}"),
-        })
+        let (object, key) = match text.split_once(' ') {
+            Some((devname, pci)) => (format!("{pci}, /dev/{devname}"), pci),
+            None => (format!("/dev/{text}"), text),
+        };
+        let Some((table, _)) = &self.dma else {
+            return Some(object);
+        };
+        let spaces = table.lock();
+        let through = match spaces.of_device(key) {
+            Some(space) => match &space.held {
+                Some(h) => format!("DMA through the iommufd at {} token {}", h.session, h.token),
+                None => "DMA through an iommufd that is not preserved".to_owned(),
+            },
+            None => "DMA unknown".to_owned(),
+        };
+        Some(format!("{object}, {through}"))
+    }
+
+    fn flbs(&self) -> Vec<FlbId> {
+        self.dma.iter().map(|(_, flb)| *flb).collect()
     }
 }

@@ -9,10 +9,10 @@ use luo_store::{Errno, Result};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::uapi::{
-    AttachPt, BindIommufd, Destroy, DeviceInfo, IoasAlloc, IoasMapFile, IoasUnmap, RegionInfo,
-    IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA,
-    MAP_READABLE, MAP_WRITEABLE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD,
-    VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO,
+    AttachPt, BindIommufd, Destroy, DeviceInfo, IoasAlloc, IoasMap, IoasMapFile, IoasUnmap,
+    RegionInfo, IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE,
+    IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO,
 };
 
 /// `ioctl(fd, cmd, arg)` with `arg` the command's struct.
@@ -118,6 +118,24 @@ impl Iommufd {
             iova,
         };
         call(self.file.as_fd(), IOMMU_IOAS_MAP_FILE, &mut a)
+    }
+
+    /// Maps `length` bytes of this process's memory at `addr` to `iova`
+    /// (`IOMMU_IOAS_MAP`): the pages are pinned, and no update carries them.
+    ///
+    /// # Errors
+    /// The kernel's (EFAULT for an address not mapped).
+    pub fn map_user(&self, ioas: u32, addr: *const u8, length: u64, iova: u64) -> Result<()> {
+        let mut a = IoasMap {
+            size: size_of_u32::<IoasMap>(),
+            flags: MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE,
+            ioas_id: ioas,
+            reserved: 0,
+            user_va: addr as u64,
+            length,
+            iova,
+        };
+        call(self.file.as_fd(), IOMMU_IOAS_MAP, &mut a)
     }
 
     /// Unmaps `length` bytes at `iova` (`IOMMU_IOAS_UNMAP`).

@@ -29,6 +29,10 @@ pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = io(VFIO_BASE + 19);
 pub const IOMMU_DESTROY: u32 = io(0x80);
 /// `IOMMU_IOAS_ALLOC`.
 pub const IOMMU_IOAS_ALLOC: u32 = io(0x81);
+/// `IOMMU_IOAS_COPY`.
+pub const IOMMU_IOAS_COPY: u32 = io(0x83);
+/// `IOMMU_IOAS_MAP`.
+pub const IOMMU_IOAS_MAP: u32 = io(0x85);
 /// `IOMMU_IOAS_UNMAP`.
 pub const IOMMU_IOAS_UNMAP: u32 = io(0x86);
 /// `IOMMU_IOAS_MAP_FILE`.
@@ -121,6 +125,32 @@ pub struct IoasMapFile {
     pub iova: u64,
 }
 
+/// `struct iommu_ioas_map`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct IoasMap {
+    pub size: u32,
+    pub flags: u32,
+    pub ioas_id: u32,
+    pub reserved: u32,
+    pub user_va: u64,
+    pub length: u64,
+    pub iova: u64,
+}
+
+/// `struct iommu_ioas_copy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct IoasCopy {
+    pub size: u32,
+    pub flags: u32,
+    pub dst_ioas_id: u32,
+    pub src_ioas_id: u32,
+    pub length: u64,
+    pub dst_iova: u64,
+    pub src_iova: u64,
+}
+
 /// `struct iommu_ioas_unmap`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -139,6 +169,9 @@ const _: () = assert!(size_of::<Destroy>() == 8);
 const _: () = assert!(size_of::<IoasAlloc>() == 12);
 const _: () = assert!(size_of::<IoasMapFile>() == 40);
 const _: () = assert!(size_of::<IoasUnmap>() == 24);
+const _: () = assert!(size_of::<IoasMap>() == 40);
+const _: () = assert!(size_of::<IoasCopy>() == 40);
+const _: () = assert!(IOMMU_IOAS_MAP == 0x3b85 && IOMMU_IOAS_COPY == 0x3b83);
 const _: () = assert!(VFIO_DEVICE_BIND_IOMMUFD == 0x3b76);
 const _: () = assert!(VFIO_DEVICE_ATTACH_IOMMUFD_PT == 0x3b77);
 const _: () = assert!(VFIO_DEVICE_GET_REGION_INFO == 0x3b6c);

@@ -51,5 +51,16 @@ pub fn status(state_dir: &Path, json: bool) -> ExitCode {
             );
         }
     }
+    for f in resp.flbs.iter().filter(|f| f.outgoing + f.incoming > 0) {
+        let retrieved = if f.retrieved { " retrieved" } else { "" };
+        let detail = f.detail.as_deref().map(|d| format!(": {d}"));
+        println!(
+            "  flb {}: {} outgoing, {} incoming{retrieved}{}",
+            f.compatible,
+            f.outgoing,
+            f.incoming,
+            detail.unwrap_or_default()
+        );
+    }
     ExitCode::SUCCESS
 }
