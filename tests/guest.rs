@@ -276,6 +276,29 @@ fn a_vfio_device_does_dma_through_iommufd_and_is_handed_over_by_an_update() {
     }
 }
 
+/// The same handover across a real `luo kexec` (kmod-shim, in-kernel LUO
+/// off): the device is reset by the kexec, bound to vfio-pci again by the
+/// next kernel's daemon with its iommufd made anew and guest RAM mapped at
+/// the same IOVAs, and DMAs for the next VMM with no setup.
+#[test]
+fn a_vfio_device_is_made_again_after_a_real_kexec_and_dmas_with_no_setup() {
+    let Some(console) = boot(
+        "vfio-kexec",
+        &["intel_iommu=on", "iommu=nopt", "kho=on", "liveupdate=off"],
+    ) else {
+        return;
+    };
+    for line in [
+        "preserving a device whose iommufd maps process memory is refused",
+        "2 VFIO devices bound again, 1 iommufds with 256 MiB mapped made anew",
+        "guest RAM holds what the device wrote before the kexec",
+        "made again by LUO, DMAs 4095 bytes through the same IOVAs with no setup",
+        "a device never retrieved is let go by FINISH",
+    ] {
+        assert!(console.contains(line), "no '{line}':\n{console}");
+    }
+}
+
 #[test]
 fn kmod_shim_carries_shmem_and_hugetlb_memfds_across_a_real_kexec() {
     let Some(console) = boot("shim", &["kho=on", "liveupdate=off"]) else {

@@ -159,9 +159,10 @@ pub fn kexec_blob(data: &[u8]) {
         "round trip"
     );
     let mut keys = image.files.iter().map(|f| (f.session, f.token));
-    let lost: Vec<(u64, u64)> = keys.by_ref().take(1).collect();
+    let lost: Vec<((u64, u64), i32)> = keys.by_ref().take(1).map(|k| (k, libc::EIO)).collect();
     let waiting: Vec<(u64, u64)> = keys.take(1).collect();
-    let _ = luo_kexec_helper::handover::incoming_image(image.store, &lost, &waiting);
+    let carried = |k| !waiting.contains(&k);
+    let _ = luo_kexec_helper::handover::incoming_image(image.store, &lost, &carried);
 }
 
 /// One fuzz target.

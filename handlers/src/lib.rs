@@ -49,8 +49,8 @@ fn register_devices(store: &mut Store, dma: vfio::DmaTable) -> Result<()> {
     let flb = store
         .flbs
         .register(Box::new(vfio::IommufdFlb::new(dma.clone())))?;
-    store.register_handler(Box::new(VfioHandler::device(dma, flb)))?;
-    store.register_handler(Box::new(VfioHandler::iommufd()))?;
+    store.register_handler(Box::new(VfioHandler::device(dma.clone(), flb)))?;
+    store.register_handler(Box::new(VfioHandler::iommufd(dma, flb)))?;
     Ok(())
 }
 

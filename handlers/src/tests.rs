@@ -295,7 +295,7 @@ fn vfio_handlers_take_only_their_own_character_devices() {
 
     use crate::vfio::{DmaTable, VfioHandler};
     let device = VfioHandler::device(DmaTable::default(), luo_store::FlbId(0));
-    let iommufd = VfioHandler::iommufd();
+    let iommufd = VfioHandler::iommufd(DmaTable::default(), luo_store::FlbId(0));
     // Another character device (DEVNAME=null), a regular file, a memfd.
     let null = File::open("/dev/null").unwrap();
     let m = memfd("not-a-device", 0).unwrap();

@@ -226,17 +226,17 @@ fn copy_in(shim: &Shim, f: &StashedFile, fd: &OwnedFd) -> Result<(), Fill> {
     Ok(())
 }
 
-/// The store the next kernel starts with: the sessions frozen before the
+/// The store image after a kexec: the sessions that were outgoing before the
 /// kexec become incoming (those that were incoming are dropped, as a kexec
-/// drops them), each file carried by the memfd rebuilt for it; a new epoch.
-/// A file in `lost` could not be rebuilt: its retrieve fails with EIO, as a
-/// failed retrieve does, and the rest of its session is unaffected. A file
-/// in `waiting` comes without a carried fd, to be given one when it is
-/// rebuilt (see [`Restored::waiting`]).
+/// drops them), each file carried by the fd rebuilt for it (`carried` says
+/// which have one); a new epoch. A file in `lost` could not be rebuilt: its
+/// retrieve fails with that errno, as a failed retrieve does, and the rest
+/// of its session is unaffected. A file neither lost nor carried waits to
+/// be given its fd when it is rebuilt (see [`Restored::waiting`]).
 pub fn incoming_image(
     mut image: StoreImage,
-    lost: &[(u64, u64)],
-    waiting: &[(u64, u64)],
+    lost: &[((u64, u64), i32)],
+    carried: &dyn Fn((u64, u64)) -> bool,
 ) -> StoreImage {
     image.epoch += 1;
     image.sessions.retain(|s| !s.incoming);
@@ -244,10 +244,11 @@ pub fn incoming_image(
         s.incoming = true;
         s.retrieved = false;
         for f in &mut s.files {
-            let gone = lost.contains(&(s.id, f.token));
+            let key = (s.id, f.token);
+            let gone = lost.iter().find(|(k, _)| *k == key).map(|(_, e)| *e);
             f.has_file = false;
-            f.has_carried = !gone && !waiting.contains(&(s.id, f.token));
-            f.retrieve_status = if gone { -libc::EIO } else { 0 };
+            f.has_carried = gone.is_none() && carried(key);
+            f.retrieve_status = gone.map_or(0, |e| -e);
         }
     }
     image.flb_incoming = std::mem::take(&mut image.flb_outgoing);

@@ -6,8 +6,10 @@
 //! place ([`simulate`]), in which case the workload is every process started
 //! under `luo run` in the epoch that ends, tracked in a cgroup ([`Workload`]).
 //! A real kexec ([`kexec`]) loads the next kernel, lets the daemon stash what
-//! must survive ([`shim`], [`handover`]), and jumps.
+//! must survive ([`shim`], [`handover`]), and jumps; VFIO devices are made
+//! again in the next kernel from their record ([`devices`]).
 
+pub mod devices;
 pub mod failpoint;
 pub mod handover;
 pub mod kexec;

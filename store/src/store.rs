@@ -389,6 +389,15 @@ impl Store {
         Ok(())
     }
 
+    /// Where preserved files are, as a preserve may ask.
+    pub fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            handlers: &self.handlers,
+            preserved: &self.preserved,
+            sessions: &self.sessions,
+        }
+    }
+
     /// SESSION_RETRIEVE_FD (`luo_retrieve_file`): the file for a token; the
     /// first call rebuilds it, later calls return the same file, a failure is
     /// remembered.

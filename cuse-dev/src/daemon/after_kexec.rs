@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use luo_store::{Errno, Result, SessionId};
+use luo_store::{Errno, FileImage, Result, SessionId};
 
 use super::{Daemon, DaemonError};
 use crate::log;
@@ -69,7 +69,10 @@ impl Daemon {
                 f.session, f.token
             ));
         }
-        let lost: Vec<(u64, u64)> = restored.lost.iter().map(|(k, _)| *k).collect();
+        let mut lost: Vec<((u64, u64), i32)> =
+            restored.lost.iter().map(|(k, _)| (*k, libc::EIO)).collect();
+        let devices = self.rebuild_devices(&image.store, &mut restored.fds);
+        lost.extend(devices);
         self.update.waiting = restored.waiting.into_iter().map(|(f, _)| f).collect();
         let waiting: Vec<(u64, u64)> = self
             .update
@@ -78,7 +81,9 @@ impl Daemon {
             .map(|f| (f.session, f.token))
             .collect();
         let (in_place, copied) = (restored.in_place, restored.copied);
-        let incoming = luo_kexec_helper::handover::incoming_image(image.store, &lost, &waiting);
+        let keys: std::collections::HashSet<String> = restored.fds.keys().cloned().collect();
+        let carried = |(session, token)| keys.contains(&FileImage::carried_key(session, token));
+        let incoming = luo_kexec_helper::handover::incoming_image(image.store, &lost, &carried);
         self.store
             .load_image(&incoming, &mut |key| restored.fds.remove(key))
             .map_err(|e| refused(format!("rebuild the incoming sessions: {e}")))?;
@@ -98,11 +103,60 @@ impl Daemon {
             .iter()
             .filter(|f| {
                 let key = (f.session, f.token);
-                !lost.contains(&key) && !waiting.contains(&key)
+                !lost.iter().any(|(k, _)| *k == key) && !waiting.contains(&key)
             })
             .map(|f| f.shim_token)
             .collect();
         Ok(Some((shim, rebuilt)))
+    }
+
+    /// Brings back the VFIO devices and iommufds of `image` (see
+    /// `luo_kexec_helper::devices`) and records their new spaces; returns
+    /// the files that could not be, each with its errno, after a log line.
+    fn rebuild_devices(
+        &mut self,
+        image: &luo_store::StoreImage,
+        fds: &mut std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    ) -> Vec<((u64, u64), i32)> {
+        let start = std::time::Instant::now();
+        let devices = luo_kexec_helper::devices::rebuild_all(image, fds);
+        for ((session, token), failure) in &devices.lost {
+            log::warn(format_args!(
+                "session {session} token {token:#x}: the VFIO file did not come back ({}); \
+                 retrieving it fails with {}",
+                failure.why, failure.errno
+            ));
+        }
+        if devices.devices > 0 || !devices.spaces.is_empty() {
+            let bytes: u64 = devices
+                .spaces
+                .iter()
+                .flat_map(|s| &s.mappings)
+                .map(|m| m.length)
+                .sum();
+            log::info(format_args!(
+                "after kexec: {} VFIO devices bound again, {} iommufds with {} MiB mapped made anew \
+                 in {:.1} ms",
+                devices.devices,
+                devices.spaces.len(),
+                bytes >> 20,
+                start.elapsed().as_secs_f64() * 1e3
+            ));
+        }
+        let mut table = self.dma.table.lock();
+        for space in devices.spaces {
+            table.next += 1;
+            let id = table.next;
+            table
+                .spaces
+                .push(luo_handlers::vfio::dma::Space { id, ..space });
+        }
+        self.saved.dirty = true;
+        devices
+            .lost
+            .into_iter()
+            .map(|(k, f)| (k, f.errno.0))
+            .collect()
     }
 
     /// The stash of an incoming file that waits for huge pages, if it does.

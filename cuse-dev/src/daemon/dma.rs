@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use luo_handlers::vfio::dma::{Anchor, Backing, DmaTable, Held, Mapping, Spaces};
 use luo_handlers::vfio::uapi as v;
-use luo_handlers::vfio::{device_key, is_iommufd};
+use luo_handlers::vfio::{device_key, is_iommufd, Object, DEVICE_COMPATIBLE};
 use luo_store::{Errno, FileId, Lookup, Result, Store};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -16,9 +16,6 @@ use super::Daemon;
 use crate::persist::Header;
 use crate::uapi::CallerMem;
 use crate::{log, sys};
-
-/// The compatible string of the VFIO device handler.
-const DEVICE_HANDLER: &str = "vfio-cdev-v1";
 
 /// The DMA record, shared with the device handler and the iommufd FLB.
 pub(super) struct Dma {
@@ -67,6 +64,14 @@ fn space_at(store: &Store, spaces: &mut Spaces, at: Anchor) -> u64 {
     }
 }
 
+/// Whether a session still has the file `held` names.
+fn held_exists(store: &Store, held: &Held) -> bool {
+    store
+        .sessions()
+        .filter(|s| s.name.to_string() == held.session)
+        .any(|s| s.files.iter().any(|f| f.token == held.token))
+}
+
 /// The daemon's fd of the file LUO holds as `held`, in either direction.
 fn held_fd(store: &Store, held: &Held) -> Option<i32> {
     store
@@ -87,11 +92,8 @@ fn held_devices(store: &Store) -> Vec<String> {
     store
         .sessions()
         .flat_map(|s| &s.files)
-        .filter(|f| store.handler_compatible(f.handler) == DEVICE_HANDLER)
-        .filter_map(|f| {
-            let text = std::str::from_utf8(&f.data).ok()?;
-            Some(text.split_once(' ').map_or(text, |(_, pci)| pci).to_owned())
-        })
+        .filter(|f| store.handler_compatible(f.handler) == DEVICE_COMPATIBLE)
+        .filter_map(|f| Some(Object::parse(&f.data).ok()?.key().to_owned()))
         .collect()
 }
 
@@ -170,6 +172,7 @@ impl Daemon {
                     length: a.length,
                     backing: Backing::Memory,
                     flags: a.flags,
+                    preserved_as: None,
                 })
             }
             v::IOMMU_IOAS_MAP_FILE => {
@@ -186,6 +189,7 @@ impl Daemon {
                         start: a.start,
                     },
                     flags: a.flags,
+                    preserved_as: None,
                 })
             }
             _ => None,
@@ -220,7 +224,7 @@ impl Daemon {
         for s in &mut spaces.spaces {
             if s.held
                 .as_ref()
-                .is_some_and(|h| held_fd(&self.store, h).is_none())
+                .is_some_and(|h| !held_exists(&self.store, h))
             {
                 s.held = None;
             }
@@ -229,6 +233,41 @@ impl Daemon {
             |a| sys::same_file((a.pid, a.fd), (a.pid, a.fd)) == Some(true),
             |s| s.held.is_some() || s.devices.keys().any(|d| devices.contains(d)),
         );
+    }
+
+    /// Names, in each mapping of a device about to cross a kexec, where the
+    /// memfd behind it is preserved (its identity will not survive).
+    ///
+    /// # Errors
+    /// A sentence naming a device whose DMA reaches a file no longer
+    /// preserved.
+    pub(super) fn name_dma_files(&mut self) -> std::result::Result<(), String> {
+        let devices = held_devices(&self.store);
+        let lookup = self.store.lookup();
+        let mut spaces = self.dma.table.lock();
+        for space in &mut spaces.spaces {
+            let Some(device) = space.devices.keys().find(|d| devices.contains(d)).cloned() else {
+                continue;
+            };
+            for m in &mut space.mappings {
+                let Backing::File { file, .. } = m.backing else {
+                    return Err(format!(
+                        "VFIO device {device}: its iommufd maps memory no kexec carries"
+                    ));
+                };
+                let (session, token) = lookup.outgoing(file).ok_or_else(|| {
+                    format!(
+                        "VFIO device {device}: its iommufd maps a memfd (inode {}) that is no longer preserved",
+                        file.ino
+                    )
+                })?;
+                m.preserved_as = Some(Held {
+                    session: session.to_string(),
+                    token,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Records that the iommufd preserved at `(session, token)` was the

@@ -8,6 +8,8 @@ use std::path::Path;
 use luo_kexec_helper::handover::StashedFile;
 use luo_store::Direction;
 
+use luo_handlers::vfio::{DEVICE_COMPATIBLE, IOMMUFD_COMPATIBLE};
+
 use super::control::refused_freeze;
 use super::Daemon;
 use crate::control::Response;
@@ -63,6 +65,7 @@ impl Daemon {
             ));
         }
         self.drain_fuse();
+        self.prune_dma();
         if let Err(f) = self.store.freeze() {
             self.thaw_workload();
             let why = refused_freeze(&f);
@@ -134,6 +137,11 @@ impl Daemon {
         {
             for f in &s.files {
                 let Some(fd) = &f.file else { continue };
+                // VFIO files are made again from their record.
+                let handler = self.store.handler_compatible(f.handler);
+                if [DEVICE_COMPATIBLE, IOMMUFD_COMPATIBLE].contains(&handler) {
+                    continue;
+                }
                 let shim_token = self.update.stashed.len() as u64 + 1;
                 let st = shim.stash(fd.as_fd(), shim_token).map_err(|e| {
                     format!(
@@ -163,6 +171,7 @@ impl Daemon {
                 }
             }
         }
+        self.name_dma_files()?;
         let image = luo_kexec_helper::handover::KexecImage {
             version: luo_kexec_helper::handover::IMAGE_VERSION,
             store: self.store.to_image().0,

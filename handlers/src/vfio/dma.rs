@@ -53,6 +53,10 @@ pub struct Mapping {
     pub backing: Backing,
     /// `IOMMU_IOAS_MAP_*` flags.
     pub flags: u32,
+    /// Where the file that backs it is preserved, filled in when a kexec
+    /// is prepared (file identities do not survive one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preserved_as: Option<Held>,
 }
 
 impl Mapping {
@@ -144,6 +148,7 @@ impl Space {
             length,
             backing,
             flags,
+            preserved_as: None,
         });
     }
 
@@ -288,6 +293,14 @@ impl Spaces {
     }
 }
 
+/// The spaces an iommufd FLB's serialized state holds.
+///
+/// # Errors
+/// EINVAL for state no iommufd FLB wrote.
+pub fn flb_spaces(data: &[u8]) -> Result<Vec<Space>> {
+    serde_json::from_slice(data).map_err(|_| Errno::EINVAL)
+}
+
 /// The spaces, shared by the daemon (which records calls into them) and the
 /// handlers (which describe and hand them over).
 #[derive(Clone, Debug, Default)]
@@ -342,9 +355,7 @@ impl Flb for IommufdFlb {
     fn retrieve(&mut self, data: &[u8]) -> Result<()> {
         // Across a simulated update the iommufd itself was kept open: its
         // IOAS and every mapping are there; the record only has to read.
-        serde_json::from_slice::<Vec<Space>>(data)
-            .map(drop)
-            .map_err(|_| Errno::EINVAL)
+        flb_spaces(data).map(drop)
     }
 
     fn finish(&mut self, _data: &[u8]) {}
@@ -354,7 +365,7 @@ impl Flb for IommufdFlb {
     }
 
     fn describe(&self, data: &[u8]) -> Option<String> {
-        let spaces: Vec<Space> = serde_json::from_slice(data).ok()?;
+        let spaces = flb_spaces(data).ok()?;
         let devices: usize = spaces.iter().map(|s| s.devices.len()).sum();
         let mappings: usize = spaces.iter().map(|s| s.mappings.len()).sum();
         let bytes: u64 = spaces
@@ -384,6 +395,7 @@ mod tests {
             length,
             backing: Backing::File { file, start },
             flags: 7,
+            preserved_as: None,
         }
     }
 
@@ -417,6 +429,7 @@ mod tests {
             length: 4096,
             backing: Backing::Memory,
             flags: 7,
+            preserved_as: None,
         });
         let unmet = spaces.check("0000:00:03.0", |_| true).unwrap_err();
         assert!(unmet.contains("IOMMU_IOAS_MAP_FILE"), "{unmet}");

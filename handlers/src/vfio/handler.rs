@@ -4,15 +4,19 @@
 //! keeps every IO address space and mapping, and DMA goes on during the
 //! blackout. The retrieved fd is the same open file description.
 //!
-//! A real kexec cannot carry either: `luo kexec` refuses such a session (it
-//! cannot be stashed), with nothing changed.
+//! A real kexec cannot carry either: the old kernel stops the device and
+//! the IOMMU. What crosses it is each file's [`Object`] and the iommufd
+//! FLB's record of every mapping; the next kernel's daemon rebuilds the
+//! device from them (see [`super::rebuild`]) and hands it over the same way.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
 
 use luo_store::{Errno, FileHandler, FileId, FileState, FlbId, Preserved, Result};
 
 use super::dma::DmaTable;
-use super::ioctl::device_info;
+use super::ioctl::{device_info, pci_command};
 use crate::sys;
 
 /// What a character device is, as `/sys/dev/char/MAJ:MIN` names it.
@@ -57,6 +61,50 @@ pub fn is_iommufd(file: BorrowedFd<'_>) -> bool {
     char_device(file).is_some_and(|d| d.devname == "iommu")
 }
 
+/// What a preserved VFIO file is: its serialized data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Object {
+    /// Its name under `/dev` (`vfio/devices/vfio0`, `iommu`).
+    pub devname: String,
+    /// The PCI address of the device, if it is one (`0000:00:01.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<String>,
+    /// Its PCI vendor and device ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<(u16, u16)>,
+    /// Its PCI command register at the freeze (bus mastering on or off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<u16>,
+}
+
+impl Object {
+    /// The object `data` describes.
+    ///
+    /// # Errors
+    /// EINVAL for data no VFIO handler wrote.
+    pub fn parse(data: &[u8]) -> Result<Object> {
+        serde_json::from_slice(data).map_err(|_| Errno::EINVAL)
+    }
+
+    /// How the DMA record names it: its PCI address, else its device node.
+    pub fn key(&self) -> &str {
+        self.pci.as_deref().unwrap_or(&self.devname)
+    }
+
+    fn to_data(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an object serializes")
+    }
+}
+
+/// A PCI device's vendor and device ids, from sysfs.
+pub fn pci_ids(pci: &str) -> Option<(u16, u16)> {
+    let read = |what: &str| {
+        let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{pci}/{what}")).ok()?;
+        u16::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+    };
+    Some((read("vendor")?, read("device")?))
+}
+
 /// Which of the two kinds a handler takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -84,11 +132,11 @@ impl VfioHandler {
         }
     }
 
-    /// The handler of iommufds.
-    pub fn iommufd() -> VfioHandler {
+    /// The handler of iommufds, handed over with the FLB `flb`.
+    pub fn iommufd(table: DmaTable, flb: FlbId) -> VfioHandler {
         VfioHandler {
             kind: Kind::Iommufd,
-            dma: None,
+            dma: Some((table, flb)),
         }
     }
 
@@ -103,8 +151,8 @@ impl VfioHandler {
 impl FileHandler for VfioHandler {
     fn compatible(&self) -> &'static str {
         match self.kind {
-            Kind::Device => "vfio-cdev-v1",
-            Kind::Iommufd => "iommufd-v1",
+            Kind::Device => DEVICE_COMPATIBLE,
+            Kind::Iommufd => IOMMUFD_COMPATIBLE,
         }
     }
 
@@ -130,20 +178,35 @@ impl FileHandler for VfioHandler {
     fn preserve(&self, file: BorrowedFd<'_>) -> Result<Preserved> {
         let dev = char_device(file).ok_or(Errno::EINVAL)?;
         // What the device is, for `luo status` and for a rebuild.
-        let data = match dev.pci {
-            Some(pci) => format!("{} {pci}", dev.devname),
-            None => dev.devname,
+        let ids = dev.pci.as_deref().and_then(pci_ids);
+        let object = Object {
+            devname: dev.devname,
+            pci: dev.pci,
+            ids,
+            command: None,
         };
         Ok(Preserved {
-            data: data.into_bytes(),
+            data: object.to_data(),
         })
     }
 
     fn unpreserve(&self, _state: &FileState<'_>) {}
 
+    fn freeze(&self, state: &FileState<'_>, data: &mut Vec<u8>) -> Result<()> {
+        // Whether the device masters the bus, for a rebuild after a kexec.
+        if self.kind == Kind::Device {
+            let mut object = Object::parse(state.data)?;
+            let file = state.file.ok_or(Errno::EBADF)?;
+            object.command = Some(pci_command(file)?);
+            *data = object.to_data();
+        }
+        Ok(())
+    }
+
     fn retrieve(&self, state: &FileState<'_>) -> Result<OwnedFd> {
-        // The same open file: the device stays bound and attached, the
-        // iommufd keeps its mappings.
+        // The same open file (or, after a kexec, the one rebuilt for it):
+        // the device stays bound and attached, the iommufd keeps its
+        // mappings.
         let carried = state.carried.ok_or(Errno::EIO)?;
         carried.try_clone_to_owned().map_err(Errno::from)
     }
@@ -151,26 +214,32 @@ impl FileHandler for VfioHandler {
     fn finish(&self, _state: &FileState<'_>) {}
 
     fn describe(&self, state: &FileState<'_>) -> Option<String> {
-        let text = std::str::from_utf8(state.data).ok()?;
-        let (object, key) = match text.split_once(' ') {
-            Some((devname, pci)) => (format!("{pci}, /dev/{devname}"), pci),
-            None => (format!("/dev/{text}"), text),
+        let object = Object::parse(state.data).ok()?;
+        let node = format!("/dev/{}", object.devname);
+        let Some(pci) = &object.pci else {
+            return Some(node);
         };
         let Some((table, _)) = &self.dma else {
-            return Some(object);
+            return Some(format!("{pci}, {node}"));
         };
         let spaces = table.lock();
-        let through = match spaces.of_device(key) {
+        let through = match spaces.of_device(pci) {
             Some(space) => match &space.held {
                 Some(h) => format!("DMA through the iommufd at {} token {}", h.session, h.token),
                 None => "DMA through an iommufd that is not preserved".to_owned(),
             },
             None => "DMA unknown".to_owned(),
         };
-        Some(format!("{object}, {through}"))
+        Some(format!("{pci}, {node}, {through}"))
     }
 
     fn flbs(&self) -> Vec<FlbId> {
         self.dma.iter().map(|(_, flb)| *flb).collect()
     }
 }
+
+/// The compatible string of the VFIO device handler.
+pub const DEVICE_COMPATIBLE: &str = "vfio-cdev-v1";
+
+/// The compatible string of the iommufd handler.
+pub const IOMMUFD_COMPATIBLE: &str = "iommufd-v1";

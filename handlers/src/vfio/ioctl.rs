@@ -11,8 +11,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 use super::uapi::{
     AttachPt, BindIommufd, Destroy, DeviceInfo, IoasAlloc, IoasMap, IoasMapFile, IoasUnmap,
     RegionInfo, IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE,
-    IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-    VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO,
+    IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, PCI_CONFIG_REGION,
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_GET_INFO,
+    VFIO_DEVICE_GET_REGION_INFO,
 };
 
 /// `ioctl(fd, cmd, arg)` with `arg` the command's struct.
@@ -55,6 +56,46 @@ pub fn device_info(device: BorrowedFd<'_>) -> Result<DeviceInfo> {
     };
     call(device, VFIO_DEVICE_GET_INFO, &mut a)?;
     Ok(a)
+}
+
+/// Offset of the command register in PCI config space.
+const PCI_COMMAND: u64 = 0x04;
+
+/// Where region `index` of `device` is within its fd.
+fn region_of(device: BorrowedFd<'_>, index: u32) -> Result<Region> {
+    let mut a = RegionInfo {
+        argsz: size_of_u32::<RegionInfo>(),
+        index,
+        ..RegionInfo::default()
+    };
+    call(device, VFIO_DEVICE_GET_REGION_INFO, &mut a)?;
+    Ok(Region {
+        offset: a.offset,
+        size: a.size,
+    })
+}
+
+/// The PCI command register of a bound device (bus mastering, memory
+/// space).
+///
+/// # Errors
+/// The kernel's.
+pub fn pci_command(device: BorrowedFd<'_>) -> Result<u16> {
+    let config = region_of(device, PCI_CONFIG_REGION)?;
+    let mut b = [0u8; 2];
+    File::from(device.try_clone_to_owned()?).read_exact_at(&mut b, config.offset + PCI_COMMAND)?;
+    Ok(u16::from_le_bytes(b))
+}
+
+/// Sets the PCI command register of a bound device.
+///
+/// # Errors
+/// The kernel's.
+pub fn set_pci_command(device: BorrowedFd<'_>, command: u16) -> Result<()> {
+    let config = region_of(device, PCI_CONFIG_REGION)?;
+    File::from(device.try_clone_to_owned()?)
+        .write_all_at(&command.to_le_bytes(), config.offset + PCI_COMMAND)?;
+    Ok(())
 }
 
 /// An iommufd (`/dev/iommu`).
@@ -108,9 +149,26 @@ impl Iommufd {
         length: u64,
         iova: u64,
     ) -> Result<()> {
+        let flags = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
+        self.map_file_with(ioas, (file, start), length, iova, flags)
+    }
+
+    /// [`Iommufd::map_file`] with the caller's `IOMMU_IOAS_MAP_*` flags
+    /// (`IOMMU_IOAS_MAP_FIXED_IOVA` is always added).
+    ///
+    /// # Errors
+    /// The kernel's.
+    pub fn map_file_with(
+        &self,
+        ioas: u32,
+        (file, start): (BorrowedFd<'_>, u64),
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<()> {
         let mut a = IoasMapFile {
             size: size_of_u32::<IoasMapFile>(),
-            flags: MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE,
+            flags: flags | MAP_FIXED_IOVA,
             ioas_id: ioas,
             fd: file.as_raw_fd(),
             start,
@@ -239,16 +297,7 @@ impl VfioDevice {
     /// # Errors
     /// The kernel's.
     pub fn region(&self, index: u32) -> Result<Region> {
-        let mut a = RegionInfo {
-            argsz: size_of_u32::<RegionInfo>(),
-            index,
-            ..RegionInfo::default()
-        };
-        call(self.file.as_fd(), VFIO_DEVICE_GET_REGION_INFO, &mut a)?;
-        Ok(Region {
-            offset: a.offset,
-            size: a.size,
-        })
+        region_of(self.file.as_fd(), index)
     }
 
     /// Reads `buf.len()` bytes of `region` at `at`.

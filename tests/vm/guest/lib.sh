@@ -49,3 +49,26 @@ start_daemon() {
   for _ in $(seq 200); do luo status --state-dir "$state" >/dev/null 2>&1 && return 0; sleep 0.05; done
   cat /tmp/luo.log; fail "the daemon for $dev did not start"
 }
+
+# Binds the two edu devices (1234:11e8) to vfio-pci and waits for their
+# cdevs (/dev/vfio/devices/vfio0 and vfio1) and /dev/iommu.
+bind_edus() {
+  [ -d /sys/class/iommu ] && ls /sys/class/iommu | grep -q . || fail "no IOMMU in the guest"
+  n=0
+  for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
+      bdf=$(basename "$d")
+      say "edu at $bdf, IOMMU group $(basename "$(readlink "$d/iommu_group")")"
+      echo vfio-pci > "$d/driver_override"
+      echo "$bdf" > /sys/bus/pci/drivers_probe
+      n=$((n + 1))
+    fi
+  done
+  [ "$n" = 2 ] || fail "$n edu devices, not 2 (QEMU needs -device edu twice)"
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    [ -c /dev/vfio/devices/vfio1 ] && break
+    sleep 1
+  done
+  [ -c /dev/vfio/devices/vfio1 ] || { ls -l /dev/vfio /dev/vfio/devices; fail "no /dev/vfio/devices/vfio0 and vfio1"; }
+  [ -c /dev/iommu ] || fail "no /dev/iommu"
+}

@@ -2,24 +2,7 @@
 # (1234:11e8), behind an emulated intel-iommu, bound to vfio-pci; DMA into and
 # out of a memfd checked byte for byte, and an unmapped IOVA reads nothing.
 . /rig/lib.sh
-[ -d /sys/class/iommu ] && ls /sys/class/iommu | grep -q . || fail "no IOMMU in the guest"
-n=0
-for d in /sys/bus/pci/devices/*; do
-  if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
-    bdf=$(basename "$d")
-    say "edu at $bdf, IOMMU group $(basename "$(readlink "$d/iommu_group")")"
-    echo vfio-pci > "$d/driver_override"
-    echo "$bdf" > /sys/bus/pci/drivers_probe
-    n=$((n + 1))
-  fi
-done
-[ "$n" = 2 ] || fail "$n edu devices, not 2 (QEMU needs -device edu twice)"
-for _ in 1 2 3 4 5 6 7 8 9 10; do
-  [ -c /dev/vfio/devices/vfio1 ] && break
-  sleep 1
-done
-[ -c /dev/vfio/devices/vfio1 ] || { ls -l /dev/vfio /dev/vfio/devices; fail "no /dev/vfio/devices/vfio0 and vfio1"; }
-[ -c /dev/iommu ] || fail "no /dev/iommu"
+bind_edus
 out=$(luo vfio-check --stage 0 --device /dev/vfio/devices/vfio0 --iommu /dev/iommu --ram-mib 64 2>&1) \
   || { echo "$out"; dmesg | tail -20; fail "vfio-check failed"; }
 echo "$out" | sed 's/^/RIG: /'
@@ -37,15 +20,15 @@ for why in "maps process memory" "maps a file at IOVA 0x1000000" ; do
     || { cat /tmp/luo.log; fail "no log line says a device was refused because its iommufd $why"; }
 done
 luo status --state-dir /run/luo | sed 's/^/RIG: /'
-# The iommufd FLB: held by the two devices, with the one mapping of guest
-# RAM; each device says which iommufd its DMA goes through.
+# The iommufd FLB: held by the two devices and the iommufd, with the one
+# mapping of guest RAM; each device says which iommufd its DMA goes through.
 flb() { luo status --json --state-dir /run/luo | grep -A4 '"compatible": "iommufd-dma-v1"'; }
-flb | grep -q '"outgoing": 2' || { flb; fail "the iommufd FLB is not held by both devices"; }
+flb | grep -q '"outgoing": 3' || { flb; fail "the iommufd FLB is not held by both devices and the iommufd"; }
 flb | grep -q '1 mapping(s) of 64 MiB' || { flb; fail "the iommufd FLB does not show guest RAM's mapping"; }
 luo status --json --state-dir /run/luo | grep -q 'DMA through the iommufd at vfio-vm token 3' \
   || { luo status --json --state-dir /run/luo; fail "the device does not name the iommufd it depends on"; }
 luo update --simulate --state-dir /run/luo >/dev/null || { cat /tmp/luo.log; fail "the simulated update failed"; }
-flb | grep -q '"incoming": 2' || { flb; fail "the iommufd FLB did not come across the update"; }
+flb | grep -q '"incoming": 3' || { flb; fail "the iommufd FLB did not come across the update"; }
 flb | grep -q '"retrieved": false' || { flb; fail "the iommufd FLB was retrieved before any device"; }
 out=$(luo run -- luo vfio-check --stage 2 --liveupdate /dev/liveupdate 2>&1) \
   || { echo "$out"; cat /tmp/luo.log; fail "stage 2 of the handover failed"; }

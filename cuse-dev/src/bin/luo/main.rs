@@ -205,6 +205,10 @@ enum Command {
         /// Guest RAM to map, in MiB.
         #[arg(long, default_value_t = 64)]
         ram_mib: u64,
+        /// The stages straddle a real kexec (`luo kexec`), not a simulated
+        /// update.
+        #[arg(long)]
+        kexec: bool,
     },
     /// Exercise kmod-shim across a real kexec: stage 1 stashes a shmem and a
     /// hugetlb memfd written with a pattern, stage 2 checks they came back.
@@ -413,8 +417,10 @@ fn main() -> ExitCode {
             liveupdate,
             iommu,
             ram_mib,
+            kexec,
         } => match luo_cuse_dev::tools::vfio_check::run(
             &luo_cuse_dev::tools::vfio_check::Paths {
+                kexec,
                 device: &device,
                 spare: &spare,
                 iommu: &iommu,
