@@ -24,6 +24,10 @@ pub struct Devices {
     pub spaces: Vec<Space>,
     /// Devices brought back.
     pub devices: usize,
+    /// Time spent making the iommufds and their mappings.
+    pub map_time: std::time::Duration,
+    /// Time spent binding, opening and attaching the devices.
+    pub bind_time: std::time::Duration,
 }
 
 /// The outgoing session id of the session named `name` in `image`.
@@ -69,6 +73,7 @@ pub fn rebuild_all(image: &StoreImage, fds: &mut HashMap<String, OwnedFd>) -> De
                         }))
             })
     };
+    let start = std::time::Instant::now();
     let built: Vec<Result<RebuiltSpace, Failure>> = spaces
         .iter()
         .map(|space| {
@@ -86,6 +91,8 @@ pub fn rebuild_all(image: &StoreImage, fds: &mut HashMap<String, OwnedFd>) -> De
             rebuild_space(space, &memfd)
         })
         .collect();
+    out.map_time = start.elapsed();
+    let start = std::time::Instant::now();
     for s in image.sessions.iter().filter(|s| !s.incoming) {
         let name = session_name(&s.name);
         for f in &s.files {
@@ -106,6 +113,7 @@ pub fn rebuild_all(image: &StoreImage, fds: &mut HashMap<String, OwnedFd>) -> De
             }
         }
     }
+    out.bind_time = start.elapsed();
     out.spaces = spaces
         .into_iter()
         .zip(&built)

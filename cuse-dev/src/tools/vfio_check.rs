@@ -174,6 +174,9 @@ pub struct Paths<'a> {
     /// A real kexec (`luo kexec`), not a simulated update: the device is
     /// reset and made again, and no DMA runs across it.
     pub kexec: bool,
+    /// The spare was removed before the next kernel's daemon started: its
+    /// retrieve fails (ENODEV) and every other file comes back.
+    pub spare_removed: bool,
     /// The device's VFIO cdev.
     pub device: &'a Path,
     /// A second edu's cdev, preserved alone and finished unretrieved.
@@ -460,7 +463,31 @@ fn retrieve(paths: &Paths<'_>) -> Result<(), String> {
         after_simulated_update(&edu, &ram, now)?;
     }
     lu::finish(session.as_fd()).map_err(|e| format!("FINISH: {e}"))?;
-    finish_unretrieved(&dev, spare)
+    if paths.spare_removed {
+        spare_lost(&dev)
+    } else {
+        finish_unretrieved(&dev, spare)
+    }
+}
+
+/// The spare, gone when the next kernel started: its retrieve fails with
+/// ENODEV, every time, and its session still finishes.
+fn spare_lost(dev: &std::fs::File) -> Result<(), String> {
+    let session = lu::retrieve_session(dev.as_fd(), SPARE_SESSION)
+        .map_err(|e| format!("RETRIEVE_SESSION of the spare: {e}"))?;
+    for attempt in ["first", "second"] {
+        match lu::retrieve_fd(session.as_fd(), DEVICE_TOKEN) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+            other => {
+                return Err(format!(
+                    "{attempt} retrieve of the removed spare: {other:?}, not ENODEV"
+                ))
+            }
+        }
+    }
+    lu::finish(session.as_fd()).map_err(|e| format!("FINISH of the spare: {e}"))?;
+    println!("vfio-check: stage 2: a device gone after the kexec fails only its own retrieve (ENODEV, twice); its session finishes");
+    Ok(())
 }
 
 /// The device across a simulated update: never reset, and the DMA left

@@ -209,6 +209,9 @@ enum Command {
         /// update.
         #[arg(long)]
         kexec: bool,
+        /// Stage 2: the spare was removed before the daemon started.
+        #[arg(long)]
+        spare_removed: bool,
     },
     /// Exercise kmod-shim across a real kexec: stage 1 stashes a shmem and a
     /// hugetlb memfd written with a pattern, stage 2 checks they came back.
@@ -418,9 +421,11 @@ fn main() -> ExitCode {
             iommu,
             ram_mib,
             kexec,
+            spare_removed,
         } => match luo_cuse_dev::tools::vfio_check::run(
             &luo_cuse_dev::tools::vfio_check::Paths {
                 kexec,
+                spare_removed,
                 device: &device,
                 spare: &spare,
                 iommu: &iommu,
