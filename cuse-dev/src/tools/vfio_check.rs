@@ -440,7 +440,8 @@ fn retrieve(paths: &Paths<'_>) -> Result<(), String> {
     let start = crate::sys::monotonic_ns();
     let ram = std::fs::File::from(take("guest RAM", RAM_TOKEN)?);
     let device = VfioDevice::from_fd(take("the device", DEVICE_TOKEN)?);
-    let _iommufd = Iommufd::from_fd(take("the iommufd", IOMMUFD_TOKEN)?);
+    let _iommufd = Iommufd::from_fd(take("the iommufd", IOMMUFD_TOKEN)?)
+        .map_err(|e| format!("the retrieved iommufd: {e}"))?;
     let now = crate::sys::monotonic_ns();
     println!(
         "vfio-check: stage 2: guest RAM, the device and its iommufd retrieved in {} us",

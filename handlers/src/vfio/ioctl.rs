@@ -8,12 +8,15 @@ use std::path::Path;
 use luo_store::{Errno, Result};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use iommufd_bindings::iommufd::{
+    iommu_ioas_alloc, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
+};
+use iommufd_ioctls::{IommuFd, IommufdError};
+
 use super::uapi::{
-    AttachPt, BindIommufd, Destroy, DeviceInfo, IoasAlloc, IoasMap, IoasMapFile, IoasUnmap,
-    RegionInfo, IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE,
-    IOMMU_IOAS_UNMAP, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, PCI_CONFIG_REGION,
-    VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_GET_INFO,
-    VFIO_DEVICE_GET_REGION_INFO,
+    AttachPt, BindIommufd, DeviceInfo, RegionInfo, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE,
+    PCI_CONFIG_REGION, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD,
+    VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO,
 };
 
 /// `ioctl(fd, cmd, arg)` with `arg` the command's struct.
@@ -98,10 +101,31 @@ pub fn set_pci_command(device: BorrowedFd<'_>, command: u16) -> Result<()> {
     Ok(())
 }
 
-/// An iommufd (`/dev/iommu`).
-#[derive(Debug)]
+/// An iommufd (`/dev/iommu`). Its calls go through rust-vmm's
+/// `iommufd-ioctls`.
 pub struct Iommufd {
+    /// The open file, lent out as an fd.
     file: File,
+    /// The same open file, for `iommufd-ioctls`.
+    ioctls: IommuFd,
+}
+
+impl std::fmt::Debug for Iommufd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iommufd").field("file", &self.file).finish()
+    }
+}
+
+/// The errno behind an `iommufd-ioctls` error.
+fn errno_of(e: &IommufdError) -> Errno {
+    let source = std::error::Error::source(e);
+    let sys = source.and_then(|s| s.downcast_ref::<vmm_sys_util::errno::Error>());
+    let io = source.and_then(|s| s.downcast_ref::<std::io::Error>());
+    match (sys, io) {
+        (Some(sys), _) => Errno(sys.errno()),
+        (None, Some(io)) => Errno(io.raw_os_error().unwrap_or(libc::EIO)),
+        (None, None) => Errno::EIO,
+    }
 }
 
 impl Iommufd {
@@ -110,16 +134,20 @@ impl Iommufd {
     /// # Errors
     /// The kernel's (ENOENT without `CONFIG_IOMMUFD`).
     pub fn open(path: &Path) -> Result<Iommufd> {
-        Ok(Iommufd {
-            file: open_rdwr(path)?,
-        })
+        Iommufd::from_file(open_rdwr(path)?)
     }
 
     /// An iommufd already open (one retrieved after an update).
-    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Iommufd {
-        Iommufd {
-            file: File::from(fd),
-        }
+    ///
+    /// # Errors
+    /// EMFILE and the like.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Iommufd> {
+        Iommufd::from_file(File::from(fd))
+    }
+
+    fn from_file(file: File) -> Result<Iommufd> {
+        let ioctls = IommuFd::new_from_fd(file.try_clone()?);
+        Ok(Iommufd { file, ioctls })
     }
 
     /// A new IO address space (`IOMMU_IOAS_ALLOC`); its id.
@@ -127,11 +155,13 @@ impl Iommufd {
     /// # Errors
     /// The kernel's.
     pub fn alloc_ioas(&self) -> Result<u32> {
-        let mut a = IoasAlloc {
-            size: size_of_u32::<IoasAlloc>(),
-            ..IoasAlloc::default()
+        let mut a = iommu_ioas_alloc {
+            size: size_of_u32::<iommu_ioas_alloc>(),
+            ..iommu_ioas_alloc::default()
         };
-        call(self.file.as_fd(), IOMMU_IOAS_ALLOC, &mut a)?;
+        self.ioctls
+            .alloc_iommu_ioas(&mut a)
+            .map_err(|e| errno_of(&e))?;
         Ok(a.out_ioas_id)
     }
 
@@ -166,8 +196,8 @@ impl Iommufd {
         iova: u64,
         flags: u32,
     ) -> Result<()> {
-        let mut a = IoasMapFile {
-            size: size_of_u32::<IoasMapFile>(),
+        let a = iommu_ioas_map_file {
+            size: size_of_u32::<iommu_ioas_map_file>(),
             flags: flags | MAP_FIXED_IOVA,
             ioas_id: ioas,
             fd: file.as_raw_fd(),
@@ -175,7 +205,9 @@ impl Iommufd {
             length,
             iova,
         };
-        call(self.file.as_fd(), IOMMU_IOAS_MAP_FILE, &mut a)
+        self.ioctls
+            .map_iommu_ioas_file(&a)
+            .map_err(|e| errno_of(&e))
     }
 
     /// Maps `length` bytes of this process's memory at `addr` to `iova`
@@ -184,16 +216,16 @@ impl Iommufd {
     /// # Errors
     /// The kernel's (EFAULT for an address not mapped).
     pub fn map_user(&self, ioas: u32, addr: *const u8, length: u64, iova: u64) -> Result<()> {
-        let mut a = IoasMap {
-            size: size_of_u32::<IoasMap>(),
+        let a = iommu_ioas_map {
+            size: size_of_u32::<iommu_ioas_map>(),
             flags: MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE,
             ioas_id: ioas,
-            reserved: 0,
+            __reserved: 0,
             user_va: addr as u64,
             length,
             iova,
         };
-        call(self.file.as_fd(), IOMMU_IOAS_MAP, &mut a)
+        self.ioctls.map_iommu_ioas(&a).map_err(|e| errno_of(&e))
     }
 
     /// Unmaps `length` bytes at `iova` (`IOMMU_IOAS_UNMAP`).
@@ -201,13 +233,15 @@ impl Iommufd {
     /// # Errors
     /// The kernel's (ENOENT if nothing is mapped there).
     pub fn unmap(&self, ioas: u32, iova: u64, length: u64) -> Result<()> {
-        let mut a = IoasUnmap {
-            size: size_of_u32::<IoasUnmap>(),
+        let mut a = iommu_ioas_unmap {
+            size: size_of_u32::<iommu_ioas_unmap>(),
             ioas_id: ioas,
             iova,
             length,
         };
-        call(self.file.as_fd(), IOMMU_IOAS_UNMAP, &mut a)
+        self.ioctls
+            .unmap_iommu_ioas(&mut a)
+            .map_err(|e| errno_of(&e))
     }
 
     /// Destroys object `id` (`IOMMU_DESTROY`).
@@ -215,11 +249,9 @@ impl Iommufd {
     /// # Errors
     /// The kernel's (EBUSY while a device is attached to it).
     pub fn destroy(&self, id: u32) -> Result<()> {
-        let mut a = Destroy {
-            size: size_of_u32::<Destroy>(),
-            id,
-        };
-        call(self.file.as_fd(), IOMMU_DESTROY, &mut a)
+        self.ioctls
+            .destroy_iommu_object(id)
+            .map_err(|e| errno_of(&e))
     }
 
     /// The iommufd's fd.

@@ -1,5 +1,7 @@
 //! The structs and ioctl numbers of `include/uapi/linux/vfio.h` and
-//! `include/uapi/linux/iommufd.h` (Linux 7.2) that device handover uses.
+//! `include/uapi/linux/iommufd.h` (Linux 7.2) that device handover uses:
+//! the daemon decodes callers' arguments with them (`zerocopy`), and their
+//! layouts are checked at compile time against rust-vmm's bindings.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -103,15 +105,6 @@ pub struct Destroy {
     pub id: u32,
 }
 
-/// `struct iommu_ioas_alloc`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct IoasAlloc {
-    pub size: u32,
-    pub flags: u32,
-    pub out_ioas_id: u32,
-}
-
 /// `struct iommu_ioas_map_file`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -166,7 +159,6 @@ const _: () = assert!(size_of::<RegionInfo>() == 32);
 const _: () = assert!(size_of::<BindIommufd>() == 16);
 const _: () = assert!(size_of::<AttachPt>() == 12);
 const _: () = assert!(size_of::<Destroy>() == 8);
-const _: () = assert!(size_of::<IoasAlloc>() == 12);
 const _: () = assert!(size_of::<IoasMapFile>() == 40);
 const _: () = assert!(size_of::<IoasUnmap>() == 24);
 const _: () = assert!(size_of::<IoasMap>() == 40);
@@ -177,3 +169,29 @@ const _: () = assert!(VFIO_DEVICE_ATTACH_IOMMUFD_PT == 0x3b77);
 const _: () = assert!(VFIO_DEVICE_GET_REGION_INFO == 0x3b6c);
 const _: () = assert!(IOMMU_IOAS_ALLOC == 0x3b81);
 const _: () = assert!(IOMMU_IOAS_MAP_FILE == 0x3b8f);
+
+/// Each struct here has the layout of rust-vmm's bindings of the same
+/// header (`iommufd-bindings`, `vfio-bindings`), up to the fields read: the
+/// daemon decodes callers' arguments with these.
+const _: () = {
+    use std::mem::offset_of;
+
+    use iommufd_bindings::iommufd as i;
+    use vfio_bindings::bindings::vfio as v;
+    assert!(size_of::<IoasMap>() == size_of::<i::iommu_ioas_map>());
+    assert!(offset_of!(IoasMap, user_va) == offset_of!(i::iommu_ioas_map, user_va));
+    assert!(offset_of!(IoasMap, iova) == offset_of!(i::iommu_ioas_map, iova));
+    assert!(size_of::<IoasMapFile>() == size_of::<i::iommu_ioas_map_file>());
+    assert!(offset_of!(IoasMapFile, fd) == offset_of!(i::iommu_ioas_map_file, fd));
+    assert!(offset_of!(IoasMapFile, iova) == offset_of!(i::iommu_ioas_map_file, iova));
+    assert!(size_of::<IoasCopy>() == size_of::<i::iommu_ioas_copy>());
+    assert!(offset_of!(IoasCopy, src_ioas_id) == offset_of!(i::iommu_ioas_copy, src_ioas_id));
+    assert!(offset_of!(IoasCopy, src_iova) == offset_of!(i::iommu_ioas_copy, src_iova));
+    assert!(size_of::<IoasUnmap>() == size_of::<i::iommu_ioas_unmap>());
+    assert!(offset_of!(IoasUnmap, length) == offset_of!(i::iommu_ioas_unmap, length));
+    assert!(size_of::<Destroy>() == size_of::<i::iommu_destroy>());
+    assert!(size_of::<DeviceInfo>() == size_of::<v::vfio_device_info>());
+    assert!(size_of::<RegionInfo>() == size_of::<v::vfio_region_info>());
+    assert!(offset_of!(BindIommufd, iommufd) == offset_of!(v::vfio_device_bind_iommufd, iommufd));
+    assert!(offset_of!(AttachPt, pt_id) == offset_of!(v::vfio_device_attach_iommufd_pt, pt_id));
+};
