@@ -33,6 +33,14 @@ grep -q "the VFIO file did not come back (no device at 0000:00:02.0); retrieving
   || { cat /tmp/luo.log; fail "no log line says the removed spare did not come back"; }
 luo status --state-dir /run/luo | sed 's/^/RIG: /'
 flb | grep -q '"incoming": 3' || { flb; fail "the iommufd FLB did not come across the kexec"; }
+# The daemon killed and started again: the rebuilt device and iommufd are
+# with the keeper, their record in the journal.
+kill -9 "$(cat /tmp/daemon.pid)"
+for _ in $(seq 100); do [ -e /proc/"$(cat /tmp/daemon.pid)" ] || break; sleep 0.05; done
+start_daemon /dev/liveupdate /run/luo --cuse
+[ "$(grep -c "VFIO devices bound again" /tmp/luo.log)" = 1 ] || fail "the restarted daemon made the devices again"
+luo status --state-dir /run/luo | grep -q "0000:00:01.0, /dev/vfio/devices/vfio0, DMA through the iommufd at vfio-vm token 3" \
+  || { luo status --state-dir /run/luo; fail "the device lost its iommufd across a daemon restart"; }
 out=$(luo run -- luo vfio-check --stage 2 --kexec --spare-removed --liveupdate /dev/liveupdate 2>&1) \
   || { echo "$out"; cat /tmp/luo.log; fail "stage 2 of the handover failed"; }
 echo "$out" | sed 's/^/RIG: /'

@@ -27,6 +27,15 @@ flb | grep -q '"outgoing": 3' || { flb; fail "the iommufd FLB is not held by bot
 flb | grep -q '1 mapping(s) of 64 MiB' || { flb; fail "the iommufd FLB does not show guest RAM's mapping"; }
 luo status --json --state-dir /run/luo | grep -q 'DMA through the iommufd at vfio-vm token 3' \
   || { luo status --json --state-dir /run/luo; fail "the device does not name the iommufd it depends on"; }
+# The daemon killed and started again: the DMA record and the FLB are in
+# its journal.
+kill -9 "$(cat /tmp/daemon.pid)"
+for _ in $(seq 100); do [ -e /proc/"$(cat /tmp/daemon.pid)" ] || break; sleep 0.05; done
+start_daemon /dev/liveupdate /run/luo --cuse
+flb | grep -q '1 mapping(s) of 64 MiB' || { flb; fail "the DMA record did not survive a daemon restart"; }
+luo status --json --state-dir /run/luo | grep -q 'DMA through the iommufd at vfio-vm token 3' \
+  || { luo status --json --state-dir /run/luo; fail "a device lost its iommufd across a daemon restart"; }
+say "vfio: the DMA record and the iommufd FLB survive a daemon SIGKILL"
 luo update --simulate --state-dir /run/luo >/dev/null || { cat /tmp/luo.log; fail "the simulated update failed"; }
 flb | grep -q '"incoming": 3' || { flb; fail "the iommufd FLB did not come across the update"; }
 flb | grep -q '"retrieved": false' || { flb; fail "the iommufd FLB was retrieved before any device"; }
