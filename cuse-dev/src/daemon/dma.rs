@@ -244,30 +244,13 @@ impl Daemon {
     pub(super) fn name_dma_files(&mut self) -> std::result::Result<(), String> {
         let devices = held_devices(&self.store);
         let lookup = self.store.lookup();
-        let mut spaces = self.dma.table.lock();
-        for space in &mut spaces.spaces {
-            let Some(device) = space.devices.keys().find(|d| devices.contains(d)).cloned() else {
-                continue;
-            };
-            for m in &mut space.mappings {
-                let Backing::File { file, .. } = m.backing else {
-                    return Err(format!(
-                        "VFIO device {device}: its iommufd maps memory no kexec carries"
-                    ));
-                };
-                let (session, token) = lookup.outgoing(file).ok_or_else(|| {
-                    format!(
-                        "VFIO device {device}: its iommufd maps a memfd (inode {}) that is no longer preserved",
-                        file.ino
-                    )
-                })?;
-                m.preserved_as = Some(Held {
-                    session: session.to_string(),
-                    token,
-                });
-            }
-        }
-        Ok(())
+        let outgoing = |f: FileId| {
+            lookup.outgoing(f).map(|(session, token)| Held {
+                session: session.to_string(),
+                token,
+            })
+        };
+        self.dma.table.lock().name_files(&devices, outgoing)
     }
 
     /// Records that the iommufd preserved at `(session, token)` was the

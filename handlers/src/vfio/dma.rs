@@ -293,6 +293,50 @@ impl Spaces {
     }
 }
 
+impl Spaces {
+    /// Before a kexec: names, in every mapping of a space one of `devices`
+    /// is bound to, where the memfd behind it is preserved (`outgoing`), as
+    /// file identities do not survive a kexec.
+    ///
+    /// # Errors
+    /// A sentence naming a device whose DMA could not be made again after
+    /// the kexec: a mapping of process memory, of a file no longer
+    /// preserved, or at an IOVA the kernel chose.
+    pub fn name_files(
+        &mut self,
+        devices: &[String],
+        outgoing: impl Fn(FileId) -> Option<Held>,
+    ) -> std::result::Result<(), Unmet> {
+        for space in &mut self.spaces {
+            let Some(device) = space.devices.keys().find(|d| devices.contains(d)).cloned() else {
+                continue;
+            };
+            for m in &mut space.mappings {
+                if m.iova.is_none() {
+                    return Err(format!(
+                        "VFIO device {device}: its iommufd maps at an IOVA the kernel chose, \
+                         which cannot be made again at the same IOVA after a kexec; map with \
+                         IOMMU_IOAS_MAP_FIXED_IOVA"
+                    ));
+                }
+                let Backing::File { file, .. } = m.backing else {
+                    return Err(format!(
+                        "VFIO device {device}: its iommufd maps memory no kexec carries"
+                    ));
+                };
+                m.preserved_as = Some(outgoing(file).ok_or_else(|| {
+                    format!(
+                        "VFIO device {device}: its iommufd maps a memfd (inode {}) that is no \
+                         longer preserved",
+                        file.ino
+                    )
+                })?);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The spaces an iommufd FLB's serialized state holds.
 ///
 /// # Errors
@@ -473,6 +517,33 @@ mod tests {
             "runs past its source"
         );
         assert!(s.files().is_err());
+    }
+
+    #[test]
+    fn a_kexec_names_each_mapped_memfd_or_is_refused() {
+        let held = Held {
+            session: "vm".into(),
+            token: 1,
+        };
+        let devices = ["0000:00:03.0".to_owned()];
+        let outgoing = |f: FileId| (f == RAM).then(|| held.clone());
+        let mut spaces = bound(vec![file(2, 0, 64 << 20, RAM, 0)]);
+        spaces.name_files(&devices, outgoing).unwrap();
+        assert_eq!(
+            spaces.spaces[0].mappings[0].preserved_as,
+            Some(held.clone())
+        );
+        // A device not crossing the kexec is not looked at.
+        let mut other = bound(vec![file(2, 0, 4096, OTHER, 0)]);
+        other.name_files(&[], outgoing).unwrap();
+        let unmet = other.name_files(&devices, outgoing).unwrap_err();
+        assert!(unmet.contains("no longer preserved"), "{unmet}");
+        let mut chosen = bound(vec![Mapping {
+            iova: None,
+            ..file(2, 0, 4096, RAM, 0)
+        }]);
+        let unmet = chosen.name_files(&devices, outgoing).unwrap_err();
+        assert!(unmet.contains("IOMMU_IOAS_MAP_FIXED_IOVA"), "{unmet}");
     }
 
     #[test]
