@@ -372,6 +372,7 @@ impl Drop for Daemon {
         let _ = Command::new(LUO)
             .args(["shutdown", "--state-dir"])
             .arg(&self.state)
+            .stdout(std::process::Stdio::null())
             .status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

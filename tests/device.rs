@@ -483,3 +483,73 @@ fn bench_measures_every_ioctl_on_the_daemon() {
         assert!(text.contains(&format!("| {op} |")), "no {op} row:\n{text}");
     }
 }
+
+const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+
+/// `fstatfs(fd, buf)`: the filesystem type, or the errno.
+fn try_fstatfs(fd: RawFd, buf: *mut libc::statfs) -> Result<i64, i32> {
+    // SAFETY: the kernel checks fd and buf (a bad one fails with EFAULT);
+    // a good buf is an out pointer of the right type.
+    if unsafe { libc::fstatfs(fd, buf) } != 0 {
+        return Err(errno());
+    }
+    // SAFETY: the call succeeded, so buf was valid and is now filled.
+    Ok(unsafe { (*buf).f_type })
+}
+
+fn fstatfs_type(fd: RawFd) -> i64 {
+    // SAFETY: all-zero is a valid statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    try_fstatfs(fd, &mut st).expect("fstatfs")
+}
+
+fn statfs_type(path: &str) -> i64 {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: all-zero is a valid statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a C string, st an out pointer of the right type.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    assert_eq!(r, 0, "statfs {path}");
+    st.f_type
+}
+
+#[test]
+#[ignore = "runs under `luo run`, started by session_fds_look_like_the_kernels"]
+fn probe_session_fd_identity() {
+    let Some(path) = probe_device() else { return };
+    let dev = open(&path).unwrap();
+    let s = create(dev.as_raw_fd(), "systemd-like").unwrap();
+    let m = memfd();
+    // What systemd's fd_is_luo_session() asks: the filesystem, then the name.
+    assert_eq!(fstatfs_type(s.as_raw_fd()), ANON_INODE_FS_MAGIC);
+    assert_eq!(get_name(s.as_raw_fd()).unwrap(), "systemd-like");
+    // The same for the paths that name the fd, and for an incoming session.
+    let me = std::process::id();
+    for p in [
+        format!("/proc/self/fd/{}", s.as_raw_fd()),
+        format!("/dev/fd/{}", s.as_raw_fd()),
+        format!("/proc/{me}/fd/{}", s.as_raw_fd()),
+    ] {
+        assert_eq!(statfs_type(&p), ANON_INODE_FS_MAGIC, "{p}");
+    }
+    // Every other file keeps its own filesystem: a memfd, the device, a
+    // directory, the path of another fd.
+    let tmpfs = 0x0102_1994;
+    assert_eq!(fstatfs_type(m.as_raw_fd()), tmpfs);
+    assert_eq!(
+        statfs_type(&format!("/proc/self/fd/{}", m.as_raw_fd())),
+        tmpfs
+    );
+    assert_ne!(fstatfs_type(dev.as_raw_fd()), ANON_INODE_FS_MAGIC);
+    assert_eq!(statfs_type("/proc"), 0x9fa0);
+    // A bad fd or pointer fails as the kernel's call does.
+    let bad = std::ptr::dangling_mut::<libc::statfs>();
+    assert_eq!(try_fstatfs(9999, std::ptr::null_mut()), Err(libc::EBADF));
+    assert_eq!(try_fstatfs(s.as_raw_fd(), bad), Err(libc::EFAULT));
+    assert_eq!(try_fstatfs(m.as_raw_fd(), bad), Err(libc::EFAULT));
+}
+
+#[test]
+fn session_fds_look_like_the_kernels() {
+    run_probe("probe_session_fd_identity");
+}

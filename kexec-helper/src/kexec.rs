@@ -44,6 +44,12 @@ pub enum KexecError {
         #[source]
         source: std::io::Error,
     },
+    /// The running kernel has no `kexec_file_load` (ENOSYS).
+    #[error(
+        "the running kernel cannot kexec: it has no kexec_file_load (built without \
+         CONFIG_KEXEC_FILE)"
+    )]
+    Unsupported,
     /// The jump itself failed.
     #[error("reboot into the loaded kernel failed")]
     Reboot(#[source] std::io::Error),
@@ -86,9 +92,13 @@ pub fn load(target: &Target) -> Result<(), KexecError> {
         )
     };
     if r != 0 {
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ENOSYS) {
+            return Err(KexecError::Unsupported);
+        }
         return Err(KexecError::Load {
             kernel: target.kernel.clone(),
-            source: std::io::Error::last_os_error(),
+            source,
         });
     }
     Ok(())

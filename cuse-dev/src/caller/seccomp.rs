@@ -106,22 +106,35 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The BPF program: trap `ioctl` with an fd-returning LUO command or an
-/// iommufd/VFIO call the DMA record needs, allow the rest.
+/// The syscalls trapped whatever their arguments: asking which filesystem
+/// a file is on, which for a session fd must be the anon-inode filesystem.
+pub const TRAPPED_SYSCALLS: [libc::c_long; 2] = [libc::SYS_fstatfs, libc::SYS_statfs];
+
+/// The BPF program: trap `fstatfs` and `statfs`, and `ioctl` with an
+/// fd-returning LUO command or an iommufd/VFIO call the DMA record needs;
+/// allow the rest.
 pub fn filter_program() -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     let n = TRAPPED.len() as u8;
+    let s = TRAPPED_SYSCALLS.len() as u8;
     let mut prog = vec![
         stmt(LD_W_ABS, 4), // arch
         jump(JEQ_K, AUDIT_ARCH, 1, 0),
         stmt(RET_K, SECCOMP_RET_ALLOW),
         stmt(LD_W_ABS, 0), // nr
+    ];
+    for (i, nr) in TRAPPED_SYSCALLS.iter().enumerate() {
+        // To the USER_NOTIF return at the end: over the rest of these, the
+        // ioctl test, its ALLOW, the load, the commands and their ALLOW.
+        prog.push(jump(JEQ_K, *nr as u32, (s - 1 - i as u8) + 3 + n + 1, 0));
+    }
+    prog.extend([
         jump(JEQ_K, libc::SYS_ioctl as u32, 1, 0),
         stmt(RET_K, SECCOMP_RET_ALLOW),
         stmt(LD_W_ABS, 24), // low word of args[1] (ioctl cmd is an unsigned int)
-    ];
+    ]);
     for (i, cmd) in TRAPPED.iter().enumerate() {
         // On a match jump to the USER_NOTIF return after the ALLOW.
         prog.push(jump(JEQ_K, *cmd, n - i as u8, 0));
@@ -304,7 +317,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_traps_exactly_the_three_commands() {
+    fn program_traps_exactly_the_recorded_calls_and_the_statfs_calls() {
         let prog = filter_program();
         // Walk the program for a given (arch, nr, cmd) like the kernel would.
         let run = |arch: u32, nr: u32, cmd: u32| -> u32 {
@@ -359,5 +372,11 @@ mod tests {
             run(0x4000_0003, ioctl, crate::uapi::CREATE_SESSION),
             SECCOMP_RET_ALLOW
         );
+        for nr in TRAPPED_SYSCALLS {
+            assert_eq!(run(AUDIT_ARCH, nr as u32, 0), SECCOMP_RET_USER_NOTIF);
+        }
+        for nr in [libc::SYS_readlink, libc::SYS_readlinkat, libc::SYS_fstat] {
+            assert_eq!(run(AUDIT_ARCH, nr as u32, 0), SECCOMP_RET_ALLOW);
+        }
     }
 }

@@ -95,11 +95,15 @@ impl Daemon {
             CtlRequest::Shutdown => {
                 self.ev.stop = true;
                 self.ev.teardown = true;
-                Response {
-                    ok: true,
-                    message: Some("shutting down".into()),
-                    ..Response::default()
-                }
+                let mut released = self.status();
+                let files: usize = released.sessions.iter().map(|s| s.files.len()).sum();
+                released.message = Some(format!(
+                    "released {} session(s) holding {files} file(s), ended the keeper and \
+                     removed the device {}",
+                    released.sessions.len(),
+                    released.device.as_deref().unwrap_or("")
+                ));
+                released
             }
         }
     }

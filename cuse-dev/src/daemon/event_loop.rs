@@ -106,6 +106,7 @@ impl Daemon {
             let _ = std::fs::remove_file(&self.cfg.device);
         }
         let _ = sys::umount_detach(&self.cfg.fs_dir());
+        let _ = std::fs::remove_dir(self.cfg.fs_dir());
         let _ = self.saved.kept.keeper.exit();
         let _ = std::fs::remove_file(self.cfg.image());
         if let Some(w) = &self.update.workload {

@@ -43,6 +43,7 @@ mod node;
 mod pool;
 mod session;
 mod start;
+mod statfs;
 #[cfg(test)]
 mod tests;
 mod trap;
@@ -53,9 +54,9 @@ use luo_store::{Limits, Store};
 use thiserror::Error;
 
 use crate::caller::owners::{self, FdBudget};
-use crate::log;
 use crate::persist;
 use crate::wire::dev_fuse::Channel;
+use crate::{log, sys};
 use event_loop::Loop;
 use journal::Saved;
 use kexec::Update;
@@ -172,8 +173,26 @@ impl Daemon {
             "{}",
             owners::describe(&daemon.cfg.limits, &daemon.fds)
         ));
+        // The device answers from here on: requests that came in since it
+        // was mounted wait in the channel for the loop below.
+        daemon.tell_manager(&format!(
+            "READY=1\nSTATUS=serving {}, {} session(s)",
+            daemon.cfg.device.display(),
+            daemon.store.sessions().count()
+        ));
         let result = daemon.serve();
+        daemon.tell_manager("STOPPING=1");
         daemon.stop_serving();
         result
+    }
+}
+
+impl Daemon {
+    /// Tells a service manager (`Type=notify`) how the daemon is doing; a
+    /// manager that cannot be reached is logged, never fatal.
+    fn tell_manager(&self, state: &str) {
+        if let Err(e) = sys::notify(state) {
+            log::warn(format_args!("cannot notify the service manager: {e}"));
+        }
     }
 }

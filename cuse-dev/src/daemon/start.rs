@@ -68,8 +68,19 @@ impl Daemon {
         }
     }
 
-    /// A first start: mount, bind the device, start a keeper.
+    /// A first start: mount, bind the device, start a keeper. One that
+    /// fails leaves no mount and no empty mount point behind.
     fn fresh(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
+        let fs = cfg.fs_dir();
+        let started = Daemon::fresh_setup(cfg);
+        if started.is_err() {
+            let _ = sys::umount_detach(&fs);
+            let _ = std::fs::remove_dir(&fs);
+        }
+        started
+    }
+
+    fn fresh_setup(cfg: Config) -> std::result::Result<Daemon, DaemonError> {
         let created_device = if cfg.cuse {
             cuse_device_name(&cfg.device)?;
             false

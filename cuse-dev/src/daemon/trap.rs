@@ -14,7 +14,7 @@ use super::node::DEVICE_INO;
 use super::Daemon;
 use crate::caller::deadline::Runner;
 use crate::caller::owners::TreeRoot;
-use crate::caller::seccomp::{Listener, Notif};
+use crate::caller::seccomp::{Listener, Notif, TRAPPED_SYSCALLS};
 use crate::persist::{self, recover, Header};
 use crate::{log, sys};
 
@@ -74,7 +74,18 @@ impl Daemon {
                 return;
             }
         };
-        self.answer(listener, inflight(token, &notif));
+        self.dispatch_trapped(listener, token, &notif);
+    }
+
+    /// Answers a received notification: a statfs call at once, an ioctl
+    /// through [`Daemon::answer`].
+    fn dispatch_trapped(&mut self, listener: Rc<Listener>, token: u64, notif: &Notif) {
+        let nr = i64::from(notif.data.nr);
+        if TRAPPED_SYSCALLS.contains(&nr) {
+            self.answer_statfs(&listener, nr, inflight(token, notif));
+        } else {
+            self.answer(listener, inflight(token, notif));
+        }
     }
 
     /// Answers a trapped call. It is saved as in flight first, so that a
@@ -170,7 +181,12 @@ impl Daemon {
                     args: w.args,
                     outcome: None,
                 };
-                self.answer(self.runs.listeners[token].clone(), call);
+                let listener = self.runs.listeners[token].clone();
+                if w.nr == libc::SYS_ioctl {
+                    self.answer(listener, call);
+                } else {
+                    self.answer_statfs(&listener, w.nr, call);
+                }
                 break;
             }
             if attempt == 4 {
@@ -183,7 +199,7 @@ impl Daemon {
         }
         for (token, n) in pending {
             if let Some(listener) = self.runs.listeners.get(&token).cloned() {
-                self.answer(listener, inflight(token, &n));
+                self.dispatch_trapped(listener, token, &n);
             }
         }
     }

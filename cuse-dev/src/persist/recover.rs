@@ -18,6 +18,7 @@
 
 use std::path::Path;
 
+use crate::caller::seccomp::TRAPPED_SYSCALLS;
 use crate::uapi::TRAPPED;
 
 /// How far past the last saved id to look (a signal that restarts a trapped
@@ -29,7 +30,9 @@ pub const WINDOW: u64 = 512;
 pub struct Waiter {
     /// Thread id.
     pub tid: u32,
-    /// The ioctl's fd, cmd and arg.
+    /// The syscall: `ioctl`, or one of the trapped statfs calls.
+    pub nr: i64,
+    /// Its first three arguments (an ioctl's fd, cmd and arg).
     pub args: [u64; 3],
 }
 
@@ -78,8 +81,8 @@ fn waiter(tid: u32) -> Option<Waiter> {
     if !(wchan.is_empty() || wchan == "0" || wchan.contains("seccomp")) {
         return None;
     }
-    let args = trapped_ioctl(&std::fs::read_to_string(proc.join("syscall")).ok()?)?;
-    Some(Waiter { tid, args })
+    let (nr, args) = trapped_call(&std::fs::read_to_string(proc.join("syscall")).ok()?)?;
+    Some(Waiter { tid, nr, args })
 }
 
 /// The state letter of a `/proc/TID/stat` line (the comm may hold spaces
@@ -88,15 +91,19 @@ fn state(stat: &str) -> Option<char> {
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
-/// The fd, cmd and arg of a `/proc/TID/syscall` line if it is a trapped ioctl.
-fn trapped_ioctl(line: &str) -> Option<[u64; 3]> {
+/// The syscall and first three arguments of a `/proc/TID/syscall` line if
+/// it is a trapped call: an ioctl with a trapped command, or a statfs call.
+fn trapped_call(line: &str) -> Option<(i64, [u64; 3])> {
     let mut fields = line.split_whitespace();
-    if fields.next()?.parse::<i64>().ok()? != libc::SYS_ioctl {
-        return None;
-    }
+    let nr = fields.next()?.parse::<i64>().ok()?;
     let mut arg = || u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok();
     let args = [arg()?, arg()?, arg()?];
-    TRAPPED.contains(&(args[1] as u32)).then_some(args)
+    let trapped = if nr == libc::SYS_ioctl {
+        TRAPPED.contains(&(args[1] as u32))
+    } else {
+        TRAPPED_SYSCALLS.contains(&nr)
+    };
+    trapped.then_some((nr, args))
 }
 
 #[cfg(test)]
@@ -111,20 +118,28 @@ mod tests {
     }
 
     #[test]
-    fn only_trapped_ioctls_are_recognised() {
+    fn only_trapped_calls_are_recognised() {
         assert_eq!(
-            trapped_ioctl("16 0x5 0xba41 0x7ffc10 0x0 0x0 0x0 0x7ffc00 0x7f00"),
-            Some([5, 0xba41, 0x7ffc10])
+            trapped_call("16 0x5 0xba41 0x7ffc10 0x0 0x0 0x0 0x7ffc00 0x7f00"),
+            Some((16, [5, 0xba41, 0x7ffc10]))
         );
         assert_eq!(
-            trapped_ioctl("16 0x5 0xba43 0x7ffc10 0x0 0x0 0x0 0x0 0x0"),
+            trapped_call("16 0x5 0xba43 0x7ffc10 0x0 0x0 0x0 0x0 0x0"),
             None
         );
         assert_eq!(
-            trapped_ioctl("0 0x5 0xba41 0x7ffc10 0x0 0x0 0x0 0x0 0x0"),
+            trapped_call("0 0x5 0xba41 0x7ffc10 0x0 0x0 0x0 0x0 0x0"),
             None
         );
-        assert_eq!(trapped_ioctl("running"), None);
+        assert_eq!(
+            trapped_call("138 0x5 0x7ffc10 0x0 0x0 0x0 0x0 0x0 0x0"),
+            Some((138, [5, 0x7ffc10, 0]))
+        );
+        assert_eq!(
+            trapped_call("89 0x5 0x7ffc10 0x0 0x0 0x0 0x0 0x0 0x0"),
+            None
+        );
+        assert_eq!(trapped_call("running"), None);
     }
 
     #[test]

@@ -9,6 +9,11 @@ use super::check;
 pub struct Epoll(OwnedFd);
 
 impl Epoll {
+    /// The epoll fd (an anon inode).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+
     /// A new epoll instance.
     pub fn new() -> io::Result<Epoll> {
         // SAFETY: epoll_create1 takes no pointers.

@@ -182,3 +182,34 @@ pub fn send_nonblocking(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize>
         Ok(n as usize)
     }
 }
+
+/// Tells the service manager `state` (`sd_notify(3)`: `READY=1`,
+/// `STOPPING=1`, `STATUS=…`, one per line) when `NOTIFY_SOCKET` names a unix
+/// socket (a path, or an abstract name after `@`); does nothing otherwise.
+///
+/// # Errors
+/// The socket cannot be reached.
+pub fn notify(state: &str) -> io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let path = path.as_bytes();
+    let addr = match path.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None if path.starts_with(b"/") => {
+            SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(path))?
+        }
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "NOTIFY_SOCKET is neither a path nor an abstract socket name",
+            ))
+        }
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}

@@ -267,6 +267,13 @@ pub fn stage1(
     let tag = tag.map_or_else(|| format!("bench-{}", std::process::id()), str::to_owned);
     let names = Names(&tag);
     let timer = Timer { dev: &dev };
+    timer.floor().map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTTY) => std::io::Error::other(format!(
+            "{} is not a LUO device: its ioctls fail with {e}",
+            device.display()
+        )),
+        _ => e,
+    })?;
     let mut rows = Vec::new();
     let mut sessions = Vec::with_capacity(plan.calls);
     let mut i = 0;

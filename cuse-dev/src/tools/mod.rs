@@ -6,4 +6,5 @@ pub mod bench;
 pub mod demo;
 pub mod oracle;
 pub mod shim_check;
+pub mod syscall_cost;
 pub mod vfio_check;

@@ -10,7 +10,7 @@ flb() { luo status --json --state-dir /run/luo | grep -A4 '"compatible": "iommuf
 if [ "$RIG_STAGE" = 1 ]; then
   bind_edus
   start_daemon /dev/liveupdate /run/luo --cuse
-  luo run -- luo vfio-check --stage 1 --kexec --liveupdate /dev/liveupdate --ram-mib 256 > /tmp/vmm1 2>&1 \
+  luo run -- luo vfio-check --stage 1 --kexec --device /dev/liveupdate --ram-mib 256 > /tmp/vmm1 2>&1 \
     || { cat /tmp/vmm1 /tmp/luo.log; fail "stage 1 of the handover failed"; }
   sed 's/^/RIG: /' /tmp/vmm1
   luo status --state-dir /run/luo | sed 's/^/RIG: /'
@@ -41,7 +41,7 @@ start_daemon /dev/liveupdate /run/luo --cuse
 [ "$(grep -c "VFIO devices bound again" /tmp/luo.log)" = 1 ] || fail "the restarted daemon made the devices again"
 luo status --state-dir /run/luo | grep -q "0000:00:01.0, /dev/vfio/devices/vfio0, DMA through the iommufd at vfio-vm token 3" \
   || { luo status --state-dir /run/luo; fail "the device lost its iommufd across a daemon restart"; }
-out=$(luo run -- luo vfio-check --stage 2 --kexec --spare-removed --liveupdate /dev/liveupdate 2>&1) \
+out=$(luo run -- luo vfio-check --stage 2 --kexec --spare-removed --device /dev/liveupdate 2>&1) \
   || { echo "$out"; cat /tmp/luo.log; fail "stage 2 of the handover failed"; }
 echo "$out" | sed 's/^/RIG: /'
 flb | grep -q '"incoming": 0' || { flb; fail "the iommufd FLB was not finished with the last device"; }

@@ -3,7 +3,7 @@
 # out of a memfd checked byte for byte, and an unmapped IOVA reads nothing.
 . /rig/lib.sh
 bind_edus
-out=$(luo vfio-check --stage 0 --device /dev/vfio/devices/vfio0 --iommu /dev/iommu --ram-mib 64 2>&1) \
+out=$(luo vfio-check --stage 0 --vfio /dev/vfio/devices/vfio0 --iommu /dev/iommu --ram-mib 64 2>&1) \
   || { echo "$out"; dmesg | tail -20; fail "vfio-check failed"; }
 echo "$out" | sed 's/^/RIG: /'
 dmesg | grep -i -E "DMAR.*fault" | tail -3 | sed 's/^/RIG: /'
@@ -11,7 +11,7 @@ dmesg | grep -i -E "DMAR.*fault" | tail -3 | sed 's/^/RIG: /'
 # preserves guest RAM, the device and its iommufd, and is ended by the
 # update; the next VMM retrieves them and DMAs with no setup.
 start_daemon /dev/liveupdate /run/luo --cuse
-luo run -- luo vfio-check --stage 1 --liveupdate /dev/liveupdate --ram-mib 64 > /tmp/vmm1 2>&1 \
+luo run -- luo vfio-check --stage 1 --device /dev/liveupdate --ram-mib 64 > /tmp/vmm1 2>&1 \
   || { cat /tmp/vmm1 /tmp/luo.log; fail "stage 1 of the handover failed"; }
 sed 's/^/RIG: /' /tmp/vmm1
 # The refused devices are named in the daemon's log, with why.
@@ -39,7 +39,7 @@ say "vfio: the DMA record and the iommufd FLB survive a daemon SIGKILL"
 luo update --simulate --state-dir /run/luo >/dev/null || { cat /tmp/luo.log; fail "the simulated update failed"; }
 flb | grep -q '"incoming": 3' || { flb; fail "the iommufd FLB did not come across the update"; }
 flb | grep -q '"retrieved": false' || { flb; fail "the iommufd FLB was retrieved before any device"; }
-out=$(luo run -- luo vfio-check --stage 2 --liveupdate /dev/liveupdate 2>&1) \
+out=$(luo run -- luo vfio-check --stage 2 --device /dev/liveupdate 2>&1) \
   || { echo "$out"; cat /tmp/luo.log; fail "stage 2 of the handover failed"; }
 echo "$out" | sed 's/^/RIG: /'
 flb | grep -q '"incoming": 0' || { flb; fail "the iommufd FLB was not finished with the last device"; }

@@ -12,8 +12,8 @@ use luo_kexec_helper::kexec;
 use crate::ask;
 
 /// `luo kexec --abort`.
-pub fn abort(state_dir: &Path) -> ExitCode {
-    match ask(state_dir, &Request::KexecAbort) {
+pub fn abort(socket: &Path) -> ExitCode {
+    match ask(socket, &Request::KexecAbort) {
         Ok(r) => {
             println!("{}", r.message.unwrap_or_default());
             kexec::unload();
@@ -30,7 +30,7 @@ pub fn kexec(
     cmdline: Option<String>,
     reuse_cmdline: bool,
     append: Option<String>,
-    state_dir: &Path,
+    socket: &Path,
 ) -> ExitCode {
     let mut line = match (cmdline, reuse_cmdline) {
         (Some(c), _) => c,
@@ -63,10 +63,9 @@ pub fn kexec(
         "loaded {}; freezing and stashing every session…",
         target.kernel.display()
     );
-    let socket = control::socket_in(state_dir);
     let mut progress = |p: &str| println!("  {p}");
     let resp = match control::call_with_progress(
-        &socket,
+        socket,
         &Request::KexecPrepare,
         std::time::Duration::from_secs(120),
         &mut progress,
@@ -74,7 +73,7 @@ pub fn kexec(
         Ok(r) => r,
         Err(e) => {
             // Whatever the daemon got to is undone.
-            let _ = control::call(&socket, &Request::KexecAbort, None);
+            let _ = control::call(socket, &Request::KexecAbort, None);
             kexec::unload();
             eprintln!(
                 "luo: kexec aborted: no answer from the daemon at {}: {e}; nothing is lost: \
@@ -92,7 +91,7 @@ pub fn kexec(
     println!("{}", resp.message.unwrap_or_default());
     let e = kexec::reboot();
     eprintln!("luo: {}; calling the kexec off", log::error_chain(&e));
-    let _ = ask(state_dir, &Request::KexecAbort);
+    let _ = ask(socket, &Request::KexecAbort);
     kexec::unload();
     ExitCode::FAILURE
 }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use luo_cuse_dev::control::{self, Request};
 use luo_cuse_dev::daemon::{Config, Daemon};
-use luo_cuse_dev::tools::{demo, oracle};
+use luo_cuse_dev::tools::{demo, oracle, syscall_cost};
 use luo_cuse_dev::{client, log, persist};
 use luo_store::Limits;
 
@@ -29,8 +29,49 @@ const DEFAULT_STATE_DIR: &str = "/run/luo";
     about = "A userspace /dev/liveupdate (Linux Live Update Orchestrator uAPI)"
 )]
 struct Cli {
+    /// The daemon's device: where `luo daemon` serves it, what `luo run` and
+    /// the tools open, and, without --state-dir, how the other subcommands
+    /// find the daemon [default: /dev/liveupdate].
+    #[arg(long, global = true, env = "LUO_DEVICE", value_name = "PATH")]
+    device: Option<PathBuf>,
+    /// The daemon's state dir (its FUSE mount and control socket)
+    /// [default: /run/luo, or the one of the daemon serving --device].
+    #[arg(long, global = true, env = "LUO_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which daemon a subcommand talks to.
+struct Target {
+    device: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+impl Target {
+    fn device(&self) -> PathBuf {
+        self.device
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DEVICE))
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
+
+    /// The control socket: in --state-dir if given, else the one the daemon
+    /// serving --device names, else in the default state dir.
+    fn socket(&self) -> Result<PathBuf, ExitCode> {
+        match (&self.state_dir, &self.device) {
+            (None, Some(device)) => client::run::daemon_socket(device).map_err(|e| {
+                eprintln!("luo: {e}");
+                ExitCode::FAILURE
+            }),
+            _ => Ok(control::socket_in(&self.state_dir())),
+        }
+    }
 }
 
 const LIMITS_HELP: &str = "\
@@ -76,12 +117,6 @@ enum Command {
     /// Serve the device in the foreground until SIGTERM or SIGINT.
     #[command(after_help = LIMITS_HELP)]
     Daemon {
-        /// Where the device appears.
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        device: PathBuf,
-        /// Where the daemon keeps its FUSE mount and control socket.
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
         /// Serve a real character device through /dev/cuse (the device path
         /// must then be /dev/NAME) instead of a FUSE file bound onto the path.
         #[arg(long)]
@@ -95,30 +130,25 @@ enum Command {
     },
     /// Run a program (and its descendants) so that ioctls returning fds work.
     Run {
-        /// The daemon's device.
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        device: PathBuf,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
     /// Show the sessions of the running daemon; fails if no daemon answers.
     Status {
-        /// The daemon's state dir.
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Live-update: freeze every outgoing session and make it incoming.
+    ///
+    /// The update is simulated: no kexec, the daemon flips its epoch in place
+    /// (a real one is `luo kexec`).
     Update {
-        /// Without a kexec: the daemon flips its epoch in place.
-        #[arg(long, required = true)]
+        /// Accepted and ignored: a simulated update is the only kind `luo
+        /// update` makes.
+        #[arg(long)]
         simulate: bool,
-        /// The daemon's state dir.
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
     },
     /// End-to-end demo: a VMM keeps guest RAM in a memfd, is live-updated by a
     /// simulated reboot, and verifies every page afterwards (needs root).
@@ -136,18 +166,14 @@ enum Command {
     },
     /// Stop the daemon for good: unmount the device, release every preserved
     /// file, end the keeper. (SIGTERM stops it but keeps everything.)
-    Shutdown {
-        /// The daemon's state dir.
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-    },
+    Shutdown,
     /// Live-update with a real kexec: load the kernel, have the daemon freeze
     /// and stash every session through kmod-shim, then reboot into it. If
     /// anything fails before the reboot, everything is unfrozen and nothing
     /// changed.
     Kexec {
-        /// The kernel image to boot.
-        #[arg(long, required_unless_present = "abort")]
+        /// The kernel image to boot (required unless --abort).
+        #[arg(long, required_unless_present = "abort", value_name = "IMAGE")]
         kernel: Option<PathBuf>,
         /// Its initramfs.
         #[arg(long)]
@@ -161,9 +187,6 @@ enum Command {
         /// Appended to the command line.
         #[arg(long)]
         append: Option<String>,
-        /// The daemon's state dir.
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
         /// Instead: call off a kexec that was prepared but never happened
         /// (unfreeze, withdraw the stashes, thaw).
         #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "reuse_cmdline", "append"])]
@@ -171,10 +194,9 @@ enum Command {
     },
     /// Replay the differential corpus against a device and print what each
     /// step observed (compare two runs line by line).
+    ///
+    /// --device is the kernel's or ours (ours needs `luo run`).
     Oracle {
-        /// The device: the kernel's or ours (ours needs `luo run`).
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        device: PathBuf,
         /// 1: outgoing sessions (leaves sessions for phase 2); 2: after an update.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         phase: u8,
@@ -192,13 +214,10 @@ enum Command {
         stage: u32,
         /// The device's VFIO cdev.
         #[arg(long, default_value = "/dev/vfio/devices/vfio0")]
-        device: PathBuf,
+        vfio: PathBuf,
         /// A second device's cdev (stages 1 and 2).
         #[arg(long, default_value = "/dev/vfio/devices/vfio1")]
         spare: PathBuf,
-        /// The LUO device.
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        liveupdate: PathBuf,
         /// The iommufd device.
         #[arg(long, default_value = "/dev/iommu")]
         iommu: PathBuf,
@@ -217,8 +236,9 @@ enum Command {
     /// hugetlb memfd written with a pattern, stage 2 checks they came back.
     #[command(hide = true)]
     ShimCheck {
+        /// kmod-shim's device.
         #[arg(long, default_value = luo_kexec_helper::shim::DEVICE)]
-        device: PathBuf,
+        shim: PathBuf,
         #[arg(long)]
         stage: u32,
         #[arg(long, default_value_t = 256)]
@@ -237,8 +257,6 @@ enum Command {
     /// be pinned where it must migrate), held by a detached child.
     #[command(hide = true)]
     HoldSpliced {
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        device: PathBuf,
         #[arg(long)]
         name: String,
     },
@@ -246,8 +264,6 @@ enum Command {
     /// fails), held by a detached child.
     #[command(hide = true)]
     HoldResized {
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        device: PathBuf,
         #[arg(long)]
         name: String,
         /// A hugetlb memfd (2 MiB pages) instead of shmem.
@@ -273,8 +289,6 @@ enum Command {
     #[command(hide = true)]
     DemoVmm {
         #[arg(long)]
-        device: PathBuf,
-        #[arg(long)]
         stage: u32,
         #[arg(long)]
         size_mib: u64,
@@ -285,10 +299,9 @@ enum Command {
     },
     /// Measure per-call ioctl latency on a device, ours or the kernel's (on
     /// ours it starts its own `luo run` workers and a simulated update).
+    ///
+    /// --device is the one to measure: ours or the kernel's.
     Bench {
-        /// Device to measure: ours or the kernel's.
-        #[arg(long, default_value = DEFAULT_DEVICE)]
-        device: PathBuf,
         /// Calls per ioctl.
         #[arg(long, default_value_t = 2000)]
         calls: usize,
@@ -319,6 +332,18 @@ enum Command {
         /// `BENCH LABEL JSON` lines in this file (a guest's console).
         #[arg(long, conflicts_with_all = ["stage", "json"])]
         compare: Option<PathBuf>,
+        /// Instead: what `luo run` costs calls that are not the device's
+        /// (fstat, fstatfs, statfs, readlink), timed outside and under `luo
+        /// run` on the daemon's device.
+        #[arg(long, conflicts_with_all = ["stage", "json", "compare"])]
+        syscalls: bool,
+    },
+    /// Time fstat, fstatfs, statfs and readlink here; print JSON (used by
+    /// `luo bench --syscalls`).
+    #[command(hide = true)]
+    SyscallCost {
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
     },
 }
 
@@ -327,16 +352,20 @@ fn main() -> ExitCode {
     // goes away (`luo status | head`).
     luo_cuse_dev::sys::default_sigpipe();
     log::set_debug(std::env::var_os("LUO_DEBUG").is_some_and(|v| v != "0"));
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let target = Target {
+        device: cli.device,
+        state_dir: cli.state_dir,
+    };
+    let device = target.device();
+    match cli.command {
         Command::Daemon {
-            device,
-            state_dir,
             cuse,
             status_group,
             limits,
         } => match Daemon::run(Config {
             device,
-            state_dir,
+            state_dir: target.state_dir(),
             cuse,
             status_group,
             limits: limits.limits(),
@@ -344,16 +373,10 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
-        Command::Run { device, command } => match client::run::run(&device, &command) {
-            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-            Err(e) => fail(&e),
-        },
-        Command::Status { state_dir, json } => status::status(&state_dir, json),
-        Command::Update {
-            simulate: _,
-            state_dir,
-        } => update::update(&state_dir),
-        Command::Shutdown { state_dir } => update::shutdown(&state_dir),
+        Command::Run { command } => run(&device, &command),
+        Command::Status { json } => with_socket(&target, |s| status::status(s, json)),
+        Command::Update { simulate: _ } => with_socket(&target, update::update),
+        Command::Shutdown => with_socket(&target, update::shutdown),
         Command::Keeper { socket } => match persist::keeper::serve(&socket) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -374,50 +397,44 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Kexec {
-            abort: true,
-            state_dir,
-            ..
-        } => kexec::abort(&state_dir),
+        Command::Kexec { abort: true, .. } => with_socket(&target, kexec::abort),
         Command::Kexec {
             kernel,
             initrd,
             cmdline,
             reuse_cmdline,
             append,
-            state_dir,
             ..
-        } => kexec::kexec(
-            kernel.unwrap_or_default(),
-            initrd,
-            cmdline,
-            reuse_cmdline,
-            append,
-            &state_dir,
-        ),
-        Command::HoldSpliced { device, name } => match oracle::hold_spliced(&device, &name) {
+        } => with_socket(&target, |socket| {
+            kexec::kexec(
+                kernel.clone().unwrap_or_default(),
+                initrd.clone(),
+                cmdline.clone(),
+                reuse_cmdline,
+                append.clone(),
+                socket,
+            )
+        }),
+        Command::HoldSpliced { name } => match oracle::hold_spliced(&device, &name) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("luo hold-spliced: {e}");
                 ExitCode::FAILURE
             }
         },
-        Command::HoldResized {
-            device,
-            name,
-            hugetlb,
-        } => match oracle::hold_resized(&device, &name, hugetlb) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("luo hold-resized: {e}");
-                ExitCode::FAILURE
+        Command::HoldResized { name, hugetlb } => {
+            match oracle::hold_resized(&device, &name, hugetlb) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("luo hold-resized: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::VfioCheck {
             stage,
-            device,
+            vfio,
             spare,
-            liveupdate,
             iommu,
             ram_mib,
             kexec,
@@ -426,10 +443,10 @@ fn main() -> ExitCode {
             &luo_cuse_dev::tools::vfio_check::Paths {
                 kexec,
                 spare_removed,
-                device: &device,
+                device: &vfio,
                 spare: &spare,
                 iommu: &iommu,
-                liveupdate: &liveupdate,
+                liveupdate: &device,
             },
             stage,
             ram_mib,
@@ -441,30 +458,32 @@ fn main() -> ExitCode {
             }
         },
         Command::ShimCheck {
-            device,
+            shim,
             stage,
             bench_sizes_kib: Some(sizes),
             bench_hugetlb_mib,
             ..
-        } => shim_check::bench(&device, stage, &sizes, bench_hugetlb_mib),
+        } => shim_check::bench(&shim, stage, &sizes, bench_hugetlb_mib),
         Command::ShimCheck {
-            device,
+            shim,
             stage,
             shmem_mib,
             hugetlb_mib,
             bench_sizes_kib: None,
             ..
-        } => shim_check::check(&device, stage, shmem_mib, hugetlb_mib),
-        Command::Oracle {
-            device,
-            phase,
-            label,
-        } => {
-            oracle::run(&device, phase, &label);
-            ExitCode::SUCCESS
-        }
+        } => shim_check::check(&shim, stage, shmem_mib, hugetlb_mib),
+        Command::Oracle { phase, label } => match oracle::run(&device, phase, &label) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("luo oracle: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::SyscallCost { calls } => match syscall_cost::measure(calls.max(1)) {
+            Ok(rows) => print_json(&rows),
+            Err(e) => fail(&e),
+        },
         Command::DemoVmm {
-            device,
             stage,
             size_mib,
             extra_sessions,
@@ -474,7 +493,6 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Bench {
-            device,
             calls,
             sizes_kib,
             sessions,
@@ -483,9 +501,16 @@ fn main() -> ExitCode {
             stage,
             session,
             compare,
+            syscalls,
         } => {
             if let Some(log) = compare {
                 return bench::compare(&log);
+            }
+            if syscalls {
+                return match syscall_cost::compare(&device, calls.max(1)) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(&e),
+                };
             }
             let plan = luo_cuse_dev::tools::bench::Plan {
                 calls: calls.max(1),
@@ -495,6 +520,30 @@ fn main() -> ExitCode {
             };
             bench::bench(&device, &plan, json, stage, session)
         }
+    }
+}
+
+/// `luo run`: the program's exit status; like a shell, 127 when the program
+/// is not found and 126 when it cannot be executed.
+fn run(device: &Path, command: &[String]) -> ExitCode {
+    match client::run::run(device, command) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(client::run::RunError::Spawn { program, source }) => {
+            eprintln!("luo run: {program}: {source}");
+            match source.raw_os_error() {
+                Some(libc::ENOENT) => ExitCode::from(127),
+                _ => ExitCode::from(126),
+            }
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs `f` with the control socket of the daemon `target` names.
+fn with_socket(target: &Target, f: impl FnOnce(&Path) -> ExitCode) -> ExitCode {
+    match target.socket() {
+        Ok(socket) => f(&socket),
+        Err(code) => code,
     }
 }
 
@@ -511,9 +560,8 @@ pub fn fail(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-pub fn ask(state_dir: &Path, req: &Request) -> Result<control::Response, ExitCode> {
-    let socket = control::socket_in(state_dir);
-    control::call(&socket, req, None).map_err(|e| {
+pub fn ask(socket: &Path, req: &Request) -> Result<control::Response, ExitCode> {
+    control::call(socket, req, None).map_err(|e| {
         eprintln!("luo: no daemon answers at {}: {e}", socket.display());
         ExitCode::FAILURE
     })

@@ -7,8 +7,8 @@ use luo_cuse_dev::control::Request;
 
 use crate::ask;
 
-pub fn status(state_dir: &Path, json: bool) -> ExitCode {
-    let resp = match ask(state_dir, &Request::Status) {
+pub fn status(socket: &Path, json: bool) -> ExitCode {
+    let resp = match ask(socket, &Request::Status) {
         Ok(r) => r,
         Err(code) => return code,
     };

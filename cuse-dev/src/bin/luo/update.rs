@@ -4,13 +4,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use luo_cuse_dev::control::{self, Request};
+use luo_cuse_dev::control::Request;
 
 use crate::ask;
 
 /// `luo update`.
-pub fn update(state_dir: &Path) -> ExitCode {
-    match ask(state_dir, &Request::Update) {
+pub fn update(socket: &Path) -> ExitCode {
+    match ask(socket, &Request::Update) {
         Ok(r) if r.ok => {
             let incoming = r
                 .sessions
@@ -31,18 +31,18 @@ pub fn update(state_dir: &Path) -> ExitCode {
     }
 }
 
-/// `luo shutdown`.
-pub fn shutdown(state_dir: &Path) -> ExitCode {
-    match ask(state_dir, &Request::Shutdown) {
+/// `luo shutdown`: says what was released once the daemon has let go of
+/// the device.
+pub fn shutdown(socket: &Path) -> ExitCode {
+    match ask(socket, &Request::Shutdown) {
         Ok(r) if r.ok => {
-            // Wait until the daemon has let go of the device.
-            let socket = control::socket_in(state_dir);
             for _ in 0..500 {
                 if !socket.exists() {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            println!("{}", r.message.unwrap_or_default());
             ExitCode::SUCCESS
         }
         Ok(r) => {

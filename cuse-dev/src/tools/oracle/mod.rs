@@ -147,22 +147,22 @@ impl Oracle {
         self.call(step, s, GET_NAME, args(72, 72), None);
     }
 
-    fn open(&self, step: &str, device: &Path) -> Option<OwnedFd> {
+    fn open(&self, step: &str, device: &Path) -> std::result::Result<OwnedFd, i32> {
         let opened = syscalls::open_rdwr(device);
         let outcome = match &opened {
             Ok(_) => (0, 0),
             Err(errno) => (-1, *errno),
         };
         self.emit(step, outcome, &[], String::new());
-        opened.ok()
+        opened
     }
 
-    fn phase1(&self, device: &Path) {
-        let Some(dev) = self.open("open", device) else {
-            return;
-        };
+    fn phase1(&self, device: &Path) -> Result<(), String> {
+        let dev = self
+            .open("open", device)
+            .map_err(|e| cannot_open(device, e))?;
         let d = dev.as_raw_fd();
-        self.open("open-again-is-busy", device);
+        let _ = self.open("open-again-is-busy", device);
 
         // Decoding.
         self.call("nr-out-of-range", d, 0xBA02, args(72, 72), None);
@@ -237,7 +237,20 @@ impl Oracle {
         }
         self.create("name-junk-same-prefix", d, b"junk");
         self.create("name-utf8", d, "é-session".as_bytes());
-        let a = self.create("create-a", d, b"oracle-a");
+        let (_, errno, a) = self.call(
+            "create-a",
+            d,
+            CREATE,
+            session_args(b"oracle-a", 72),
+            Some(4),
+        );
+        if a.is_none() {
+            return Err(format!(
+                "cannot create sessions on {}: {} (our device needs `luo run`)",
+                device.display(),
+                std::io::Error::from_raw_os_error(errno)
+            ));
+        }
         self.create("create-a-again", d, b"oracle-a");
         self.call(
             "retrieve-unknown",
@@ -253,7 +266,7 @@ impl Oracle {
             session_args(b"oracle-a", 72),
             Some(4),
         );
-        let Some(a) = a else { return };
+        let Some(a) = a else { return Ok(()) };
         let sa = a.as_raw_fd();
 
         // Session ioctls of the wrong kind and decoding on a session.
@@ -362,7 +375,7 @@ impl Oracle {
         let keep = self.create("create-in", d, b"oracle-in");
         let fin = self.create("create-fin", d, b"oracle-fin");
         let (Some(keep), Some(fin)) = (keep, fin) else {
-            return;
+            return Ok(());
         };
         let files = [
             syscalls::memfd("in1", b"one"),
@@ -391,12 +404,13 @@ impl Oracle {
         }
         drop(dev);
         crate::sys::hold_in_child(vec![keep, fin]).expect("fork a holder");
+        Ok(())
     }
 
-    fn phase2(&self, device: &Path) {
-        let Some(dev) = self.open("open", device) else {
-            return;
-        };
+    fn phase2(&self, device: &Path) -> Result<(), String> {
+        let dev = self
+            .open("open", device)
+            .map_err(|e| cannot_open(device, e))?;
         let d = dev.as_raw_fd();
         self.call(
             "retrieve-unknown",
@@ -429,7 +443,13 @@ impl Oracle {
             session_args(b"oracle-fin", 8),
             Some(4),
         );
-        let Some(s) = s else { return };
+        let Some(s) = s else {
+            return Err(format!(
+                "cannot retrieve the session oracle-fin from {} (did phase 1 run before the \
+                 update, and is our device used under `luo run`?)",
+                device.display()
+            ));
+        };
         let si = s.as_raw_fd();
         self.get_name("get-name-incoming", si);
         let m = syscalls::memfd("late", b"late");
@@ -519,6 +539,7 @@ impl Oracle {
             session_args(b"oracle-in", 72),
             Some(4),
         );
+        Ok(())
     }
 }
 
@@ -539,8 +560,20 @@ fn pass_over_socket(fd: OwnedFd) -> Option<OwnedFd> {
         .1
 }
 
+fn cannot_open(device: &Path, errno: i32) -> String {
+    format!(
+        "cannot open {}: {}",
+        device.display(),
+        std::io::Error::from_raw_os_error(errno)
+    )
+}
+
 /// Runs phase `phase` (1 or 2) against `device`, labelling lines `label`.
-pub fn run(device: &Path, phase: u8, label: &str) {
+///
+/// # Errors
+/// A sentence when the device cannot be opened or phase 1 cannot create a
+/// session: what the phase observes would then say nothing.
+pub fn run(device: &Path, phase: u8, label: &str) -> Result<(), String> {
     let o = Oracle {
         label: label.to_owned(),
         phase,
