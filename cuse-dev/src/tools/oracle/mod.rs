@@ -445,7 +445,7 @@ impl Oracle {
         );
         let Some(s) = s else {
             return Err(format!(
-                "cannot retrieve the session oracle-fin from {} (did phase 1 run before the \
+                "cannot retrieve the session oracle-in from {} (did phase 1 run before the \
                  update, and is our device used under `luo run`?)",
                 device.display()
             ));
