@@ -20,15 +20,14 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Skips the calling test loudly.
-#[macro_export]
-macro_rules! skip_unless_capable {
-    () => {
-        if let Some(reason) = common::skip_reason() {
-            eprintln!("SKIPPED: {reason}");
-            return;
-        }
-    };
+/// Fails the calling test, naming what fixes it, when this machine cannot
+/// run host tests: a test never passes for work it did not do.
+pub fn require_capable() {
+    if let Some(reason) = skip_reason() {
+        panic!(
+            "cannot run: {reason}; run the tests as root on a machine with FUSE (`sudo tests/run`)"
+        );
+    }
 }
 
 /// A daemon on a device path inside a fresh temp dir; stopped on drop.

@@ -7,7 +7,7 @@ use std::process::Command;
 
 #[test]
 fn demo_verifies_guest_ram_across_a_simulated_update() {
-    skip_unless_capable!();
+    common::require_capable();
     let out = Command::new(common::LUO)
         .args([
             "demo",

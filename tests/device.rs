@@ -338,7 +338,7 @@ fn probe_killed_client() {
 }
 
 fn run_probe(name: &str) {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     run_probe_on(&mut daemon, name);
 }
@@ -354,7 +354,7 @@ fn bad_input_gets_the_kernels_errno() {
 
 #[test]
 fn incoming_sessions_follow_the_kernel() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     run_probe_on(&mut daemon, "probe_incoming_stage1");
     let update = daemon.update();
@@ -369,7 +369,7 @@ fn incoming_sessions_follow_the_kernel() {
 
 #[test]
 fn a_refused_freeze_changes_nothing() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     run_probe_on(&mut daemon, "probe_resized_stage1");
     let update = daemon.update();
@@ -409,7 +409,7 @@ fn killed_clients_lose_nothing_and_leak_nothing() {
 
 #[test]
 fn fd_returning_ioctls_outside_luo_run_are_refused_clearly() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let dev = open(daemon.device.to_str().unwrap()).unwrap();
     assert_eq!(
@@ -436,7 +436,7 @@ fn status_fails_with_a_sentence_when_no_daemon_answers() {
 
 #[test]
 fn a_finished_luo_run_tree_is_let_go() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let out = daemon.run(&["true"], &[]);
     assert!(out.status.success());
@@ -452,7 +452,7 @@ fn a_finished_luo_run_tree_is_let_go() {
 
 #[test]
 fn bench_measures_every_ioctl_on_the_daemon() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let out = std::process::Command::new(common::LUO)
         .args(["bench", "--calls", "20", "--sizes-kib", "4,1024"])

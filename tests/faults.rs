@@ -109,10 +109,7 @@ fn mount_tmpfs(dir: &std::path::Path, size: &str, remount: bool) {
 
 #[test]
 fn a_full_state_dir_refuses_changes_and_loses_nothing() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let dir = temp_dir("full");
     let state = dir.join("state");
     std::fs::create_dir(&state).unwrap();
@@ -229,10 +226,7 @@ fn keepers(socket: &std::path::Path) -> Vec<i32> {
 
 #[test]
 fn a_keeper_killed_under_a_running_daemon_is_replaced() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let mut daemon = Daemon::start_with_args(&[]);
     daemon.run_probe("probe_some_sessions");
     let socket = daemon.state.join("keeper.sock");
@@ -272,10 +266,7 @@ fn a_keeper_killed_under_a_running_daemon_is_replaced() {
 
 #[test]
 fn a_keeper_killed_while_no_daemon_runs_is_reported_with_what_is_lost() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let mut daemon = Daemon::start_with_args(&[]);
     daemon.run_probe("probe_some_sessions");
     daemon.kill(libc::SIGKILL);
@@ -325,10 +316,7 @@ fn openers(daemon: i32) -> Vec<i32> {
 
 #[test]
 fn an_opener_killed_under_a_running_daemon_is_replaced() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let daemon = Daemon::start_with_args(&[]);
     let old = openers(daemon.pid());
     assert_eq!(old.len(), 1, "one opener: {old:?}");
@@ -367,10 +355,7 @@ fn an_opener_killed_under_a_running_daemon_is_replaced() {
 
 #[test]
 fn a_hung_opener_is_replaced() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let daemon = Daemon::start_with_args(&[]);
     let old = openers(daemon.pid());
     assert_eq!(old.len(), 1, "one opener: {old:?}");
@@ -470,10 +455,7 @@ fn probe_full_fd_table() {
 
 #[test]
 fn a_client_with_no_fd_to_spare_gets_emfile_and_loses_nothing() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let mut daemon = Daemon::start_with_args(&[]);
     daemon.run_probe("probe_some_sessions");
     let out = daemon.update();
@@ -581,10 +563,7 @@ fn probe_check_fds() {
 
 #[test]
 fn a_daemon_out_of_fds_refuses_files_and_loses_nothing() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     const LIMIT: u64 = 1200;
     let mut daemon = Daemon::start_with_fd_limit(Some(LIMIT), &[]);
     assert_eq!(daemon.fd_limit(), LIMIT, "the daemon raised its fd limit");

@@ -33,7 +33,21 @@ fn script_output(script: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-fn skip_reason() -> Option<String> {
+/// A line the user sees as the tests run: written to stderr itself, which
+/// the test harness does not capture (it captures `eprintln!`).
+fn progress(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The opt-out: `LUO_SKIP_GUEST=1` skips the guest rig (and `tests/run`
+/// says so in its summary).
+fn opted_out() -> bool {
+    std::env::var_os("LUO_SKIP_GUEST").is_some_and(|v| v != "0")
+}
+
+/// What this machine lacks to boot guests, with the command that fixes it.
+fn missing() -> Option<String> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root (the kernel sources are cached under /var/cache)".into());
@@ -44,9 +58,18 @@ fn skip_reason() -> Option<String> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    for tool in ["qemu-system-x86_64", "busybox", "kexec", "cpio"] {
+    for tool in [
+        "qemu-system-x86_64",
+        "busybox",
+        "kexec",
+        "cpio",
+        "bison",
+        "flex",
+    ] {
         if !have(tool) {
-            return Some(format!("needs {tool} (`.ci/run` installs it)"));
+            return Some(format!(
+                "needs {tool}: run `tests/run`, which installs what the tests need"
+            ));
         }
     }
     None
@@ -82,11 +105,19 @@ const IOMMU_MACHINE: &str =
 /// [`boot`] in a guest of `mem` memory (QEMU's `-m`), killed after
 /// `timeout_s` seconds.
 fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option<String> {
-    if let Some(reason) = skip_reason() {
-        eprintln!("SKIPPED: {reason}");
+    if opted_out() {
+        progress(&format!(
+            "SKIPPED guest scenario {scenario}: LUO_SKIP_GUEST is set"
+        ));
         return None;
     }
+    if let Some(reason) = missing() {
+        panic!("cannot boot guest scenario {scenario}: {reason}");
+    }
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    progress(&format!(
+        "guest scenario {scenario}: preparing the kernel (built once, about 5 minutes on 2 cores), initramfs and kmod-shim"
+    ));
     let kernel = script_output("tests/vm/build-kernel.sh", &[]);
     let selftests = script_output("tests/scripts/fetch-selftests.sh", &[]);
     let luo = release_luo();
@@ -124,6 +155,10 @@ fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option
     } else {
         ""
     };
+    progress(&format!(
+        "guest scenario {scenario}: booting under QEMU (TCG, up to {timeout_s} s)"
+    ));
+    let started = std::time::Instant::now();
     let out = Command::new(root().join("tests/vm/boot.sh"))
         .args(&argv)
         .env("RIG_MEM", mem)
@@ -136,6 +171,10 @@ fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option
         out.status.success(),
         "guest scenario {scenario} failed:\n{console}"
     );
+    progress(&format!(
+        "guest scenario {scenario}: passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
     for line in console.lines().filter(|l| l.starts_with("RIG")) {
         eprintln!("{line}");
     }

@@ -137,10 +137,7 @@ fn probe_load_check() {
 
 #[test]
 fn many_clients_at_once_lose_nothing() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let daemon = Daemon::start_with_args(&[]);
     let start = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)

@@ -138,7 +138,7 @@ fn probe_trapped_calls() {
 /// exactly once.
 #[test]
 fn a_call_the_daemon_dies_on_is_answered_once() {
-    skip_unless_capable!();
+    common::require_capable();
     for point in ["received:6", "decided:6"] {
         let mut daemon = common::Daemon::start_with(&[("LUO_CRASH_AT", point)]);
         let probe = daemon
@@ -214,7 +214,7 @@ fn churn(daemon: &mut common::Daemon, probe: &str) -> usize {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     let kills = churn(&mut daemon, "probe_churn_preserve");
     eprintln!("preserve phase: daemon killed {kills} times");
@@ -261,7 +261,7 @@ fn sigkill_at_random_moments_loses_nothing() {
 
 #[test]
 fn a_corrupted_state_image_is_refused_and_nothing_is_thrown_away() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     let out = daemon
         .probe_command("probe_churn_preserve")
@@ -300,7 +300,7 @@ fn a_corrupted_state_image_is_refused_and_nothing_is_thrown_away() {
 
 #[test]
 fn a_second_daemon_on_the_same_state_is_refused() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let out = daemon.start_failing();
     assert!(!out.status.success());

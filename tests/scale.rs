@@ -167,10 +167,7 @@ fn probe_figure(daemon: &Daemon, name: &str, key: &str) -> f64 {
 #[test]
 #[ignore = "a benchmark: cargo test --release --test scale -- --ignored --nocapture"]
 fn ten_thousand_sessions_of_ten_files() {
-    if let Some(reason) = common::skip_reason() {
-        eprintln!("SKIPPED: {reason}");
-        return;
-    }
+    common::require_capable();
     let n = sessions();
     let mut daemon = Daemon::start_with_args(&[]);
     let need = 2 * n * files() + 1024;

@@ -101,7 +101,7 @@ fn probe_owner_stage2() {
 
 #[test]
 fn an_unprivileged_caller_cannot_use_a_device_it_cannot_open() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     daemon.run_probe("probe_owner_stage1");
     let update = daemon.update();
@@ -177,7 +177,7 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_link_planted_at_the_journals_temporary_name_is_never_written_through() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("planted");
     let state = dir.join("state");
     std::fs::create_dir(&state).unwrap();
@@ -206,7 +206,7 @@ fn a_link_planted_at_the_journals_temporary_name_is_never_written_through() {
 
 #[test]
 fn a_state_dir_another_user_owns_or_may_write_to_is_refused_and_left_alone() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("owner");
     let victim = victim(&dir);
     let before = identity(&victim);
@@ -237,7 +237,7 @@ fn a_state_dir_another_user_owns_or_may_write_to_is_refused_and_left_alone() {
 
 #[test]
 fn a_state_dir_reached_through_a_symbolic_link_is_refused() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("state-link");
     let real = dir.join("real");
     std::fs::create_dir(&real).unwrap();
@@ -295,7 +295,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_device_path_linked_to_a_mount_point_is_refused_and_nothing_unmounted() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("device-mnt");
     let tmpfs = Tmpfs::mount(dir.join("mnt"));
     let device = dir.join("liveupdate");
@@ -315,7 +315,7 @@ fn a_device_path_linked_to_a_mount_point_is_refused_and_nothing_unmounted() {
 
 #[test]
 fn a_device_path_linked_to_a_root_file_is_refused_and_the_file_untouched() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("device-file");
     let victim = victim(&dir);
     let before = identity(&victim);
@@ -329,7 +329,7 @@ fn a_device_path_linked_to_a_root_file_is_refused_and_the_file_untouched() {
 
 #[test]
 fn a_device_path_in_a_directory_others_may_change_is_refused_unless_sticky() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("device-dir");
     let open = dir.join("open");
     std::fs::create_dir(&open).unwrap();
@@ -474,7 +474,7 @@ impl Drop for FakeKeeper {
 
 #[test]
 fn a_keeper_socket_answered_by_another_user_is_refused() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("fake-keeper");
     let state = dir.join("state");
     std::fs::create_dir(&state).unwrap();
@@ -554,7 +554,7 @@ fn probe_many_sessions() {
 
 #[test]
 fn a_control_client_that_trickles_its_request_stalls_nobody() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let socket = daemon.state.join("control.sock");
     // One byte every second: the daemon used to wait for each (5 s apiece).
@@ -581,7 +581,7 @@ fn a_control_client_that_trickles_its_request_stalls_nobody() {
 
 #[test]
 fn a_client_that_never_reads_its_answer_stalls_nobody() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     // An answer far larger than a socket buffer: 3000 sessions.
     daemon.run_probe("probe_many_sessions");
@@ -598,7 +598,7 @@ fn a_client_that_never_reads_its_answer_stalls_nobody() {
 
 #[test]
 fn a_request_without_end_is_cut_off() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let socket = daemon.state.join("control.sock");
     let s = UnixStream::connect(&socket).unwrap();
@@ -627,7 +627,7 @@ fn a_request_without_end_is_cut_off() {
 
 #[test]
 fn the_control_socket_serves_root_and_the_status_group_only_status() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start_with_args(&["--status-group", "65534"]);
     let state = &daemon.state;
     let long = Duration::from_secs(10);
@@ -646,7 +646,7 @@ fn the_control_socket_serves_root_and_the_status_group_only_status() {
 
 #[test]
 fn the_control_socket_checks_who_connects_not_only_its_file_mode() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     // An administrator opens the socket to everyone by mistake.
     chmod(&daemon.state, 0o711);
@@ -729,7 +729,7 @@ fn probe_stuck_fuse() {
 
 #[test]
 fn a_caller_on_a_filesystem_that_never_answers_stalls_nobody() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start();
     let fs = stuck_fuse::StuckFs::mount(&daemon.dir.join("stuck"));
     let mut probe = daemon.probe_command("probe_stuck_fuse");
@@ -882,7 +882,7 @@ fn probe_nobody_after_restart() {
 
 #[test]
 fn an_unprivileged_owner_stops_exactly_at_its_limits_and_root_does_not() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start_with_args(&[
         "--max-sessions-per-uid",
         "3",
@@ -964,7 +964,7 @@ fn probe_another_tree() {
 
 #[test]
 fn a_luo_run_tree_stops_at_its_limits_whatever_uids_it_runs_as() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start_with_args(&[
         "--max-sessions-per-tree",
         "3",
@@ -1008,7 +1008,7 @@ fn probe_nobody_resizes_what_it_preserved() {
 
 #[test]
 fn an_update_refused_by_a_resized_memfd_names_the_tree_that_blocks_it() {
-    skip_unless_capable!();
+    common::require_capable();
     let daemon = common::Daemon::start();
     let out = daemon
         .probe_command("probe_nobody_resizes_what_it_preserved")
@@ -1081,16 +1081,10 @@ fn probe_nobody_finds_no_room() {
 
 #[test]
 fn an_unprivileged_owner_never_takes_the_fds_kept_for_root() {
-    skip_unless_capable!();
+    common::require_capable();
     let mut daemon = common::Daemon::start_with_fd_limit(Some(1300), &[]);
-    if daemon.fd_limit() != 1300 {
-        // A daemon with CAP_SYS_RESOURCE raises its limit to fs.nr_open.
-        eprintln!(
-            "SKIPPED: the daemon raised its fd limit to {}",
-            daemon.fd_limit()
-        );
-        return;
-    }
+    // Without CAP_SYS_RESOURCE the daemon keeps the limit it was given.
+    assert_eq!(daemon.fd_limit(), 1300, "the daemon raised its fd limit");
     daemon.run_probe("probe_nobody_to_the_fd_reserve");
     // Root preserves past the ceiling, into the reserve.
     daemon.run_probe("probe_root_into_the_reserve");

@@ -48,14 +48,14 @@ fn run_selftest(args: &[&str]) -> String {
 
 #[test]
 fn upstream_liveupdate_selftest_passes_15_of_15() {
-    skip_unless_capable!();
+    common::require_capable();
     let runs = std::env::var("LUO_SELFTEST_RUNS").unwrap_or_else(|_| "1".into());
     let stdout = run_selftest(&["single", &runs]);
     assert!(stdout.contains(&format!("{runs} of {runs} runs passed 15/15")));
 }
 
 fn two_stage(test: &str) {
-    skip_unless_capable!();
+    common::require_capable();
     let stdout = run_selftest(&["two-stage", test]);
     assert!(stdout.contains(&format!(
         "{test}: stage 1, simulated update, stage 2 passed"
@@ -88,7 +88,7 @@ fn two_stage_with_restart(
     signal: &str,
     new_binary: Option<&std::path::Path>,
 ) {
-    skip_unless_capable!();
+    common::require_capable();
     let mut args = vec!["two-stage", test, signal];
     let new = new_binary.map(|p| p.to_string_lossy().into_owned());
     if let Some(n) = &new {

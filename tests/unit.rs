@@ -165,7 +165,7 @@ fn keepers(state: &Path) -> Vec<u32> {
 
 #[test]
 fn the_daemon_is_ready_when_its_device_answers_and_a_stop_keeps_every_session() {
-    skip_unless_capable!();
+    common::require_capable();
     let dir = common::temp_dir("unit");
     let (device, state) = (dir.join("liveupdate"), dir.join("state"));
     let manager = Manager::new(&dir);

@@ -278,7 +278,7 @@ impl Drop for Machine {
 /// resumes, runs the update and hands everything to the new VMM.
 #[test]
 fn outgoing_sessions_of_the_previous_release_survive_an_upgrade() {
-    skip_unless_capable!();
+    common::require_capable();
     let prev = previous_luo();
     let new = Path::new(LUO);
     let mut m = Machine::new();
@@ -296,7 +296,7 @@ fn outgoing_sessions_of_the_previous_release_survive_an_upgrade() {
 /// resumes the incoming sessions and hands them to the new VMM.
 #[test]
 fn incoming_sessions_of_the_previous_release_survive_an_upgrade() {
-    skip_unless_capable!();
+    common::require_capable();
     let prev = previous_luo();
     let new = Path::new(LUO);
     let mut m = Machine::new();

@@ -337,10 +337,11 @@ mod tests {
 
     #[test]
     fn pinned_memory_never_reaches_a_process_that_reused_the_tid() {
-        if unsafe_geteuid() != 0 {
-            eprintln!("SKIPPED: needs root to choose the next pid");
-            return;
-        }
+        assert_eq!(
+            unsafe_geteuid(),
+            0,
+            "needs root to choose the next pid: run as root"
+        );
         let buf: &'static mut [u8; 8] = Box::leak(Box::new(*b"original"));
         let addr = buf.as_ptr() as u64;
         for _ in 0..20 {
