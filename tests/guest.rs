@@ -131,6 +131,12 @@ fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option
     let dir = std::env::temp_dir().join(format!("luo-rig-{}-{scenario}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let initramfs = dir.join("initramfs.gz");
+    // systemd's test-luo from sid, for the scenario that runs it.
+    let systemd = if scenario == "systemd" {
+        script_output("tests/scripts/fetch-systemd.sh", &[])
+    } else {
+        String::new()
+    };
     script_output(
         "tests/vm/make-initramfs.sh",
         &[
@@ -139,6 +145,7 @@ fn boot_with(scenario: &str, mem: &str, timeout_s: u32, args: &[&str]) -> Option
             luo.to_str().unwrap(),
             &selftests,
             &shim,
+            &systemd,
         ],
     );
     let _ = std::fs::remove_dir_all(&shim_dir);
@@ -334,6 +341,27 @@ fn a_vfio_device_is_made_again_after_a_real_kexec_and_dmas_with_no_setup() {
         "guest RAM holds what the device wrote before the kexec",
         "made again by LUO, DMAs 4095 bytes through the same IOVAs with no setup",
         "a device gone after the kexec fails only its own retrieve (ENODEV, twice)",
+    ] {
+        assert!(console.contains(line), "no '{line}':\n{console}");
+    }
+}
+
+/// systemd 262's own LUO client, `test-luo` from Debian sid, unmodified,
+/// across a real `luo kexec` (kmod-shim): `store`/`check` (two memfds in the
+/// fd store, and a session of its own whose fd it checks is a LUO session)
+/// and `store-hijack`/`check-hijack` (a session named like systemd's is not
+/// carried), with `luo fdstore` as PID 1's fd store and systemd-shutdown.
+#[test]
+fn systemd_test_luo_passes_unmodified_across_a_real_kexec() {
+    let Some(console) = boot("systemd", &["kho=on", "liveupdate=off"]) else {
+        return;
+    };
+    for line in [
+        "Verified fd 'testfd1': content matches.",
+        "Verified fd 'testfd2': content matches.",
+        "All fd store checks passed.",
+        "Verified LUO session memfd content matches.",
+        "hijack fd correctly not restored",
     ] {
         assert!(console.contains(line), "no '{line}':\n{console}");
     }

@@ -112,3 +112,18 @@ pub fn finish(session: BorrowedFd<'_>) -> io::Result<()> {
     };
     call(session, uapi::FINISH, &mut a)
 }
+
+/// `LIVEUPDATE_SESSION_GET_NAME`.
+///
+/// # Errors
+/// The device's errno (ENOTTY for a file that is no session).
+pub fn get_name(session: BorrowedFd<'_>) -> io::Result<String> {
+    let mut a = uapi::GetNameArgs {
+        size: size_of::<uapi::GetNameArgs>() as u32,
+        reserved: 0,
+        name: [0; 64],
+    };
+    call(session, uapi::GET_NAME, &mut a)?;
+    let len = a.name.iter().position(|&b| b == 0).unwrap_or(a.name.len());
+    Ok(String::from_utf8_lossy(&a.name[..len]).into_owned())
+}

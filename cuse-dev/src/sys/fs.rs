@@ -246,3 +246,26 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: fresh fds we own.
     Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
 }
+
+/// A copy of `fd` at the lowest free number ≥ `min`, `O_CLOEXEC`.
+///
+/// # Errors
+/// The errno of `fcntl(F_DUPFD_CLOEXEC)`.
+pub fn dup_above(fd: BorrowedFd<'_>, min: i32) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes an int and returns a new fd.
+    let new = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Makes fd number `target` a copy of `fd` that a program this process
+/// executes inherits (no `O_CLOEXEC`); whatever was at `target` is closed.
+/// The number is left open on purpose: it belongs to the program to come.
+///
+/// # Errors
+/// The errno of `dup2`.
+pub fn dup2_inheritable(fd: BorrowedFd<'_>, target: i32) -> io::Result<()> {
+    // SAFETY: dup2 takes two ints; `target` is given up to the new file.
+    check(unsafe { libc::dup2(fd.as_raw_fd(), target) })?;
+    Ok(())
+}

@@ -45,12 +45,23 @@ pub fn send_with_fd(
 
 /// Receives one message and at most one fd from a unix socket.
 pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    // Keep the first fd; extra ones are closed by dropping them.
+    recv_with_fds(sock, buf, 4).map(|(n, fds)| (n, fds.into_iter().next()))
+}
+
+/// Receives data and up to `max_fds` fds (`SCM_RIGHTS`, made `O_CLOEXEC`)
+/// from a unix socket; fds beyond that are closed by the kernel.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(4 * 4) } as usize;
+    let space = unsafe { libc::CMSG_SPACE((4 * max_fds) as u32) } as usize;
     let mut cbuf = vec![0u8; space];
     // SAFETY: msghdr is plain data; all-zero is valid.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -79,8 +90,7 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    // Keep the first fd; extra ones are closed by dropping them.
-    Ok((n as usize, received.into_iter().next()))
+    Ok((n as usize, received))
 }
 
 /// [`recv_with_fd`] without blocking: `Ok(None)` when nothing is queued.

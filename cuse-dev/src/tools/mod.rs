@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod fdstore;
 pub mod oracle;
 pub mod shim_check;
 pub mod syscall_cost;

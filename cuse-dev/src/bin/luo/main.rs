@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use luo_cuse_dev::control::{self, Request};
 use luo_cuse_dev::daemon::{Config, Daemon};
-use luo_cuse_dev::tools::{demo, oracle, syscall_cost};
+use luo_cuse_dev::tools::{demo, fdstore, oracle, syscall_cost};
 use luo_cuse_dev::{client, log, persist};
 use luo_store::Limits;
 
@@ -338,12 +338,45 @@ enum Command {
         #[arg(long, conflicts_with_all = ["stage", "json", "compare"])]
         syscalls: bool,
     },
+    /// Play systemd 262's fd store across an update, for programs that keep
+    /// fds in it (systemd's `test-luo`) where systemd is not PID 1: `hold`
+    /// before the update, `restore` after it; both under `luo run`.
+    Fdstore {
+        #[command(subcommand)]
+        action: FdstoreAction,
+    },
     /// Time fstat, fstatfs, statfs and readlink here; print JSON (used by
     /// `luo bench --syscalls`).
     #[command(hide = true)]
     SyscallCost {
         #[arg(long, default_value_t = 2000)]
         calls: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum FdstoreAction {
+    /// Run the program with a NOTIFY_SOCKET that keeps what it stores
+    /// (FDSTORE=1), then do systemd-shutdown's step before a kexec: preserve
+    /// the store in LUO session "systemd" and hold it until the update.
+    Hold {
+        /// The unit the program runs as (the mapping's key).
+        #[arg(long, default_value = "test-luo.service")]
+        unit: String,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Do PID 1's step after the update: retrieve session "systemd" and
+    /// the sessions it names, finish it, and execute the program with the
+    /// unit's fds (LISTEN_FDS, LISTEN_FDNAMES).
+    Restore {
+        /// The unit whose fds the program gets.
+        #[arg(long, default_value = "test-luo.service")]
+        unit: String,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
 }
 
@@ -479,6 +512,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Fdstore { action } => {
+            let done = match action {
+                FdstoreAction::Hold { unit, command } => fdstore::hold(&device, &unit, &command),
+                FdstoreAction::Restore { unit, command } => {
+                    fdstore::restore(&device, &unit, &command)
+                }
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("luo fdstore: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::SyscallCost { calls } => match syscall_cost::measure(calls.max(1)) {
             Ok(rows) => print_json(&rows),
             Err(e) => fail(&e),

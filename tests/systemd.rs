@@ -1,5 +1,7 @@
-//! The systemd unit shipped in `systemd/luo.service`: it passes `systemd-analyze
-//! verify`, and the daemon behaves as the unit says. Its `ExecStart=` line is
+//! systemd and the daemon. systemd 262's own LUO client, `test-luo` from
+//! Debian sid, passes unmodified across simulated updates. The unit shipped
+//! in `systemd/luo.service` passes `systemd-analyze verify`, and the daemon
+//! behaves as the unit says. Its `ExecStart=` line is
 //! run as systemd would, with `NOTIFY_SOCKET` naming a real datagram socket:
 //! `READY=1` comes once the device answers, `STOPPING=1` on SIGTERM, and a
 //! SIGTERM to the main process alone (`KillMode=process`) leaves the keeper
@@ -228,4 +230,51 @@ fn the_daemon_is_ready_when_its_device_answers_and_a_stop_keeps_every_session() 
     assert!(keepers(&state).is_empty(), "the keeper ended");
     common::end_workloads(&state);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `test-luo store` → `luo update` → `test-luo check`, and the same for
+/// `store-hijack`/`check-hijack`, with `luo fdstore` as PID 1's fd store
+/// and systemd-shutdown (`tests/scripts/test-luo.sh`). test-luo opens
+/// `/dev/liveupdate` itself, so the daemon serves that path, bound in a
+/// private mount namespace.
+#[test]
+fn systemd_test_luo_passes_unmodified_across_simulated_updates() {
+    common::require_capable();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fetched = Command::new(root.join("tests/scripts/fetch-systemd.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        fetched.status.success(),
+        "cannot fetch systemd's test-luo from Debian sid (see above)"
+    );
+    let systemd = String::from_utf8(fetched.stdout).unwrap();
+    let work = common::temp_dir("test-luo");
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private"])
+        .arg(root.join("tests/scripts/test-luo.sh"))
+        .arg(LUO)
+        .arg(systemd.trim())
+        .arg(&work)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "Verified fd 'testfd1': content matches.",
+        "Verified fd 'testfd2': content matches.",
+        "All fd store checks passed.",
+        "Verified LUO session memfd content matches.",
+        "TEST-LUO PASS: store, update, check",
+        "hijack fd correctly not restored",
+        "TEST-LUO PASS: store-hijack, update, check-hijack",
+    ] {
+        assert!(text.contains(line), "no '{line}':\n{text}");
+    }
 }
