@@ -4,22 +4,7 @@
 # Prints the directory holding the built binaries. Everything is cached under
 # $LUO_TEST_CACHE (default /var/cache/luo-test), keyed by package version.
 set -euo pipefail
-CACHE=${LUO_TEST_CACHE:-/var/cache/luo-test}
-APT=$CACHE/apt
-mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/dl"
-# One fetch at a time; tests run in parallel.
-exec 9> "$CACHE/.lock"
-flock 9
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" > "$APT/sources.list"
-O=(-o Dir::Etc::SourceList="$APT/sources.list" -o Dir::Etc::SourceParts=/dev/null
-   -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" -o APT::Sandbox::User=root)
-log() { echo "fetch-selftests: $*" >&2; }
-
-# Refresh the package lists at most once a day.
-if [ -z "$(find "$APT/lists" -name '*Packages*' -mtime -1 2>/dev/null | head -1)" ]; then
-  log "updating sid package lists"
-  apt-get "${O[@]}" update >&2
-fi
+. "$(dirname "$0")/sid-apt.sh"
 
 candidates=$(apt-cache "${O[@]}" search --names-only '^linux-source-7\.[0-9]+$' | cut -d' ' -f1 | sort -t. -k2 -n -r)
 [ -n "$candidates" ] || { log "no linux-source-7.* package in sid"; exit 1; }

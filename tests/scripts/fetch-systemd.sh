@@ -7,20 +7,8 @@
 # Prints that directory; `run-test-luo.sh` runs the binary from it, unmodified,
 # through the unpacked dynamic loader.
 set -euo pipefail
-CACHE=${LUO_TEST_CACHE:-/var/cache/luo-test}
-APT=$CACHE/apt
-mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/dl"
-exec 9> "$CACHE/.lock"
-flock 9
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main" > "$APT/sources.list"
-O=(-o Dir::Etc::SourceList="$APT/sources.list" -o Dir::Etc::SourceParts=/dev/null
-   -o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache" -o APT::Sandbox::User=root)
-log() { echo "fetch-systemd: $*" >&2; }
+. "$(dirname "$0")/sid-apt.sh"
 
-if [ -z "$(find "$APT/lists" -name '*Packages*' -mtime -1 2>/dev/null | head -1)" ]; then
-  log "updating sid package lists"
-  apt-get "${O[@]}" update >&2
-fi
 ver=$(apt-cache "${O[@]}" policy systemd-tests | awk '/Candidate:/ {print $2}')
 case "$ver" in
   ""|"(none)") log "no systemd-tests in sid"; exit 1 ;;
