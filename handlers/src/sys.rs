@@ -104,6 +104,13 @@ pub fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> Result<()> {
     Ok(())
 }
 
+/// `fchmod(fd, mode)`.
+pub fn chmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> Result<()> {
+    // SAFETY: fchmod takes an fd and a mode; no memory is passed.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }.into())?;
+    Ok(())
+}
+
 /// What `statx` knows of an open file without asking its filesystem
 /// (`AT_STATX_DONT_SYNC`: cached attributes, so a FUSE or network file whose
 /// server never answers cannot make the caller wait).

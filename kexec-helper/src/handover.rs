@@ -166,11 +166,18 @@ enum Fill {
 /// Fills `fd` from the stash: shmem in place, the rest (or when the module
 /// refuses) by copying. A refused or interrupted in-place fill leaves every
 /// folio readable, and the copy writes every byte of the same file.
+///
+/// A write-sealed file is copied: kmod-shim keeps a reference on every
+/// folio it placed until the stash is released (after the keeper has the
+/// new memfd), and the kernel refuses `F_SEAL_WRITE` with EBUSY while a
+/// folio has references beyond the page cache's (`memfd_wait_for_pins`).
+/// Such files are immutable data (systemd's mapping, sealed blobs), not
+/// guest RAM, and small.
 fn fill(shim: &Shim, f: &StashedFile, fd: &OwnedFd, in_place: bool) -> Result<Filled, Fill> {
     if f.size == 0 {
         return Ok(Filled::Empty);
     }
-    if in_place && f.kind == crate::shim::SHMEM {
+    if in_place && f.kind == crate::shim::SHMEM && f.seals & libc::F_SEAL_WRITE == 0 {
         if let Ok(filled) = adopt_on_every_cpu(shim, f, fd) {
             return Ok(filled);
         }
