@@ -232,7 +232,8 @@ fn the_daemon_is_ready_when_its_device_answers_and_a_stop_keeps_every_session() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `test-luo store` → `luo update` → `test-luo check`, and the same for
+/// `test-luo store` → `luo update` → `test-luo check` twice (PID 1's kexec
+/// count, kept in the mapping, goes 1 then 2), and the same for
 /// `store-hijack`/`check-hijack`, with `luo fdstore` as PID 1's fd store
 /// and systemd-shutdown (`tests/scripts/test-luo.sh`). test-luo opens
 /// `/dev/liveupdate` itself, so the daemon serves that path, bound in a
@@ -272,6 +273,8 @@ fn systemd_test_luo_passes_unmodified_across_simulated_updates() {
         "All fd store checks passed.",
         "Verified LUO session memfd content matches.",
         "TEST-LUO PASS: store, update, check",
+        "kexecs count 1",
+        "TEST-LUO PASS: check, store, update, check (kexecs count 2)",
         "hijack fd correctly not restored",
         "TEST-LUO PASS: store-hijack, update, check-hijack",
     ] {

@@ -10,16 +10,20 @@
 //!   a stored LUO session whose name infringes systemd's namespace is
 //!   skipped, session "systemd" is created, every stored fd that is not a
 //!   session is preserved in it at tokens 1, 2, …, every stored session is
-//!   named, and the mapping — `{"version": 1, "state": {}, "units": {"U":
+//!   named, and the mapping — `{"version": 1, "state": {"kexecsCount": K},
+//!   "units": {"U":
 //!   {"fdstore": [{"type": "fd", "name": N, "token": T}, {"type":
 //!   "luo_session", "name": N, "sessionName": S}]}}}` — is preserved as a
 //!   sealed memfd at token 0. Everything is then held by a child until the
-//!   update (`luo update` ends it; a kexec ends everything).
+//!   update (`luo update` ends it; a kexec ends everything). K is PID 1's
+//!   count of kexecs so far: `$LUO_KEXECS_COUNT`, else 0.
 //! * `restore --unit U -- CMD…` plays PID 1 after the update
 //!   (`manager_luo_restore_fd_stores`): it retrieves session "systemd", its
 //!   mapping and every fd in it, retrieves each named session, finishes
 //!   "systemd", and executes CMD with U's fds passed as systemd passes a fd
-//!   store (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, fds from 3).
+//!   store (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, fds from 3), and
+//!   with `LUO_KEXECS_COUNT` set to the mapping's count plus one, as PID 1
+//!   sets its `KexecsCount` (so a `hold` under it carries the count on).
 //!
 //! Both must run under `luo run` on our device (they create and retrieve
 //! sessions); so does CMD, which `hold` starts as its child.
@@ -43,6 +47,8 @@ pub const SESSION: &str = "systemd";
 const MAPPING_TOKEN: u64 = 0;
 /// The mapping's version (`LUO_PROTOCOL_VERSION`).
 const MAPPING_VERSION: u64 = 1;
+/// Where PID 1's kexec count is kept for and handed to the commands run.
+pub const KEXECS_COUNT_ENV: &str = "LUO_KEXECS_COUNT";
 /// `ANON_INODE_FS_MAGIC`: what a session fd's `fstatfs` reports.
 const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
 
@@ -151,7 +157,7 @@ impl FdStore {
         }
         let text = json!({
             "version": MAPPING_VERSION,
-            "state": {},
+            "state": { "kexecsCount": kexecs_count()? },
             "units": { unit.as_str(): { "fdstore": fdstore } },
         })
         .to_string();
@@ -251,9 +257,12 @@ fn receive(socket: &UnixDatagram, store: &mut FdStore) {
 /// # Errors
 /// A sentence: a retrieve or the exec failed.
 pub fn restore(device: &Path, unit: &str, argv: &[String]) -> Result<(), String> {
-    let fds = retrieve(device, unit)?;
+    let (fds, kexecs) = retrieve(device, unit)?;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
+    if let Some(count) = kexecs {
+        cmd.env(KEXECS_COUNT_ENV, count.to_string());
+    }
     cmd.env_remove("LISTEN_FDS")
         .env_remove("LISTEN_FDNAMES")
         .env_remove("LISTEN_PID");
@@ -268,14 +277,15 @@ pub fn restore(device: &Path, unit: &str, argv: &[String]) -> Result<(), String>
 }
 
 /// PID 1's restore: every fd of session "systemd" and every named session,
-/// with the names `unit` gave them; the session is then finished.
-fn retrieve(device: &Path, unit: &str) -> Result<Vec<(String, OwnedFd)>, String> {
+/// with the names `unit` gave them, and the kexec count now (the mapping's
+/// plus one); the session is then finished.
+fn retrieve(device: &Path, unit: &str) -> Result<Restored, String> {
     let dev = open_device(device)?;
     let session = match lu::retrieve_session(dev.as_fd(), SESSION) {
         Ok(s) => s,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
             eprintln!("luo fdstore: no LUO session '{SESSION}': no fd store to restore");
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         Err(e) => return Err(format!("cannot retrieve LUO session '{SESSION}': {e}")),
     };
@@ -294,6 +304,8 @@ fn retrieve(device: &Path, unit: &str) -> Result<Vec<(String, OwnedFd)>, String>
     if mapping["version"].as_u64() != Some(MAPPING_VERSION) {
         return Err(format!("the mapping has an unsupported version: {text}"));
     }
+    // PID 1 takes the state with extensions allowed: other keys are fine.
+    let kexecs = mapping["state"]["kexecsCount"].as_u64().map(|n| n + 1);
     let units = mapping["units"]
         .as_object()
         .ok_or("the mapping's 'units' is not an object")?;
@@ -322,10 +334,24 @@ fn retrieve(device: &Path, unit: &str) -> Result<Vec<(String, OwnedFd)>, String>
     lu::finish(session.as_fd())
         .map_err(|e| format!("cannot finish LUO session '{SESSION}': {e}"))?;
     println!(
-        "luo fdstore: {unit}: {} fd(s) restored from LUO session '{SESSION}'",
-        mine.len()
+        "luo fdstore: {unit}: {} fd(s) restored from LUO session '{SESSION}'; kexecs count {}",
+        mine.len(),
+        kexecs.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
     );
-    Ok(mine)
+    Ok((mine, kexecs))
+}
+
+/// What a restore hands a unit: its named fds, and PID 1's kexec count.
+type Restored = (Vec<(String, OwnedFd)>, Option<u64>);
+
+/// PID 1's kexec count so far, from [`KEXECS_COUNT_ENV`] (0 when unset).
+fn kexecs_count() -> Result<u64, String> {
+    match std::env::var(KEXECS_COUNT_ENV) {
+        Err(_) => Ok(0),
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("{KEXECS_COUNT_ENV}={v:?} is not a count")),
+    }
 }
 
 /// Puts `fds` at 3, 4, … without `O_CLOEXEC`, as a service receives them.

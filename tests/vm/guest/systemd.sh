@@ -26,6 +26,7 @@ luo status --state-dir /run/luo | sed 's/^/RIG: /'
 out=$(luo run -- luo fdstore restore -- "$T" check 2>&1) \
   || { echo "$out"; cat /tmp/luo.log; fail "test-luo check failed"; }
 echo "$out" | sed 's/^/RIG: /'
+case "$out" in *"kexecs count 1"*) ;; *) fail "PID 1's kexec count did not come back as 1" ;; esac
 out=$(luo run -- luo fdstore restore --unit hijack.service -- "$T" check-hijack 2>&1) \
   || { echo "$out"; cat /tmp/luo.log; fail "test-luo check-hijack failed"; }
 echo "$out" | sed 's/^/RIG: /'
