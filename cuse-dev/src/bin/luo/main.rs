@@ -7,6 +7,7 @@ mod bench;
 mod kexec;
 mod shim_check;
 mod status;
+mod target;
 mod update;
 
 use std::path::{Path, PathBuf};
@@ -17,10 +18,7 @@ use luo_cuse_dev::control::{self, Request};
 use luo_cuse_dev::daemon::{Config, Daemon};
 use luo_cuse_dev::tools::{demo, fdstore, oracle, syscall_cost};
 use luo_cuse_dev::{client, log, persist};
-use luo_store::Limits;
-
-const DEFAULT_DEVICE: &str = "/dev/liveupdate";
-const DEFAULT_STATE_DIR: &str = "/run/luo";
+use target::{with_socket, LimitArgs, Target, LIMITS_HELP};
 
 #[derive(Parser)]
 #[command(
@@ -40,76 +38,6 @@ struct Cli {
     state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Which daemon a subcommand talks to.
-struct Target {
-    device: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-}
-
-impl Target {
-    fn device(&self) -> PathBuf {
-        self.device
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DEVICE))
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
-    }
-
-    /// The control socket: in --state-dir if given, else the one the daemon
-    /// serving --device names, else in the default state dir.
-    fn socket(&self) -> Result<PathBuf, ExitCode> {
-        match (&self.state_dir, &self.device) {
-            (None, Some(device)) => client::run::daemon_socket(device).map_err(|e| {
-                eprintln!("luo: {e}");
-                ExitCode::FAILURE
-            }),
-            _ => Ok(control::socket_in(&self.state_dir())),
-        }
-    }
-}
-
-const LIMITS_HELP: &str = "\
-Limits: a session belongs to the uid that created it and to the `luo run` tree
-it was created in, and every file preserved into it counts against them.
-Sessions and files of uids other than root are limited (CREATE_SESSION then
-fails with EMFILE, SESSION_PRESERVE_FD with ENOSPC, and the daemon logs which
-limit); root's never are. Uids other than root may also never make the daemon
-hold more than its RLIMIT_NOFILE minus a reserve for root (an eighth of it, at
-least 1024 fds).";
-
-/// What session owners other than root may hold.
-#[derive(clap::Args)]
-struct LimitArgs {
-    /// Sessions (outgoing and incoming) one uid other than root may hold.
-    #[arg(long, default_value_t = Limits::DEFAULT.sessions_per_uid)]
-    max_sessions_per_uid: usize,
-    /// Files the sessions of one uid other than root may hold.
-    #[arg(long, default_value_t = Limits::DEFAULT.files_per_uid)]
-    max_files_per_uid: usize,
-    /// Sessions uids other than root may create in one `luo run` tree.
-    #[arg(long, default_value_t = Limits::DEFAULT.sessions_per_tree)]
-    max_sessions_per_tree: usize,
-    /// Files the sessions created in one `luo run` tree by uids other than
-    /// root may hold.
-    #[arg(long, default_value_t = Limits::DEFAULT.files_per_tree)]
-    max_files_per_tree: usize,
-}
-
-impl LimitArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            sessions_per_uid: self.max_sessions_per_uid,
-            files_per_uid: self.max_files_per_uid,
-            sessions_per_tree: self.max_sessions_per_tree,
-            files_per_tree: self.max_files_per_tree,
-        }
-    }
 }
 
 #[derive(Subcommand)]
@@ -584,14 +512,6 @@ fn run(device: &Path, command: &[String]) -> ExitCode {
             }
         }
         Err(e) => fail(&e),
-    }
-}
-
-/// Runs `f` with the control socket of the daemon `target` names.
-fn with_socket(target: &Target, f: impl FnOnce(&Path) -> ExitCode) -> ExitCode {
-    match target.socket() {
-        Ok(socket) => f(&socket),
-        Err(code) => code,
     }
 }
 
