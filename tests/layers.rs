@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// The layers of `cuse-dev/src`, lowest first; modules on one line are
 /// peers that must not name each other.
 const LAYERS: &[&[&str]] = &[
-    &["sys", "log"],
+    &["sys", "log", "profile"],
     &["wire", "control"],
     &["uapi"],
     &["caller"],

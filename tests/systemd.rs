@@ -177,7 +177,12 @@ fn the_daemon_is_ready_when_its_device_answers_and_a_stop_keeps_every_session() 
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
     assert!(ready.contains("STATUS=serving"), "{ready}");
     // Ready means ready: the first call after READY=1 is answered.
-    assert!(status(&state).status.success(), "not answering at READY=1");
+    let answer = status(&state);
+    assert!(
+        answer.status.success(),
+        "not answering at READY=1: {}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
     let held = Command::new(LUO)
         .arg("run")
         .arg("--device")

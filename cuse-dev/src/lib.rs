@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod log;
 pub mod persist;
+pub mod profile;
 pub mod sys;
 pub mod tools;
 mod uapi;

@@ -47,6 +47,9 @@ pub enum Request {
     KexecPrepare,
     /// The kexec did not happen: withdraw the stash, unfreeze, thaw.
     KexecAbort,
+    /// Where the daemon's time went, per ioctl, since the last `Profile`
+    /// (means; see `profile`), and a fresh start.
+    Profile,
 }
 
 /// A file in a status report.
@@ -128,6 +131,9 @@ pub struct Response {
     /// answer is the first line without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// Profile: each ioctl's mean time per phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<crate::profile::ProfileRow>,
 }
 
 impl Response {

@@ -15,6 +15,7 @@ use crate::caller::owners;
 use crate::caller::seccomp::Listener;
 use crate::caller::{self, PinnedVm, ProcessVm};
 use crate::persist;
+use crate::profile::{self, Phase};
 use crate::uapi::CallerMem;
 use crate::{log, sys};
 
@@ -55,6 +56,7 @@ impl Caller {
         call: &persist::Inflight,
         runner: &Rc<Runner>,
     ) -> Result<Caller> {
+        let _t = profile::enter(Phase::Caller);
         let tid = call.pid as i32;
         let mem = PinnedVm::open(tid)?;
         let uid = owners::effective_uid(tid).ok_or(Errno::ESRCH)?;
@@ -99,6 +101,7 @@ impl Caller {
     /// opened without any permission check and can reach no ioctl); EMFILE
     /// or ENFILE when the daemon has no fd to spare.
     pub(super) fn get_fd(&self, fd: i32) -> Result<OwnedFd> {
+        let _t = profile::enter(Phase::Caller);
         let pidfd = caller::pidfd_open(self.tid()).map_err(|e| match e {
             Errno::EMFILE | Errno::ENFILE => e,
             _ => Errno::ESRCH,
@@ -117,6 +120,7 @@ impl Caller {
     }
 
     pub(super) fn install(&self, file: BorrowedFd<'_>) -> Result<i32> {
+        let _t = profile::enter(Phase::Install);
         match &self.trap {
             Some((listener, id)) => listener.add_fd(*id, file).map_err(|e| match e {
                 Errno::ENOENT => Errno::ESRCH,
@@ -127,6 +131,7 @@ impl Caller {
     }
 
     pub(super) fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        let _t = profile::enter(Phase::Caller);
         if !self.valid() {
             return Err(Errno::ESRCH);
         }

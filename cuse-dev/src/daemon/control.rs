@@ -50,6 +50,12 @@ impl Daemon {
             self.cfg.device.display(),
             path.display()
         ));
+        // Both the device and the control socket answer from here on.
+        self.tell_manager(&format!(
+            "READY=1\nSTATUS=serving {}, {} session(s)",
+            self.cfg.device.display(),
+            self.store.sessions().count()
+        ));
         Ok(())
     }
 
@@ -92,6 +98,11 @@ impl Daemon {
             CtlRequest::Update => self.simulate_update(),
             CtlRequest::KexecPrepare => self.kexec_prepare(token),
             CtlRequest::KexecAbort => self.kexec_abort(),
+            CtlRequest::Profile => Response {
+                ok: true,
+                profile: crate::profile::take(),
+                ..Response::default()
+            },
             CtlRequest::Shutdown => {
                 self.ev.stop = true;
                 self.ev.teardown = true;

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::{setup, Daemon, DaemonError};
 use crate::control::server::ControlServer;
+use crate::profile::{self, Phase, Source};
 use crate::wire::fuse::{self, Op};
 use crate::{log, sys};
 
@@ -129,7 +130,11 @@ impl Daemon {
         }
         if outermost {
             self.commit();
-            self.chan.end_batch();
+            {
+                let _t = profile::enter(Phase::Reply);
+                self.chan.end_batch();
+            }
+            profile::done(Source::Fuse);
             if std::mem::take(&mut self.node.cuse_created) {
                 self.label_cuse_device();
             }
@@ -137,12 +142,16 @@ impl Daemon {
     }
 
     fn read_request(&mut self) -> Option<fuse::Request> {
+        profile::arrived();
         let next = match self.chan.next_request() {
             Ok(None) => self.chan.next_cuse_request(),
             other => other,
         };
         match next {
-            Ok(req) => req,
+            Ok(req) => {
+                profile::received();
+                req
+            }
             Err(e) => {
                 if e.raw_os_error() == Some(libc::ENODEV) {
                     log::warn(format_args!("the FUSE filesystem was unmounted; stopping"));

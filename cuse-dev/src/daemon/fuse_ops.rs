@@ -12,6 +12,7 @@ use super::node::DEVICE_INO;
 use super::Daemon;
 use crate::control;
 use crate::log;
+use crate::profile::{self, Source};
 use crate::wire::abi::{
     CuseInitIn, CuseInitOut, GetxattrOut, InHeader, InitIn, InitOut, IoctlIn, IoctlOut, OpenOut,
     StatfsOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
@@ -90,6 +91,7 @@ impl Daemon {
     /// An ioctl through FUSE: the caller is blocked in the kernel until the
     /// answer, so it is reached by its tid.
     fn fuse_ioctl(&mut self, h: &InHeader, io: IoctlIn) -> Answer {
+        profile::call(io.cmd, Source::Fuse);
         let result = if h.pid == 0 {
             // The caller is outside our pid namespace: we cannot reach it.
             Err(Errno::EPERM)
@@ -182,10 +184,13 @@ pub(super) fn xattr_value(size: u32, value: &[u8]) -> Answer {
     }
 }
 
-/// Whether serving this request may change what the image records.
+/// Whether serving this request may change what the image records. An
+/// ioctl that changes no session (GET_NAME, an unknown command) is answered
+/// again the same way after a crash, so its reply need not be saved.
 pub(super) fn changes_state(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Lookup { .. } | Op::Setattr(_) | Op::Open(_) | Op::Release(_) | Op::Ioctl(_)
-    )
+    match op {
+        Op::Lookup { .. } | Op::Setattr(_) | Op::Open(_) | Op::Release(_) => true,
+        Op::Ioctl(io) => crate::uapi::changes_state(io.cmd),
+        _ => false,
+    }
 }

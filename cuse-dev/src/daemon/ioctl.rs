@@ -14,6 +14,7 @@ use super::node::DEVICE_INO;
 use super::Daemon;
 use crate::caller::owners;
 use crate::log;
+use crate::profile::{self, Phase};
 use crate::uapi::{self, Command};
 
 /// One decoded call (`struct luo_ucmd`): the caller, where its struct is,
@@ -111,7 +112,10 @@ impl Daemon {
                 _ => return Err(Errno::EBADF),
             }
         };
-        let decoded = uapi::decode(cmd, arg, caller.mem(), kind)?;
+        let decoded = {
+            let _t = profile::enter(Phase::Caller);
+            uapi::decode(cmd, arg, caller.mem(), kind)?
+        };
         let command = decoded.command();
         let ucmd = Ucmd {
             caller,

@@ -16,6 +16,7 @@ use crate::caller::seccomp::Listener;
 use crate::log;
 use crate::persist::keeper::Keeper;
 use crate::persist::{self, Header, Journal, KeptFds, Record, SessionRecord};
+use crate::profile::{self, Phase};
 use crate::wire::dev_fuse::Channel;
 
 /// What has been saved, and where.
@@ -64,6 +65,7 @@ impl Daemon {
         if !self.saved.dirty && changes.is_empty() {
             return;
         }
+        let _t = profile::enter(Phase::Journal);
         let result = match &self.saved.journal {
             None => self.snapshot(),
             Some(j) if j.wants_compaction() && self.may_compact(j.size()) => {
@@ -216,7 +218,10 @@ impl Daemon {
             }
         }
         prefixes.extend(changes.removed.iter().map(|id| format!("s{}/", id.0)));
-        self.saved.kept.add_missing(&fds)?;
+        {
+            let _t = profile::enter(Phase::Keeper);
+            self.saved.kept.add_missing(&fds)?;
+        }
         let record = Record {
             full: false,
             header,
@@ -232,6 +237,7 @@ impl Daemon {
             .expect("journal exists after start-up")
             .append(&record)?;
         let wanted = fds.iter().map(|(k, _)| k.as_str()).collect();
+        let _t = profile::enter(Phase::Keeper);
         self.saved.kept.drop_unwanted(&prefixes, &wanted)
     }
 

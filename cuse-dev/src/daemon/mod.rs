@@ -173,13 +173,8 @@ impl Daemon {
             "{}",
             owners::describe(&daemon.cfg.limits, &daemon.fds)
         ));
-        // The device answers from here on: requests that came in since it
-        // was mounted wait in the channel for the loop below.
-        daemon.tell_manager(&format!(
-            "READY=1\nSTATUS=serving {}, {} session(s)",
-            daemon.cfg.device.display(),
-            daemon.store.sessions().count()
-        ));
+        // READY=1 goes out once the device is bound and the control socket
+        // listens (see `open_control`), from the loop below.
         let result = daemon.serve();
         daemon.tell_manager("STOPPING=1");
         daemon.stop_serving();

@@ -11,6 +11,7 @@ use luo_store::{Errno, Result, SessionId};
 use super::event_loop::TOKEN_POOL;
 use super::{setup, Daemon, DaemonError};
 use crate::persist::Header;
+use crate::profile::{self, Phase};
 use crate::{log, sys};
 
 pub(super) const SLOT_BASE: u64 = 1 << 32;
@@ -150,6 +151,7 @@ impl Daemon {
 
     /// A pre-opened session file; serves FUSE while the opener catches up.
     pub(super) fn take_slot(&mut self) -> Result<(u64, OwnedFd)> {
+        let _t = profile::enter(Phase::Install);
         if let Some(s) = self.files.spare.pop() {
             return Ok(s);
         }

@@ -184,5 +184,17 @@ fn only_requests_that_change_state_are_saved() {
     for op in [Op::Getattr, Op::Statfs, Op::Flush, Op::Readdir] {
         assert!(!changes_state(&op), "{op:?}");
     }
+    let ioctl = |cmd| {
+        Op::Ioctl(crate::wire::abi::IoctlIn {
+            cmd,
+            ..Default::default()
+        })
+    };
+    for cmd in [crate::uapi::PRESERVE_FD, crate::uapi::FINISH] {
+        assert!(changes_state(&ioctl(cmd)), "{cmd:#x}");
+    }
+    for cmd in [crate::uapi::GET_NAME, crate::uapi::io(0xBA, 0x3f)] {
+        assert!(!changes_state(&ioctl(cmd)), "{cmd:#x}");
+    }
     assert_eq!(Answer::of(&42u32), Answer::Ok(42u32.as_bytes().to_vec()));
 }

@@ -16,6 +16,7 @@ use crate::caller::deadline::Runner;
 use crate::caller::owners::TreeRoot;
 use crate::caller::seccomp::{Listener, Notif, TRAPPED_SYSCALLS};
 use crate::persist::{self, recover, Header};
+use crate::profile::{self, Phase, Source};
 use crate::{log, sys};
 
 /// The `luo run` trees and the call being answered.
@@ -61,8 +62,12 @@ impl Daemon {
         let Some(listener) = self.runs.listeners.get(&token).cloned() else {
             return;
         };
+        profile::arrived();
         let notif = match listener.recv() {
-            Ok(n) => n,
+            Ok(n) => {
+                profile::received();
+                n
+            }
             Err(Errno::ENOENT) if events & libc::EPOLLHUP as u32 == 0 => return,
             Err(_) => {
                 // Every process of that tree is gone.
@@ -88,28 +93,18 @@ impl Daemon {
         }
     }
 
-    /// Answers a trapped call. It is saved as in flight first, so that a
-    /// daemon killed while answering is followed by one that answers it.
+    /// Answers a trapped call. A call on one of our files is saved as in
+    /// flight before it can have an effect, so that a daemon killed while
+    /// answering is followed by one that answers it; until then (the caller
+    /// checked, its fd identified) a killed daemon's call is found again by
+    /// `recover_lost_call`, and doing it again is harmless.
     pub(super) fn answer(&mut self, listener: Rc<Listener>, call: persist::Inflight) {
         failpoint::pass("received");
-        // With no room for the journal every call that would change a
-        // session is refused (ENOSPC) before it does, so none has an effect
-        // to answer exactly once: nothing is saved for it, and a client
-        // retrying against a full disk cannot use up the reserve.
-        // A call only recorded (the kernel runs it) has no answer of ours
-        // to give exactly once: its record is saved before it runs.
-        let recorded_only = crate::uapi::DMA_RECORDED.contains(&(call.args[1] as u32));
-        let saved = !recorded_only && self.room_for_change().is_ok();
-        if saved {
-            self.runs.inflight = Some(call);
-            self.saved.dirty = true;
-            self.commit();
-        }
+        profile::call(call.args[1] as u32, Source::Trap);
         // Apply every close that happened before this call (see module docs).
         self.drain_fuse();
-        let [fd, cmd, arg] = call.args;
         let caller = Caller::trapped(&listener, &call, &self.runs.runner);
-        let result = caller.map(|c| self.trapped(&c, fd as i32, cmd as u32, arg));
+        let result = caller.map(|c| self.trapped(&c, &call));
         let outcome = match result {
             Ok(None) => persist::Outcome::Continue,
             Ok(Some(Ok(()))) => persist::Outcome::Return(0),
@@ -117,7 +112,7 @@ impl Daemon {
         };
         // Saved with its outcome until the next commit: a daemon killed before
         // the reply is delivered is followed by one that delivers it.
-        if saved {
+        if self.runs.inflight.is_some() {
             self.runs.inflight = Some(persist::Inflight {
                 outcome: Some(outcome),
                 ..call
@@ -126,7 +121,11 @@ impl Daemon {
         }
         self.commit();
         failpoint::pass("decided");
-        reply(&listener, call.id, outcome);
+        {
+            let _t = profile::enter(Phase::Reply);
+            reply(&listener, call.id, outcome);
+        }
+        profile::done(Source::Trap);
         self.runs.inflight = None;
     }
 
@@ -235,18 +234,17 @@ impl Daemon {
 
     /// Handles a trapped ioctl, or returns None to let the kernel run it
     /// (the fd is not ours).
-    pub(super) fn trapped(
-        &mut self,
-        caller: &Caller,
-        fd: i32,
-        cmd: u32,
-        arg: u64,
-    ) -> Option<Result<()>> {
+    fn trapped(&mut self, caller: &Caller, call: &persist::Inflight) -> Option<Result<()>> {
+        let [fd, cmd, arg] = call.args;
+        let (fd, cmd) = (fd as i32, cmd as u32);
         // The copy only identifies the file; it is closed at once so that it
         // is never the reference that keeps a dead caller's file open.
         let file = match caller.get_fd(fd) {
             Ok(file) => file,
-            Err(e) => return Some(Err(e)),
+            Err(e) => {
+                profile::not_ours();
+                return Some(Err(e));
+            }
         };
         let id = sys::file_identity(file.as_fd());
         let ino = match id {
@@ -255,6 +253,7 @@ impl Daemon {
             // Not ours: the kernel runs the ioctl, once the DMA record has
             // what it changes.
             _ => {
+                profile::not_ours();
                 if crate::uapi::DMA_RECORDED.contains(&cmd) {
                     self.record_dma(caller, (fd, file.as_fd()), cmd, arg);
                 }
@@ -264,7 +263,21 @@ impl Daemon {
         };
         // Ours (opened FOPEN_NOFLUSH, or the CUSE device): closing sends nothing.
         drop(file);
+        self.save_inflight(call);
         Some(self.ioctl(ino, cmd, arg, caller))
+    }
+
+    /// Saves a call on one of our files as in flight, before it has any
+    /// effect. With no room for the journal every call that would change a
+    /// session is refused (ENOSPC) before it does, so none has an effect to
+    /// answer exactly once: nothing is saved for it, and a client retrying
+    /// against a full disk cannot use up the reserve.
+    fn save_inflight(&mut self, call: &persist::Inflight) {
+        if self.room_for_change().is_ok() {
+            self.runs.inflight = Some(*call);
+            self.saved.dirty = true;
+            self.commit();
+        }
     }
 }
 

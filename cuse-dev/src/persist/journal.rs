@@ -1,6 +1,6 @@
 //! The journal being written, and the mirror of what the keeper holds.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
@@ -149,7 +149,9 @@ fn remove_stale(path: &Path) -> std::io::Result<()> {
 pub struct KeptFds {
     /// The keeper.
     pub keeper: Keeper,
-    held: HashSet<String>,
+    /// Ordered, so that the keys under a prefix are found without looking
+    /// at the others.
+    held: BTreeSet<String>,
 }
 
 impl KeptFds {
@@ -189,14 +191,18 @@ impl KeptFds {
         prefixes: &[String],
         wanted: &HashSet<&str>,
     ) -> std::io::Result<()> {
-        let gone: Vec<String> = self
-            .held
-            .iter()
-            .filter(|k| {
-                prefixes.iter().any(|p| k.starts_with(p.as_str())) && !wanted.contains(k.as_str())
-            })
-            .cloned()
-            .collect();
+        use std::ops::Bound::{Included, Unbounded};
+        let mut gone: Vec<String> = Vec::new();
+        for p in prefixes {
+            let under = self
+                .held
+                .range::<str, _>((Included(p.as_str()), Unbounded))
+                .take_while(|k| k.starts_with(p.as_str()));
+            gone.extend(under.filter(|k| !wanted.contains(k.as_str())).cloned());
+        }
+        // Prefixes may nest (a session's and one of its files').
+        gone.sort_unstable();
+        gone.dedup();
         if gone.is_empty() {
             return Ok(());
         }

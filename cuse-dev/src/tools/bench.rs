@@ -16,9 +16,11 @@ use std::time::Instant;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use super::breakdown;
 use crate::client::ioctl as lu;
 use crate::client::run::daemon_socket;
 use crate::control::{self, Request};
+use crate::profile::ProfileRow;
 use crate::uapi::{self, FdArgs, GetNameArgs};
 
 /// One row of results.
@@ -30,6 +32,40 @@ pub struct Row {
     pub micros: Vec<f64>,
     /// Latencies of the floor calls interleaved with them, sorted.
     pub floor: Vec<f64>,
+    /// The floor is the trapped no-op (see [`Floor`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trapped: bool,
+    /// Where the daemon's time went in these calls and their floor calls,
+    /// when the device is our daemon's (see `profile`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemon: Vec<ProfileRow>,
+}
+
+impl Row {
+    /// A row of one sample, without a floor.
+    pub fn sample(op: String, micros: f64) -> Row {
+        Row {
+            op,
+            micros: vec![micros],
+            floor: Vec::new(),
+            trapped: false,
+            daemon: Vec::new(),
+        }
+    }
+}
+
+/// The no-op a row's calls are paired with: the bare round trip of the
+/// transport the row's ioctl takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    /// An ioctl on the device that the daemon rejects at once (a command
+    /// number out of range → EINVAL, caller memory untouched): a FUSE (or
+    /// CUSE) round trip.
+    Fuse,
+    /// An fd-returning ioctl on no fd (-1 → EBADF): under `luo run`, the
+    /// seccomp round trip of a trapped call, up to the daemon finding the
+    /// fd is not a LUO file. Elsewhere the kernel refuses it at once.
+    Trapped,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -40,12 +76,21 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 /// Times calls of one ioctl, each preceded by a timed floor call on `dev`.
 struct Timer<'a> {
     dev: &'a File,
+    /// Our daemon's control socket, to read where its time went.
+    socket: Option<std::path::PathBuf>,
 }
 
 impl Timer<'_> {
+    fn floor(&self, kind: Floor) -> std::io::Result<f64> {
+        match kind {
+            Floor::Fuse => self.fuse_floor(),
+            Floor::Trapped => trapped_floor(),
+        }
+    }
+
     /// A no-op ioctl: a command number out of range, rejected before the
     /// caller's memory is touched.
-    fn floor(&self) -> std::io::Result<f64> {
+    fn fuse_floor(&self) -> std::io::Result<f64> {
         let mut size = 0u32;
         let t = Instant::now();
         match ioctl(self.dev, uapi::io(uapi::IOCTL_TYPE, 0x3f), &mut size) {
@@ -59,25 +104,61 @@ impl Timer<'_> {
 
     fn timed<F: FnMut() -> std::io::Result<()>>(
         &self,
-        op: &'static str,
+        (op, kind): (&'static str, Floor),
         n: usize,
         mut f: F,
     ) -> std::io::Result<Row> {
         let mut micros = Vec::with_capacity(n);
         let mut floor = Vec::with_capacity(n);
+        if let Some(s) = &self.socket {
+            breakdown::take(s)?;
+        }
         for _ in 0..n {
-            floor.push(self.floor()?);
+            floor.push(self.floor(kind)?);
             let t = Instant::now();
             f()?;
             micros.push(t.elapsed().as_secs_f64() * 1e6);
         }
         micros.sort_by(f64::total_cmp);
         floor.sort_by(f64::total_cmp);
+        let daemon = match &self.socket {
+            Some(s) => breakdown::take(s)?,
+            None => Vec::new(),
+        };
         Ok(Row {
             op: op.to_owned(),
             micros,
             floor,
+            trapped: kind == Floor::Trapped,
+            daemon,
         })
+    }
+}
+
+/// CREATE_SESSION on fd -1, which fails with EBADF (see [`Floor::Trapped`]).
+fn trapped_floor() -> std::io::Result<f64> {
+    let mut a = uapi::SessionArgs {
+        size: 72,
+        fd: -1,
+        name: [0; 64],
+    };
+    let t = Instant::now();
+    // SAFETY: an ioctl on fd -1 with a pointer to a live struct of the size
+    // the command names.
+    let r = unsafe {
+        libc::ioctl(
+            -1,
+            libc::Ioctl::from(uapi::CREATE_SESSION),
+            std::ptr::from_mut(&mut a),
+        )
+    };
+    let micros = t.elapsed().as_secs_f64() * 1e6;
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EBADF) if r < 0 => Ok(micros),
+        _ => Err(std::io::Error::other(format!(
+            "an ioctl on fd -1 did not fail with EBADF ({})",
+            std::io::Error::last_os_error()
+        ))),
     }
 }
 
@@ -224,11 +305,7 @@ pub fn filled_memfd(kib: u64) -> std::io::Result<File> {
 fn once<F: FnOnce() -> std::io::Result<()>>(op: String, f: F) -> std::io::Result<Row> {
     let t = Instant::now();
     f()?;
-    Ok(Row {
-        op,
-        micros: vec![t.elapsed().as_secs_f64() * 1e6],
-        floor: Vec::new(),
-    })
+    Ok(Row::sample(op, t.elapsed().as_secs_f64() * 1e6))
 }
 
 /// Session names of one bench run.
@@ -266,8 +343,11 @@ pub fn stage1(
     let dev = File::options().read(true).write(true).open(device)?;
     let tag = tag.map_or_else(|| format!("bench-{}", std::process::id()), str::to_owned);
     let names = Names(&tag);
-    let timer = Timer { dev: &dev };
-    timer.floor().map_err(|e| match e.raw_os_error() {
+    let timer = Timer {
+        dev: &dev,
+        socket: daemon_socket(device).ok(),
+    };
+    timer.fuse_floor().map_err(|e| match e.raw_os_error() {
         Some(libc::ENOTTY) => std::io::Error::other(format!(
             "{} is not a LUO device: its ioctls fail with {e}",
             device.display()
@@ -277,30 +357,36 @@ pub fn stage1(
     let mut rows = Vec::new();
     let mut sessions = Vec::with_capacity(plan.calls);
     let mut i = 0;
-    rows.push(timer.timed("CREATE_SESSION", plan.calls, || {
-        i += 1;
-        sessions.push(create(&dev, &names.calls(i), uapi::CREATE_SESSION)?);
-        Ok(())
-    })?);
+    rows.push(
+        timer.timed(("CREATE_SESSION", Floor::Trapped), plan.calls, || {
+            i += 1;
+            sessions.push(create(&dev, &names.calls(i), uapi::CREATE_SESSION)?);
+            Ok(())
+        })?,
+    );
     let mut token = 0u64;
-    rows.push(timer.timed("SESSION_PRESERVE_FD", plan.calls, || {
-        let file = memfd()?;
-        let mut a = FdArgs {
-            size: 16,
-            fd: file.as_raw_fd(),
-            token,
-        };
-        token += 1;
-        ioctl(&sessions[0], uapi::PRESERVE_FD, &mut a)
-    })?);
-    rows.push(timer.timed("SESSION_GET_NAME", plan.calls, || {
-        let mut a = GetNameArgs {
-            size: 72,
-            reserved: 0,
-            name: [0; 64],
-        };
-        ioctl(&sessions[0], uapi::GET_NAME, &mut a)
-    })?);
+    rows.push(
+        timer.timed(("SESSION_PRESERVE_FD", Floor::Fuse), plan.calls, || {
+            let file = memfd()?;
+            let mut a = FdArgs {
+                size: 16,
+                fd: file.as_raw_fd(),
+                token,
+            };
+            token += 1;
+            ioctl(&sessions[0], uapi::PRESERVE_FD, &mut a)
+        })?,
+    );
+    rows.push(
+        timer.timed(("SESSION_GET_NAME", Floor::Fuse), plan.calls, || {
+            let mut a = GetNameArgs {
+                size: 72,
+                reserved: 0,
+                name: [0; 64],
+            };
+            ioctl(&sessions[0], uapi::GET_NAME, &mut a)
+        })?,
+    );
     let sizes = create(&dev, &names.sizes(), uapi::CREATE_SESSION)?;
     for &kib in &plan.sizes_kib {
         let file = filled_memfd(kib)?;
@@ -366,11 +452,15 @@ pub fn stage2(device: &Path, plan: &Plan, tag: &str) -> std::io::Result<StageRep
     crate::sys::raise_fd_limit();
     let dev = File::options().read(true).write(true).open(device)?;
     let names = Names(tag);
-    let timer = Timer { dev: &dev };
+    let timer = Timer {
+        dev: &dev,
+        socket: daemon_socket(device).ok(),
+    };
     let incoming = create(&dev, &names.calls(1), uapi::RETRIEVE_SESSION)?;
     let mut token = 0u64;
     let mut kept = Vec::with_capacity(plan.calls);
-    let mut rows = vec![timer.timed("SESSION_RETRIEVE_FD", plan.calls, || {
+    let retrieve_fd = ("SESSION_RETRIEVE_FD", Floor::Trapped);
+    let mut rows = vec![timer.timed(retrieve_fd, plan.calls, || {
         token += 1;
         retrieve(&incoming, token - 1, &mut kept)
     })?];
@@ -389,24 +479,23 @@ pub fn stage2(device: &Path, plan: &Plan, tag: &str) -> std::io::Result<StageRep
     // SESSION_FINISH (a session with an unretrieved file finishes it too).
     let mut many = Vec::with_capacity(plan.sessions);
     let mut i = 0;
-    let retrieve_row = timer.timed("RETRIEVE_SESSION", plan.sessions, || {
+    let retrieve_row = timer.timed(("RETRIEVE_SESSION", Floor::Trapped), plan.sessions, || {
         many.push(create(&dev, &names.many(i), uapi::RETRIEVE_SESSION)?);
         i += 1;
         Ok(())
     })?;
     let mut i = 0;
-    let finish_row = timer.timed("SESSION_FINISH", plan.sessions, || {
+    let finish_row = timer.timed(("SESSION_FINISH", Floor::Fuse), plan.sessions, || {
         i += 1;
         finish(&many[i - 1])
     })?;
     let total: f64 = retrieve_row.micros.iter().chain(&finish_row.micros).sum();
     rows.push(retrieve_row);
     rows.push(finish_row);
-    rows.push(Row {
-        op: format!("{} sessions: RETRIEVE_SESSION + FINISH each", plan.sessions),
-        micros: vec![total],
-        floor: Vec::new(),
-    });
+    rows.push(Row::sample(
+        format!("{} sessions: RETRIEVE_SESSION + FINISH each", plan.sessions),
+        total,
+    ));
     let files = create(&dev, &names.files(), uapi::RETRIEVE_SESSION)?;
     let mut got = Vec::with_capacity(plan.files);
     rows.push(once(
@@ -441,23 +530,27 @@ fn check_size(fd: &OwnedFd, kib: u64) -> std::io::Result<()> {
 pub fn print(rows: &[Row], device: &Path) {
     let calls = rows.first().map_or(0, |r| r.micros.len());
     println!("device: {}   calls per row: {calls}", device.display());
-    println!("| ioctl | p50 (µs) | p99 (µs) | floor p50 (µs) | floor p99 (µs) | p50 / floor p50 |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| ioctl | p50 (µs) | p99 (µs) | floor | floor p50 (µs) | floor p99 (µs) | p50 / floor p50 |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---:|");
     for r in rows {
         let p50 = pct(&r.micros, 0.5);
         if r.floor.is_empty() {
-            println!("| {} | {p50:.1} | | | | |", r.op);
+            println!("| {} | {p50:.1} | | | | | |", r.op);
             continue;
         }
         let floor50 = pct(&r.floor, 0.5);
         println!(
-            "| {} | {p50:.1} | {:.1} | {floor50:.1} | {:.1} | {:.2} |",
+            "| {} | {p50:.1} | {:.1} | {} | {floor50:.1} | {:.1} | {:.2} |",
             r.op,
             pct(&r.micros, 0.99),
+            if r.trapped { "trapped" } else { "FUSE" },
             pct(&r.floor, 0.99),
             p50 / floor50
         );
     }
+    breakdown::print(rows);
 }
 
 /// The rows in a console log's `BENCH LABEL JSON` lines (a stage report or a
@@ -554,6 +647,8 @@ mod tests {
             op: op.into(),
             micros: vec![v, v],
             floor: vec![1.0, 1.0],
+            trapped: false,
+            daemon: Vec::new(),
         };
         let k = StageReport {
             rows: vec![row("GET", 2.0)],

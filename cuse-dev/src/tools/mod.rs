@@ -3,6 +3,7 @@
 //! benchmark, and `luo vfio-check`.
 
 pub mod bench;
+pub mod breakdown;
 pub mod demo;
 pub mod fdstore;
 pub mod oracle;

@@ -333,11 +333,7 @@ pub mod bench {
     const HUGE_MAP: u64 = 3;
 
     fn row(op: String, t: Instant) -> Row {
-        Row {
-            op,
-            micros: vec![t.elapsed().as_secs_f64() * 1e6],
-            floor: Vec::new(),
-        }
+        Row::sample(op, t.elapsed().as_secs_f64() * 1e6)
     }
 
     /// Stashes, per size, a filled shmem memfd and its twin, then one filled
