@@ -219,6 +219,12 @@ impl Daemon {
 
     /// Forgets what no process, session or preserved device holds any more.
     pub(super) fn prune_dma(&mut self) {
+        // Without a recorded iommufd there is nothing to prune, and no
+        // reason to look through every preserved file (this runs on every
+        // SESSION_PRESERVE_FD).
+        if self.dma.table.lock().spaces.is_empty() {
+            return;
+        }
         let devices = held_devices(&self.store);
         let mut spaces = self.dma.table.lock();
         for s in &mut spaces.spaces {

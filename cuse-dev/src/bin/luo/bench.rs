@@ -42,6 +42,30 @@ pub fn bench(
     }
 }
 
+/// `--scale` (the table, or JSON), or its measuring side (`--scale-stage`).
+pub fn scale(
+    device: &Path,
+    (counts, stage_counts): (&[usize], &[usize]),
+    calls: usize,
+    json: bool,
+) -> ExitCode {
+    use luo_cuse_dev::tools::bench::scale;
+    if !stage_counts.is_empty() {
+        return match scale::stage(device, stage_counts, calls) {
+            Ok(steps) => print_json(&steps),
+            Err(e) => fail(&e),
+        };
+    }
+    match scale::run(device, counts, calls) {
+        Ok(steps) if json => print_json(&steps),
+        Ok(steps) => {
+            scale::print(&steps);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 pub fn compare(log: &Path) -> ExitCode {
     let text = match std::fs::read_to_string(log) {
         Ok(t) => t,

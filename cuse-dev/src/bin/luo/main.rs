@@ -265,6 +265,14 @@ enum Command {
         /// run` on the daemon's device.
         #[arg(long, conflicts_with_all = ["stage", "json", "compare"])]
         syscalls: bool,
+        /// Instead: the per-call rows with this many sessions held, for
+        /// each count in turn (increasing, e.g. 10,1000,10000), and
+        /// PRESERVE_FD into a session of 2000 files.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["stage", "compare", "syscalls"])]
+        scale: Vec<usize>,
+        /// The measuring side of --scale, under `luo run`.
+        #[arg(long, value_delimiter = ',', hide = true)]
+        scale_stage: Vec<usize>,
     },
     /// Play systemd 262's fd store across an update, for programs that keep
     /// fds in it (systemd's `test-luo`) where systemd is not PID 1: `hold`
@@ -478,9 +486,14 @@ fn main() -> ExitCode {
             session,
             compare,
             syscalls,
+            scale,
+            scale_stage,
         } => {
             if let Some(log) = compare {
                 return bench::compare(&log);
+            }
+            if !scale.is_empty() || !scale_stage.is_empty() {
+                return bench::scale(&device, (&scale, &scale_stage), calls.max(1), json);
             }
             if syscalls {
                 return match syscall_cost::compare(&device, calls.max(1)) {
