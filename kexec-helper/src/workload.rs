@@ -112,8 +112,11 @@ impl Workload {
         let _ = self.write("cgroup.freeze", "0", "thaw the workload");
     }
 
-    /// Kills every process of the epoch and waits until none is left, then
-    /// starts the cgroup of epoch `next`.
+    /// Kills every process of the epoch and waits until each is exiting
+    /// (it runs no more code of its own), then starts the cgroup of epoch
+    /// `next`. The rest of their exit, unmapping what they mapped (guest
+    /// RAM: 130 ms for 4 GiB), is not waited for; their cgroup is removed
+    /// once empty, at a later update or at shutdown.
     ///
     /// # Errors
     /// If the processes cannot be killed or do not exit in time.
@@ -125,16 +128,42 @@ impl Workload {
             }
         }
         self.write("cgroup.freeze", "0", "thaw the killed workload")?;
-        self.wait(serve, "exit", |w| !w.event("populated"))?;
-        let old = std::mem::replace(&mut self.current, self.base.join(format!("epoch-{next}")));
+        self.wait(serve, "exit", |w| !w.event("populated") || w.all_exiting())?;
+        self.current = self.base.join(format!("epoch-{next}"));
         fs::create_dir_all(&self.current)
             .map_err(io_err("create the epoch cgroup", &self.current))?;
-        let _ = fs::remove_dir(old);
+        self.remove_ended();
         Ok(())
+    }
+
+    /// Whether every thread of the epoch is exiting (`PF_EXITING`, or gone).
+    fn all_exiting(&self) -> bool {
+        let Ok(threads) = fs::read_to_string(self.current.join("cgroup.threads")) else {
+            return false;
+        };
+        threads
+            .lines()
+            .filter_map(|t| t.trim().parse::<i32>().ok())
+            .all(exiting)
+    }
+
+    /// Removes the cgroups of earlier epochs that no process is left in.
+    fn remove_ended(&self) {
+        let Ok(dirs) = fs::read_dir(&self.base) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let path = d.path();
+            let epoch = d.file_name().to_string_lossy().starts_with("epoch-");
+            if epoch && path != self.current {
+                let _ = fs::remove_dir(path);
+            }
+        }
     }
 
     /// Removes the cgroups again if no process is left in them.
     pub fn remove_if_empty(&self) {
+        self.remove_ended();
         let _ = fs::remove_dir(&self.current);
         let _ = fs::remove_dir(&self.base);
     }
@@ -164,6 +193,21 @@ impl Workload {
         }
         Ok(())
     }
+}
+
+/// `PF_EXITING` in `/proc/TID/stat`'s flags.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether thread `tid` is exiting or gone.
+fn exiting(tid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{tid}/stat")) else {
+        return true;
+    };
+    // After the command (which may hold spaces and parentheses): state,
+    // ppid, pgrp, session, tty_nr, tpgid, flags.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
 /// The first cgroup v2 mount in this mount namespace, if any.

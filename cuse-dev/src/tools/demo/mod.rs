@@ -22,6 +22,9 @@ use crate::client::ioctl as lu;
 use crate::control::{self, Request};
 use crate::uapi;
 
+mod timeline;
+use timeline::mark;
+
 use luo_handlers::mem::{memfd, Mapping};
 const SESSION: &str = "demo-vm";
 
@@ -184,11 +187,25 @@ fn run_one(
         "\n== {mib} MiB of {backing:?} guest RAM, {} extra sessions ==",
         opts.extra_sessions
     );
-    vmm_stage(exe, daemon, 1, backing, mib, opts.extra_sessions)?;
+    let timeline = timeline::fresh(&daemon.dir, &format!("{backing:?}"));
+    let vmm = |stage| {
+        vmm_stage(
+            exe,
+            daemon,
+            &timeline,
+            (stage, backing, mib),
+            opts.extra_sessions,
+        )
+    };
+    // The update comes once the old VMM holds its sessions, as it would for
+    // a real VMM: the old one's exit (unmapping guest RAM) is not waited for.
+    let mut old = vmm(1)?;
+    wait_held(&mut old, &timeline)?;
     let resp = step(
         "the simulated update",
         control::call(&daemon.socket(), &Request::Update, None),
     )?;
+    timeline::mark_in(&timeline, "update answered");
     if !resp.ok {
         return Err(DemoError::Step {
             step: "the simulated update".into(),
@@ -196,19 +213,29 @@ fn run_one(
         });
     }
     println!("update: {}", resp.message.unwrap_or_default());
-    vmm_stage(exe, daemon, 2, backing, mib, opts.extra_sessions)
+    let new = vmm(2)?;
+    wait_vmm(2, new)?;
+    // Ended by the update, or by itself once it held its sessions.
+    let _ = old.wait();
+    println!("  blackout phases:");
+    for line in timeline::phases(&timeline, "vCPU paused", "guest RAM retrieved") {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn vmm_stage(
     exe: &Path,
     d: &DemoDaemon,
-    stage: u32,
-    backing: Backing,
-    mib: u64,
+    timeline: &Path,
+    (stage, backing, mib): (u32, Backing, u64),
     extra: usize,
-) -> Result<(), DemoError> {
+) -> Result<Child, DemoError> {
+    if stage != 1 {
+        timeline::mark_in(timeline, "new VMM starting");
+    }
     let device = d.device();
-    let status = Command::new(exe)
+    let child = Command::new(exe)
         .arg("run")
         .arg("--device")
         .arg(&device)
@@ -229,9 +256,33 @@ fn vmm_stage(
                 "hugetlb"
             },
         ])
+        .env(timeline::TIMELINE_ENV, timeline)
         .stdin(Stdio::null())
-        .status();
-    let status = step(&format!("starting VMM stage {stage}"), status)?;
+        .spawn();
+    step(&format!("starting VMM stage {stage}"), child)
+}
+
+/// Waits until the old VMM holds its sessions (or fails).
+fn wait_held(old: &mut Child, timeline: &Path) -> Result<(), DemoError> {
+    loop {
+        if timeline::has(timeline, "sessions held") {
+            return Ok(());
+        }
+        if let Some(status) = step("waiting for VMM stage 1", old.try_wait())? {
+            if timeline::has(timeline, "sessions held") {
+                return Ok(());
+            }
+            return Err(DemoError::Step {
+                step: "VMM stage 1".into(),
+                source: std::io::Error::other(format!("exited with {status}")),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn wait_vmm(stage: u32, mut child: Child) -> Result<(), DemoError> {
+    let status = step(&format!("waiting for VMM stage {stage}"), child.wait())?;
     if status.success() {
         Ok(())
     } else {
@@ -338,6 +389,9 @@ pub fn vmm(
     mib: u64,
     extra: usize,
 ) -> Result<(), DemoError> {
+    if stage != 1 {
+        mark("new VMM running");
+    }
     let dev = step(
         "opening the device",
         File::options().read(true).write(true).open(device),
@@ -369,21 +423,30 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         progress.update(i + 1, map.pages());
     }
     progress.done();
+    // The checksums only serve the check: written before the pause.
+    let state = step("writing the checksums", vmm_state(&sums))?;
     let d = dev.as_fd();
     let session = step(
         "creating the session",
         session_ioctl(d, uapi::CREATE_SESSION, session_name(backing)),
     )?;
     // The blackout starts here: a real VMM stops its vCPUs right before it
-    // hands guest RAM to LUO (the checksums above only serve the check).
+    // saves its device state and hands guest RAM to LUO.
     let paused_ns = crate::sys::monotonic_ns();
-    let state = step("writing VMM state", vmm_state(len, paused_ns, &sums))?;
+    timeline::mark_at("vCPU paused", paused_ns);
+    step(
+        "writing VMM state",
+        stamp_state(&state, len, paused_ns, sums.len()),
+    )?;
+    mark("VMM state written");
     let s = session.as_fd();
     step("preserving guest RAM", preserve(s, ram.as_fd(), RAM_TOKEN))?;
+    mark("guest RAM preserved");
     step(
         "preserving VMM state",
         preserve(s, state.as_fd(), STATE_TOKEN),
     )?;
+    mark("VMM state preserved");
     let mut held = vec![session];
     for i in 0..extra {
         let name = format!("{SESSION}-{i}");
@@ -407,9 +470,13 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         session_name(backing)
     );
     drop(dev);
-    // Held by a detached child, as a VMM waiting for the update would.
-    step("holding the sessions", crate::sys::hold_in_child(held))?;
-    Ok(())
+    mark("sessions held");
+    // A VMM waits for the update with its sessions and guest RAM mapped;
+    // the update ends it.
+    let _keep = (held, map);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// Fills every page once, then keeps dirtying pages for a second.
@@ -443,17 +510,22 @@ fn run_vcpu(map: &mut Mapping) -> u64 {
     written.into_inner()
 }
 
-fn vmm_state(len: u64, paused_ns: u64, sums: &[u64]) -> std::io::Result<File> {
-    let mut bytes = Vec::with_capacity(32 + sums.len() * 8);
-    for v in [STATE_MAGIC, len, paused_ns, sums.len() as u64] {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    for s in sums {
-        bytes.extend_from_slice(&s.to_le_bytes());
-    }
-    let f = memfd("vmm-state", 0, bytes.len() as u64)?;
-    std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0)?;
+/// The VMM state memfd: a 32-byte header, zero until [`stamp_state`], then
+/// the checksum of every page.
+fn vmm_state(sums: &[u64]) -> std::io::Result<File> {
+    let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let f = memfd("vmm-state", 0, 32 + bytes.len() as u64)?;
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 32)?;
     Ok(f)
+}
+
+/// Writes the state's header: what a VMM saves at the pause.
+fn stamp_state(f: &File, len: u64, paused_ns: u64, pages: usize) -> std::io::Result<()> {
+    let header: Vec<u8> = [STATE_MAGIC, len, paused_ns, pages as u64]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(f, &header, 0)
 }
 
 fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError> {
@@ -462,9 +534,11 @@ fn vmm_stage2(dev: File, backing: Backing, extra: usize) -> Result<(), DemoError
         "retrieving the session",
         session_ioctl(d, uapi::RETRIEVE_SESSION, session_name(backing)),
     )?;
+    mark("session retrieved");
     let s = session.as_fd();
     let ram = step("retrieving guest RAM", retrieve(s, RAM_TOKEN))?;
     let first_ns = crate::sys::monotonic_ns();
+    timeline::mark_at("guest RAM retrieved", first_ns);
     let state = step("retrieving VMM state", retrieve(s, STATE_TOKEN))?;
     let (len, paused_ns, sums) = read_state(&state)?;
     let t = Instant::now();
