@@ -224,6 +224,10 @@ enum Command {
         extra_sessions: usize,
         #[arg(long, value_enum)]
         backing: demo::Backing,
+        /// Stage 1: wait for the update with guest RAM mapped, as a VMM
+        /// would, instead of leaving the sessions to a child and exiting.
+        #[arg(long)]
+        wait_for_update: bool,
     },
     /// Measure per-call ioctl latency on a device, ours or the kernel's (on
     /// ours it starts its own `luo run` workers and a simulated update).
@@ -472,7 +476,14 @@ fn main() -> ExitCode {
             size_mib,
             extra_sessions,
             backing,
-        } => match demo::vmm(&device, stage, backing, size_mib, extra_sessions) {
+            wait_for_update,
+        } => match demo::vmm(
+            &device,
+            (stage, wait_for_update),
+            backing,
+            size_mib,
+            extra_sessions,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },

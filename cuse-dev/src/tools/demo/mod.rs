@@ -248,6 +248,7 @@ fn vmm_stage(
             &mib.to_string(),
         ])
         .args(["--extra-sessions", &extra.to_string()])
+        .args((stage == 1).then_some("--wait-for-update"))
         .args([
             "--backing",
             if backing == Backing::Shmem {
@@ -384,7 +385,7 @@ impl Progress {
 /// Device, memory or verification failures.
 pub fn vmm(
     device: &Path,
-    stage: u32,
+    (stage, wait): (u32, bool),
     backing: Backing,
     mib: u64,
     extra: usize,
@@ -397,12 +398,19 @@ pub fn vmm(
         File::options().read(true).write(true).open(device),
     )?;
     match stage {
-        1 => vmm_stage1(dev, backing, mib, extra),
+        1 => vmm_stage1(dev, backing, (mib, extra), wait),
         _ => vmm_stage2(dev, backing, extra),
     }
 }
 
-fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(), DemoError> {
+/// Stage 1; with `wait`, the VMM waits for the update (which ends it)
+/// instead of leaving its sessions to a child and exiting.
+fn vmm_stage1(
+    dev: File,
+    backing: Backing,
+    (mib, extra): (u64, usize),
+    wait: bool,
+) -> Result<(), DemoError> {
     let len = mib * 1024 * 1024;
     let flags = if backing == Backing::Hugetlb {
         libc::MFD_HUGETLB
@@ -470,6 +478,12 @@ fn vmm_stage1(dev: File, backing: Backing, mib: u64, extra: usize) -> Result<(),
         session_name(backing)
     );
     drop(dev);
+    if !wait {
+        // Held by a detached child, as a VMM waiting for the update would.
+        step("holding the sessions", crate::sys::hold_in_child(held))?;
+        mark("sessions held");
+        return Ok(());
+    }
     mark("sessions held");
     // A VMM waits for the update with its sessions and guest RAM mapped;
     // the update ends it.
