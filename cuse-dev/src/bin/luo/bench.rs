@@ -11,7 +11,7 @@ use crate::{fail, print_json};
 pub fn bench(
     device: &Path,
     plan: &Plan,
-    json: bool,
+    (json, svg): (bool, Option<&Path>),
     stage: Option<u32>,
     session: Option<String>,
 ) -> ExitCode {
@@ -23,17 +23,16 @@ pub fn bench(
             return ExitCode::FAILURE;
         }
         (None, _) => {
-            return match bench::run(device, plan) {
-                Ok(rows) if json => {
-                    println!("{}", serde_json::to_string(&rows).expect("rows serialize"));
-                    ExitCode::SUCCESS
-                }
-                Ok(rows) => {
-                    bench::print(&rows, device);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
+            let rows = match bench::run(device, plan) {
+                Ok(rows) => rows,
+                Err(e) => return fail(&e),
             };
+            if json {
+                println!("{}", serde_json::to_string(&rows).expect("rows serialize"));
+            } else {
+                bench::print(&rows, device);
+            }
+            return chart(svg, "ioctls.svg", |p| bench::charts::ioctls(&rows, p));
         }
     };
     match report {
@@ -47,7 +46,7 @@ pub fn scale(
     device: &Path,
     (counts, stage_counts): (&[usize], &[usize]),
     calls: usize,
-    json: bool,
+    (json, svg): (bool, Option<&Path>),
 ) -> ExitCode {
     use luo_cuse_dev::tools::bench::scale;
     if !stage_counts.is_empty() {
@@ -56,13 +55,37 @@ pub fn scale(
             Err(e) => fail(&e),
         };
     }
-    match scale::run(device, counts, calls) {
-        Ok(steps) if json => print_json(&steps),
-        Ok(steps) => {
-            scale::print(&steps);
+    let steps = match scale::run(device, counts, calls) {
+        Ok(steps) => steps,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        print_json(&steps);
+    } else {
+        scale::print(&steps);
+    }
+    chart(svg, "scale.svg", |p| bench::charts::scale(&steps, p))
+}
+
+/// Writes the chart `name` into `dir`, if one was asked for.
+fn chart(
+    dir: Option<&Path>,
+    name: &str,
+    draw: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> ExitCode {
+    let Some(dir) = dir else {
+        return ExitCode::SUCCESS;
+    };
+    let path = dir.join(name);
+    match std::fs::create_dir_all(dir).and_then(|()| draw(&path)) {
+        Ok(()) => {
+            eprintln!("luo bench: wrote {}", path.display());
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => {
+            eprintln!("luo bench: cannot write {}: {e}", path.display());
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -274,6 +274,10 @@ enum Command {
         /// PRESERVE_FD into a session of 2000 files.
         #[arg(long, value_delimiter = ',', conflicts_with_all = ["stage", "compare", "syscalls"])]
         scale: Vec<usize>,
+        /// Also write SVG charts of the run into this directory
+        /// (ioctls.svg; scale.svg with --scale).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["stage", "compare", "syscalls"])]
+        svg: Option<PathBuf>,
         /// The measuring side of --scale, under `luo run`.
         #[arg(long, value_delimiter = ',', hide = true)]
         scale_stage: Vec<usize>,
@@ -499,12 +503,14 @@ fn main() -> ExitCode {
             syscalls,
             scale,
             scale_stage,
+            svg,
         } => {
             if let Some(log) = compare {
                 return bench::compare(&log);
             }
             if !scale.is_empty() || !scale_stage.is_empty() {
-                return bench::scale(&device, (&scale, &scale_stage), calls.max(1), json);
+                let out = (json, svg.as_deref());
+                return bench::scale(&device, (&scale, &scale_stage), calls.max(1), out);
             }
             if syscalls {
                 return match syscall_cost::compare(&device, calls.max(1)) {
@@ -518,7 +524,7 @@ fn main() -> ExitCode {
                 sessions,
                 files,
             };
-            bench::bench(&device, &plan, json, stage, session)
+            bench::bench(&device, &plan, (json, svg.as_deref()), stage, session)
         }
     }
 }

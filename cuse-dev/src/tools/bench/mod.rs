@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+pub mod charts;
 pub mod scale;
 mod timer;
 

@@ -1,0 +1,192 @@
+//! SVG charts of a bench run (`luo bench --svg DIR`), drawn with plotters'
+//! SVG backend: each ioctl's p50 and p99 beside its floor's p50, and, for
+//! `--scale`, each row's p50 against the sessions held.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::scale::Step;
+use super::timer::{pct, Row};
+
+const WIDTH: u32 = 960;
+const HEIGHT: u32 = 480;
+
+fn err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("drawing a chart: {e}"))
+}
+
+/// A row's name without the `SESSION_` every session command has.
+fn short(op: &str) -> &str {
+    op.strip_prefix("SESSION_").unwrap_or(op)
+}
+
+/// Grouped bars for every row that has a floor: p50, p99, floor p50 (µs).
+///
+/// # Errors
+/// The chart cannot be drawn or written.
+pub fn ioctls(rows: &[Row], path: &Path) -> std::io::Result<()> {
+    let rows: Vec<&Row> = rows.iter().filter(|r| !r.floor.is_empty()).collect();
+    let bars = |r: &Row| {
+        [
+            pct(&r.micros, 0.5),
+            pct(&r.micros, 0.99),
+            pct(&r.floor, 0.5),
+        ]
+    };
+    let top = rows.iter().flat_map(|r| bars(r)).fold(1.0f64, f64::max) * 1.1;
+    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let names: Vec<&str> = rows.iter().map(|r| short(&r.op)).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Per-ioctl latency against its transport's floor",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..rows.len() as f64 - 0.5, 0f64..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                names.get(i as usize).copied().unwrap_or("").to_owned()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("µs")
+        .draw()
+        .map_err(err)?;
+    let series = [("p50", BLUE), ("p99", RED), ("floor p50", BLACK)];
+    for (k, (label, color)) in series.into_iter().enumerate() {
+        let left = -0.36 + 0.24 * k as f64;
+        let rects = rows.iter().enumerate().map(|(i, r)| {
+            let x = i as f64 + left;
+            Rectangle::new([(x, 0.0), (x + 0.22, bars(r)[k])], color.mix(0.7).filled())
+        });
+        chart
+            .draw_series(rects)
+            .map_err(err)?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// One line per row: its p50 (µs) against the sessions held (log scale).
+///
+/// # Errors
+/// The chart cannot be drawn or written, or there are fewer than two steps.
+pub fn scale(steps: &[Step], path: &Path) -> std::io::Result<()> {
+    let (Some(first), Some(last)) = (steps.first(), steps.last()) else {
+        return Err(err("no steps"));
+    };
+    if steps.len() < 2 {
+        return Err(err("one step is no line"));
+    }
+    let top = steps
+        .iter()
+        .flat_map(|s| s.rows.iter().map(|r| pct(&r.micros, 0.5)))
+        .fold(1.0f64, f64::max)
+        * 1.2;
+    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let xs = (first.sessions.max(1) as f64)..(last.sessions as f64 * 1.5);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Per-call p50 against the sessions held", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(xs.log_scale(), 0f64..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("sessions held")
+        .y_desc("p50, µs")
+        .draw()
+        .map_err(err)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, row) in first.rows.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let points: Vec<(f64, f64)> = steps
+            .iter()
+            .filter_map(|s| Some((s.sessions.max(1) as f64, pct(&s.rows.get(i)?.micros, 0.5))))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(short(&row.op).to_owned())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(op: &str, v: f64) -> Row {
+        let mut r = Row::sample(op.to_owned(), v);
+        r.micros = vec![v, v * 2.0];
+        r.floor = vec![v / 2.0, v / 2.0];
+        r
+    }
+
+    /// The charts name every row, in an SVG document.
+    #[test]
+    fn charts_are_svg_naming_every_row() {
+        let dir = std::env::temp_dir().join(format!("luo-charts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows = vec![row("CREATE_SESSION", 100.0), row("SESSION_GET_NAME", 20.0)];
+        ioctls(&rows, &dir.join("ioctls.svg")).unwrap();
+        let steps = [10, 1000, 10000].map(|n| Step {
+            sessions: n,
+            rows: vec![row("SESSION_PRESERVE_FD", 90.0 + n as f64 / 1000.0)],
+        });
+        scale(&steps, &dir.join("scale.svg")).unwrap();
+        for (file, names) in [
+            (
+                "ioctls.svg",
+                &["CREATE_SESSION", "GET_NAME", "floor p50"][..],
+            ),
+            ("scale.svg", &["PRESERVE_FD", "sessions held"][..]),
+        ] {
+            let svg = std::fs::read_to_string(dir.join(file)).unwrap();
+            assert!(
+                svg.starts_with("<svg"),
+                "{file}: {}",
+                &svg[..40.min(svg.len())]
+            );
+            for n in names {
+                assert!(svg.contains(n), "{file} does not name {n}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
