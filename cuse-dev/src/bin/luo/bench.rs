@@ -89,7 +89,7 @@ fn chart(
     }
 }
 
-pub fn compare(log: &Path) -> ExitCode {
+pub fn compare(log: &Path, svg: Option<&Path>) -> ExitCode {
     let text = match std::fs::read_to_string(log) {
         Ok(t) => t,
         Err(e) => {
@@ -104,7 +104,16 @@ pub fn compare(log: &Path) -> ExitCode {
         }
         Ok(runs) => {
             print!("{}", bench::side_by_side(&runs));
-            ExitCode::SUCCESS
+            let draw = |prefix: &'static str, name| {
+                chart(svg, name, |p| bench::charts::sizes(&runs, prefix, p))
+            };
+            let preserve = draw("PRESERVE_FD ", "sizes-preserve.svg");
+            let retrieve = draw("RETRIEVE_FD ", "sizes-retrieve.svg");
+            if preserve == ExitCode::SUCCESS {
+                retrieve
+            } else {
+                preserve
+            }
         }
         Err(e) => {
             eprintln!("luo: a BENCH line of {} does not parse: {e}", log.display());

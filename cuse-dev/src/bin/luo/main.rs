@@ -276,7 +276,7 @@ enum Command {
         scale: Vec<usize>,
         /// Also write SVG charts of the run into this directory
         /// (ioctls.svg; scale.svg with --scale).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["stage", "compare", "syscalls"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["stage", "syscalls"])]
         svg: Option<PathBuf>,
         /// The measuring side of --scale, under `luo run`.
         #[arg(long, value_delimiter = ',', hide = true)]
@@ -506,7 +506,7 @@ fn main() -> ExitCode {
             svg,
         } => {
             if let Some(log) = compare {
-                return bench::compare(&log);
+                return bench::compare(&log, svg.as_deref());
             }
             if !scale.is_empty() || !scale_stage.is_empty() {
                 let out = (json, svg.as_deref());

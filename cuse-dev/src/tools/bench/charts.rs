@@ -1,6 +1,8 @@
 //! SVG charts of a bench run (`luo bench --svg DIR`), drawn with plotters'
-//! SVG backend: each ioctl's p50 and p99 beside its floor's p50, and, for
-//! `--scale`, each row's p50 against the sessions held.
+//! SVG backend: each ioctl's p50 and p99 beside its floor's p50; for
+//! `--scale`, each row's p50 against the sessions held; for `--compare LOG`,
+//! the time to preserve and to retrieve one memfd against its size, one
+//! line per device of the log (in-kernel LUO, ours, kmod-shim).
 
 use std::path::Path;
 
@@ -147,6 +149,84 @@ pub fn scale(steps: &[Step], path: &Path) -> std::io::Result<()> {
     root.present().map_err(err)
 }
 
+/// The size in KiB a row such as "PRESERVE_FD 64 MiB" names after `prefix`.
+fn size_of(op: &str, prefix: &str) -> Option<f64> {
+    let (n, unit) = op.strip_prefix(prefix)?.trim().split_once(' ')?;
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "KiB" => n,
+        "MiB" => n * 1024.0,
+        "GiB" => n * 1024.0 * 1024.0,
+        _ => return None,
+    })
+}
+
+/// One line per labelled run: the `prefix` rows' time (ms, log scale)
+/// against the memfd size (KiB, log scale).
+///
+/// # Errors
+/// The chart cannot be drawn or written, or no run has such rows.
+pub fn sizes(runs: &[(String, Vec<Row>)], prefix: &str, path: &Path) -> std::io::Result<()> {
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|(label, rows)| {
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((size_of(&r.op, prefix)?, pct(&r.micros, 0.5) / 1e3)))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (label.as_str(), pts)
+        })
+        .filter(|(_, pts)| !pts.is_empty())
+        .collect();
+    let all = lines.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, 0f64, f64::MAX, 0f64);
+    for (x, y) in all {
+        (x0, x1, y0, y1) = (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y));
+    }
+    if lines.is_empty() {
+        return Err(err(format!("no {prefix}<size> rows in the log")));
+    }
+    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{}one memfd, by size", prefix), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (x0 / 1.5..x1 * 1.5).log_scale(),
+            (y0.max(1e-3) / 2.0..y1 * 2.0).log_scale(),
+        )
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("memfd size, KiB")
+        .y_desc("p50, ms")
+        .draw()
+        .map_err(err)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (label, pts)) in lines.into_iter().enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(label.to_owned())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,12 +250,26 @@ mod tests {
             rows: vec![row("SESSION_PRESERVE_FD", 90.0 + n as f64 / 1000.0)],
         });
         scale(&steps, &dir.join("scale.svg")).unwrap();
+        let sized = |label: &str, f: f64| {
+            let rows = [4, 1024, 1 << 20].map(|k| {
+                row(
+                    &format!("PRESERVE_FD {}", super::super::size_name(k)),
+                    f * k as f64,
+                )
+            });
+            (label.to_owned(), rows.into())
+        };
+        let runs = vec![sized("kernel", 2.0), sized("fuse-file", 0.5)];
+        sizes(&runs, "PRESERVE_FD ", &dir.join("sizes.svg")).unwrap();
+        assert!(sizes(&runs, "RETRIEVE_FD ", &dir.join("none.svg")).is_err());
+        assert_eq!(size_of("RETRIEVE_FD 64 MiB", "RETRIEVE_FD "), Some(65536.0));
         for (file, names) in [
             (
                 "ioctls.svg",
                 &["CREATE_SESSION", "GET_NAME", "floor p50"][..],
             ),
             ("scale.svg", &["PRESERVE_FD", "sessions held"][..]),
+            ("sizes.svg", &["kernel", "fuse-file", "memfd size"][..]),
         ] {
             let svg = std::fs::read_to_string(dir.join(file)).unwrap();
             assert!(
