@@ -88,20 +88,8 @@ fn p50(sorted: &[f64]) -> f64 {
 pub fn compare(device: &Path, calls: usize) -> std::io::Result<()> {
     daemon_socket(device).map_err(std::io::Error::other)?;
     let outside = measure(calls)?;
-    let exe = std::env::current_exe()?;
-    let out = std::process::Command::new(&exe)
-        .arg("run")
-        .arg("--device")
-        .arg(device)
-        .arg("--")
-        .arg(&exe)
-        .args(["syscall-cost", "--calls", &calls.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other("the run under `luo run` failed"));
-    }
-    let inside: Vec<Timed> = serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)?;
+    let args = ["syscall-cost".into(), "--calls".into(), calls.to_string()];
+    let inside: Vec<Timed> = super::under_luo_run(device, &args, "the run under `luo run`")?;
     println!("calls per row: {calls}");
     println!("| call | p50 outside `luo run` (µs) | p50 under `luo run` (µs) | ratio |");
     println!("|---|---:|---:|---:|");

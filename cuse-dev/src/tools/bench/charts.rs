@@ -87,66 +87,35 @@ pub fn ioctls(rows: &[Row], path: &Path) -> std::io::Result<()> {
     root.present().map_err(err)
 }
 
-/// One line per row: its p50 (µs) against the sessions held (log scale).
+/// One line per row: its p50 (µs) against the sessions held (log scales).
 ///
 /// # Errors
 /// The chart cannot be drawn or written, or there are fewer than two steps.
 pub fn scale(steps: &[Step], path: &Path) -> std::io::Result<()> {
-    let (Some(first), Some(last)) = (steps.first(), steps.last()) else {
+    let Some(first) = steps.first() else {
         return Err(err("no steps"));
     };
     if steps.len() < 2 {
         return Err(err("one step is no line"));
     }
-    let top = steps
+    let lines = first
+        .rows
         .iter()
-        .flat_map(|s| s.rows.iter().map(|r| pct(&r.micros, 0.5)))
-        .fold(1.0f64, f64::max)
-        * 1.2;
-    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let xs = (first.sessions.max(1) as f64)..(last.sessions as f64 * 1.5);
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Per-call p50 against the sessions held", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(xs.log_scale(), 0f64..top)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("sessions held")
-        .y_desc("p50, µs")
-        .draw()
-        .map_err(err)?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, row) in first.rows.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let points: Vec<(f64, f64)> = steps
-            .iter()
-            .filter_map(|s| Some((s.sessions.max(1) as f64, pct(&s.rows.get(i)?.micros, 0.5))))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(short(&row.op).to_owned())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        chart
-            .draw_series(
-                points
-                    .into_iter()
-                    .map(|p| Circle::new(p, 3, color.filled())),
-            )
-            .map_err(err)?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+        .enumerate()
+        .map(|(i, row)| {
+            let pts = steps
+                .iter()
+                .filter_map(|s| Some((s.sessions.max(1) as f64, pct(&s.rows.get(i)?.micros, 0.5))))
+                .collect();
+            (short(&row.op).to_owned(), pts)
+        })
+        .collect();
+    let chart = LineChart {
+        caption: "Per-call p50 against the sessions held".into(),
+        axes: ("sessions held", "p50, µs"),
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    chart.draw(lines, path)
 }
 
 /// The size in KiB a row such as "PRESERVE_FD 64 MiB" names after `prefix`.
@@ -161,13 +130,13 @@ fn size_of(op: &str, prefix: &str) -> Option<f64> {
     })
 }
 
-/// One line per labelled run: the `prefix` rows' time (ms, log scale)
-/// against the memfd size (KiB, log scale).
+/// One line per labelled run: the `prefix` rows' time (ms) against the
+/// memfd size (KiB), both on log scales.
 ///
 /// # Errors
 /// The chart cannot be drawn or written, or no run has such rows.
 pub fn sizes(runs: &[(String, Vec<Row>)], prefix: &str, path: &Path) -> std::io::Result<()> {
-    let lines: Vec<(&str, Vec<(f64, f64)>)> = runs
+    let lines: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|(label, rows)| {
             let mut pts: Vec<(f64, f64)> = rows
@@ -175,56 +144,75 @@ pub fn sizes(runs: &[(String, Vec<Row>)], prefix: &str, path: &Path) -> std::io:
                 .filter_map(|r| Some((size_of(&r.op, prefix)?, pct(&r.micros, 0.5) / 1e3)))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (label.as_str(), pts)
+            (label.clone(), pts)
         })
         .filter(|(_, pts)| !pts.is_empty())
         .collect();
-    let all = lines.iter().flat_map(|(_, p)| p.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, 0f64, f64::MAX, 0f64);
-    for (x, y) in all {
-        (x0, x1, y0, y1) = (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y));
-    }
     if lines.is_empty() {
         return Err(err(format!("no {prefix}<size> rows in the log")));
     }
-    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{}one memfd, by size", prefix), ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (x0 / 1.5..x1 * 1.5).log_scale(),
-            (y0.max(1e-3) / 2.0..y1 * 2.0).log_scale(),
-        )
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("memfd size, KiB")
-        .y_desc("p50, ms")
-        .draw()
-        .map_err(err)?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, (label, pts)) in lines.into_iter().enumerate() {
-        let color = colors[i % colors.len()];
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(label.to_owned())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+    let chart = LineChart {
+        caption: format!("{prefix}one memfd, by size"),
+        axes: ("memfd size, KiB", "p50, ms"),
+        legend: SeriesLabelPosition::UpperLeft,
+    };
+    chart.draw(lines, path)
+}
+
+/// A chart of lines with points, both axes on log scales.
+struct LineChart {
+    caption: String,
+    /// The x and y axes' descriptions.
+    axes: (&'static str, &'static str),
+    legend: SeriesLabelPosition,
+}
+
+impl LineChart {
+    /// Draws `lines` (a label and its points each) into `path`.
+    fn draw(self, lines: Vec<(String, Vec<(f64, f64)>)>, path: &Path) -> std::io::Result<()> {
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN_POSITIVE, f64::MAX, 1e-3f64);
+        for (x, y) in lines.iter().flat_map(|(_, p)| p.iter()) {
+            (x0, x1, y0, y1) = (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y));
+        }
+        let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(self.caption, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                (x0 / 1.5..x1 * 1.5).log_scale(),
+                (y0.max(1e-3) / 2.0..y1 * 2.0).log_scale(),
+            )
             .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.axes.0)
+            .y_desc(self.axes.1)
+            .draw()
+            .map_err(err)?;
+        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        for (i, (label, pts)) in lines.into_iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(self.legend)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+mod breakdown;
 pub mod charts;
 pub mod scale;
 mod timer;
@@ -23,7 +24,6 @@ mod timer;
 use timer::{pct, Timer};
 pub use timer::{Floor, Row};
 
-use super::breakdown;
 use crate::client::ioctl as lu;
 use crate::client::run::daemon_socket;
 use crate::control::{self, Request};
@@ -105,30 +105,14 @@ fn run_stage(
     stage: u32,
     session: Option<&str>,
 ) -> std::io::Result<StageReport> {
-    let exe = std::env::current_exe()?;
-    let mut c = std::process::Command::new(&exe);
-    c.arg("run")
-        .arg("--device")
-        .arg(device)
-        .arg("--")
-        .arg(&exe)
-        .arg("bench")
-        .arg("--device")
-        .arg(device);
-    c.args(plan_args(plan));
-    c.args(["--stage", &stage.to_string()]);
+    let mut args: Vec<String> = vec!["bench".into(), "--device".into()];
+    args.push(device.to_string_lossy().into_owned());
+    args.extend(plan_args(plan));
+    args.extend(["--stage".into(), stage.to_string()]);
     if let Some(s) = session {
-        c.args(["--session", s]);
+        args.extend(["--session".into(), s.to_owned()]);
     }
-    let out = c.stderr(std::process::Stdio::inherit()).output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "bench stage {stage} exited with {}",
-            out.status
-        )));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    super::under_luo_run(device, &args, &format!("bench stage {stage}"))
 }
 
 fn plan_args(plan: &Plan) -> Vec<String> {

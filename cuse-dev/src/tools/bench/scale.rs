@@ -39,29 +39,17 @@ pub fn run(device: &Path, counts: &[usize], calls: usize) -> std::io::Result<Vec
             "--scale takes session counts in increasing order, e.g. 10,1000,10000",
         ));
     }
-    let exe = std::env::current_exe()?;
     let list: Vec<String> = counts.iter().map(usize::to_string).collect();
-    let out = std::process::Command::new(&exe)
-        .arg("run")
-        .arg("--device")
-        .arg(device)
-        .arg("--")
-        .arg(&exe)
-        .arg("bench")
-        .arg("--device")
-        .arg(device)
-        .args(["--calls", &calls.to_string()])
-        .args(["--scale-stage", &list.join(",")])
-        .stderr(std::process::Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "the scale stage exited with {}",
-            out.status
-        )));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    let args = [
+        "bench".into(),
+        "--device".into(),
+        device.to_string_lossy().into_owned(),
+        "--calls".into(),
+        calls.to_string(),
+        "--scale-stage".into(),
+        list.join(","),
+    ];
+    crate::tools::under_luo_run(device, &args, "the scale stage")
 }
 
 /// The measuring side, under `luo run`: for each count, background

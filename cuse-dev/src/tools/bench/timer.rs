@@ -3,10 +3,11 @@
 //! time went.
 
 use std::fs::File;
+use std::path::Path;
 use std::time::Instant;
 
-use super::breakdown;
 use super::ioctl;
+use crate::control::{self, Request};
 use crate::profile::ProfileRow;
 use crate::uapi;
 
@@ -98,7 +99,7 @@ impl Timer<'_> {
         let mut micros = Vec::with_capacity(n);
         let mut floor = Vec::with_capacity(n);
         if let Some(s) = &self.socket {
-            breakdown::take(s)?;
+            take_profile(s)?;
         }
         for _ in 0..n {
             floor.push(self.floor(kind)?);
@@ -109,7 +110,7 @@ impl Timer<'_> {
         micros.sort_by(f64::total_cmp);
         floor.sort_by(f64::total_cmp);
         let daemon = match &self.socket {
-            Some(s) => breakdown::take(s)?,
+            Some(s) => take_profile(s)?,
             None => Vec::new(),
         };
         Ok(Row {
@@ -147,4 +148,16 @@ fn trapped_floor() -> std::io::Result<f64> {
             std::io::Error::last_os_error()
         ))),
     }
+}
+
+/// The daemon's means since the last call, and a fresh start.
+///
+/// # Errors
+/// The daemon does not answer.
+fn take_profile(socket: &Path) -> std::io::Result<Vec<ProfileRow>> {
+    let resp = control::call(socket, &Request::Profile, None)?;
+    if !resp.ok {
+        return Err(std::io::Error::other(resp.error.unwrap_or_default()));
+    }
+    Ok(resp.profile)
 }

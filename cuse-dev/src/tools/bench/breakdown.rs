@@ -1,29 +1,14 @@
-//! Where a bench row's time goes: the daemon's phases (see `profile`),
-//! read over the control socket, beside the mean the caller measured; what
+//! Where a bench row's time goes: the daemon's phases (see `profile`,
+//! read by the timer over the control socket), beside the mean the caller measured; what
 //! the daemon did not spend is the transport's (the kernel's FUSE or
 //! seccomp path, scheduling, the caller's side of the syscall).
 
-use std::path::Path;
-
-use super::bench::Row;
-use crate::control::{self, Request};
+use super::timer::Row;
 use crate::profile::ProfileRow;
 
 /// The ioctl numbers of the floor calls (`profile`'s "not a LUO fd" and
 /// the out-of-range command).
 const FLOOR_NRS: [u8; 2] = [crate::profile::NOT_OURS, 0x3f];
-
-/// The daemon's means since the last call, and a fresh start.
-///
-/// # Errors
-/// The daemon does not answer.
-pub fn take(socket: &Path) -> std::io::Result<Vec<ProfileRow>> {
-    let resp = control::call(socket, &Request::Profile, None)?;
-    if !resp.ok {
-        return Err(std::io::Error::other(resp.error.unwrap_or_default()));
-    }
-    Ok(resp.profile)
-}
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
