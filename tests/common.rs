@@ -213,6 +213,12 @@ impl Daemon {
             assert!(Instant::now() < deadline, "daemon did not become ready");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // tests/run's second pass: the same tests over FUSE over io_uring.
+        if let Ok(want) = std::env::var("LUO_TEST_FUSE_TRANSPORT") {
+            let status = self.status_json();
+            let got = status["fuse_transport"].as_str().unwrap_or("none");
+            assert_eq!(got, want, "the daemon takes FUSE requests through {got}");
+        }
     }
 
     /// Kills the daemon with `signal` and starts a new one on the same state.

@@ -166,6 +166,47 @@ fn a_call_the_daemon_dies_on_is_answered_once() {
     }
 }
 
+/// The daemon dies right after reading a session-file ioctl (nothing saved),
+/// or right after saving a batch with one, before replying: the next daemon
+/// answers it exactly once, whether it came through /dev/fuse (resent by
+/// the kernel) or an io_uring entry (still in the entry's buffer, which the
+/// next daemon maps again). Every PRESERVE_FD succeeds and each file is
+/// there once.
+#[test]
+fn a_session_ioctl_the_daemon_dies_on_is_answered_once() {
+    common::require_capable();
+    for point in ["ioctl-received:40", "ioctl-saved:40"] {
+        let mut daemon = common::Daemon::start_with(&[("LUO_CRASH_AT", point)]);
+        let mut probe = daemon
+            .probe_command("probe_churn_preserve")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        daemon.wait_exit();
+        daemon.start_again();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while probe.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = probe.kill();
+                panic!("crash at {point}: the caller was never answered");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = probe.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "crash at {point}: {text}"
+        );
+        let s = daemon.status_json();
+        let files = s["sessions"][0]["files"].as_array().unwrap();
+        let tokens: std::collections::BTreeSet<u64> =
+            files.iter().map(|f| f["token"].as_u64().unwrap()).collect();
+        assert_eq!(files.len() as u64, FILES, "crash at {point}");
+        assert_eq!(tokens, (0..FILES).collect(), "crash at {point}");
+    }
+}
+
 /// A pseudo-random delay in `lo..hi` ms (no RNG crate needed for this).
 fn jitter(lo: u64, hi: u64) -> Duration {
     let n = std::time::SystemTime::now()

@@ -3,7 +3,9 @@
 //! `POINT`, so that a test can stop it at a moment a random kill rarely hits.
 //!
 //! Points: `received` (a trapped call received, nothing saved yet),
-//! `decided` (its outcome saved, the reply not yet sent), `stashed` (a file
+//! `decided` (its outcome saved, the reply not yet sent), `ioctl-received`
+//! and `ioctl-saved` (the same for an ioctl on the FUSE mount or the CUSE
+//! device, counted per batch of requests), `stashed` (a file
 //! stashed in kmod-shim while preparing a kexec) and `restored` (a file
 //! rebuilt from its stash after one).
 

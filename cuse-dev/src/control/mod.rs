@@ -127,6 +127,10 @@ pub struct Response {
     /// Status: every registered FLB.
     #[serde(default)]
     pub flbs: Vec<FlbStatus>,
+    /// Status: how FUSE requests reach the daemon, `io_uring` or
+    /// `/dev/fuse`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_transport: Option<String>,
     /// A progress report sent before the answer of a long request; the
     /// answer is the first line without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -219,6 +219,14 @@ impl Daemon {
             sessions,
             luo_run_trees: self.runs.listeners.len(),
             flbs,
+            fuse_transport: Some(
+                if self.chan.ring_fd().is_some() {
+                    "io_uring"
+                } else {
+                    "/dev/fuse"
+                }
+                .into(),
+            ),
             ..Response::default()
         }
     }

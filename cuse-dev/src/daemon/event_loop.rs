@@ -9,6 +9,7 @@ use std::path::Path;
 use super::{setup, Daemon, DaemonError};
 use crate::control::server::ControlServer;
 use crate::profile::{self, Phase, Source};
+use crate::wire::dev_fuse::Route;
 use crate::wire::fuse::{self, Op};
 use crate::{log, sys};
 
@@ -19,6 +20,7 @@ pub(super) const TOKEN_POOL: u64 = 2;
 pub(super) const TOKEN_SIGNAL: u64 = 3;
 pub(super) const TOKEN_CONTROL: u64 = 4;
 pub(super) const TOKEN_CUSE: u64 = 5;
+pub(super) const TOKEN_RING: u64 = 6;
 /// `luo run` listeners' tokens start here.
 pub(super) const TOKEN_LISTENER_BASE: u64 = 1 << 20;
 /// Control connections' tokens (listeners never get this far).
@@ -66,7 +68,7 @@ impl Daemon {
             self.check_keeper();
             for (token, events) in events {
                 match token {
-                    TOKEN_FUSE | TOKEN_CUSE => self.drain_fuse(),
+                    TOKEN_FUSE | TOKEN_CUSE | TOKEN_RING => self.drain_fuse(),
                     TOKEN_POOL => self.on_pool_event()?,
                     TOKEN_SIGNAL => {
                         log::info(format_args!("termination signal received; stopping"));
@@ -95,6 +97,10 @@ impl Daemon {
             ));
             return;
         }
+        // The ring goes before the mount: the kernel tears the connection's
+        // ring down when the mount goes, and waits for requests it is
+        // handing to this thread, which cannot take them while it waits.
+        self.chan.close_ring();
         if self.chan.cuse_fd().is_some() {
             if let Some(name) = self.cfg.device.file_name().and_then(|n| n.to_str()) {
                 let _ = std::fs::remove_file(
@@ -130,6 +136,9 @@ impl Daemon {
         }
         if outermost {
             self.commit();
+            if std::mem::take(&mut self.node.ioctl_in_batch) {
+                luo_kexec_helper::failpoint::pass("ioctl-saved");
+            }
             {
                 let _t = profile::enter(Phase::Reply);
                 self.chan.end_batch();
@@ -137,6 +146,9 @@ impl Daemon {
             profile::done(Source::Fuse);
             if std::mem::take(&mut self.node.cuse_created) {
                 self.label_cuse_device();
+            }
+            if std::mem::take(&mut self.node.ring_agreed) {
+                self.begin_ring();
             }
         }
     }
@@ -182,7 +194,7 @@ impl Daemon {
     fn dispatch(&mut self, req: fuse::Request) {
         // Replies go where the request came from; a request served while
         // this one waits (see `take_slot`) routes its own.
-        let before = self.chan.route(req.cuse);
+        let before = self.chan.route(Route::of(&req));
         self.serve_request(req);
         self.chan.route(before);
     }

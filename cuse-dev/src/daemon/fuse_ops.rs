@@ -33,6 +33,10 @@ impl Daemon {
         if changes_state(&req.op) {
             self.saved.dirty = true;
         }
+        if matches!(req.op, Op::Ioctl(_)) {
+            luo_kexec_helper::failpoint::pass("ioctl-received");
+            self.node.ioctl_in_batch = true;
+        }
         let answer = self.decide(&h, req.op, req.cuse);
         self.chan.answer(h.unique, answer);
     }
@@ -40,7 +44,17 @@ impl Daemon {
     /// What a request gets.
     fn decide(&mut self, h: &InHeader, op: Op, cuse: bool) -> Answer {
         match op {
-            Op::Init(init) => init_answer(init),
+            Op::Init(init, flags2) => {
+                let ring = self.cfg.fuse_uring && offers_uring(&init, flags2);
+                if self.cfg.fuse_uring && !ring {
+                    log::info(format_args!(
+                        "the kernel does not offer FUSE over io_uring (fuse.enable_uring=0, or \
+                         built without CONFIG_FUSE_IO_URING): requests come through /dev/fuse"
+                    ));
+                }
+                self.node.ring_agreed = ring;
+                init_answer(init, ring)
+            }
             Op::Lookup { name } => self.lookup(h, &name),
             Op::Getattr => self.getattr(h.nodeid),
             Op::Setattr(s) => self.setattr(h, s),
@@ -111,8 +125,20 @@ impl Daemon {
     }
 }
 
-/// INIT: the protocol version and limits the daemon works with.
-pub(super) fn init_answer(init: InitIn) -> Answer {
+/// `FUSE_INIT_EXT`: the flags go on in `flags2`.
+const INIT_EXT: u32 = 1 << 30;
+/// `FUSE_OVER_IO_URING` (bit 41), as a bit of `flags2`.
+const OVER_IO_URING2: u32 = 1 << (41 - 32);
+
+/// Whether the kernel offers FUSE over io_uring (it does only while the
+/// `fuse.enable_uring` module parameter is on).
+pub(super) fn offers_uring(init: &InitIn, flags2: u32) -> bool {
+    init.flags & INIT_EXT != 0 && flags2 & OVER_IO_URING2 != 0
+}
+
+/// INIT: the protocol version and limits the daemon works with, and FUSE
+/// over io_uring if `ring`.
+pub(super) fn init_answer(init: InitIn, ring: bool) -> Answer {
     if init.major != KERNEL_VERSION {
         log::warn(format_args!(
             "kernel speaks FUSE {}.{}; need 7.x",
@@ -129,6 +155,8 @@ pub(super) fn init_answer(init: InitIn) -> Answer {
         congestion_threshold: u16::MAX - 1,
         max_write: 4096,
         time_gran: 1,
+        flags: if ring { INIT_EXT } else { 0 },
+        flags2: if ring { OVER_IO_URING2 } else { 0 },
         ..Default::default()
     })
 }

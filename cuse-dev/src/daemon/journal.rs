@@ -190,6 +190,7 @@ impl Daemon {
         self.runs.save_into(&mut header);
         self.update.save_into(&mut header);
         self.dma.save_into(&mut header);
+        header.fuse_ring = self.chan.ring_area().map(|(layout, _)| layout);
         header
     }
 
@@ -282,6 +283,9 @@ fn own_fds<'a>(
     let mut fds = vec![(persist::FUSE_KEY.to_owned(), chan.fd())];
     if let Some(c) = chan.cuse_fd() {
         fds.push((persist::CUSE_KEY.to_owned(), c));
+    }
+    if let Some((_, memfd)) = chan.ring_area() {
+        fds.push((persist::RING_KEY.to_owned(), memfd));
     }
     fds.extend(
         listeners

@@ -41,6 +41,7 @@ mod journal;
 mod kexec;
 mod node;
 mod pool;
+mod ring;
 mod session;
 mod start;
 mod statfs;
@@ -77,6 +78,9 @@ pub struct Config {
     /// A group whose members may ask for `status` (everything else on the
     /// control socket is root's alone).
     pub status_group: Option<u32>,
+    /// Take FUSE over io_uring when the kernel offers it in INIT (the
+    /// `fuse.enable_uring` module parameter); `/dev/fuse` otherwise.
+    pub fuse_uring: bool,
     /// What session owners other than root may hold (see `caller::owners`).
     pub limits: Limits,
 }

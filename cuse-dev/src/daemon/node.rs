@@ -29,6 +29,12 @@ pub(super) struct DeviceNode {
     pub(super) cuse_rdev: Option<u64>,
     /// A CUSE init reply is on its way: label the device after the batch.
     pub(super) cuse_created: bool,
+    /// INIT agreed on FUSE over io_uring: the ring starts once the reply
+    /// is delivered.
+    pub(super) ring_agreed: bool,
+    /// The batch being served has an ioctl (for the `ioctl-saved` crash
+    /// point).
+    pub(super) ioctl_in_batch: bool,
 }
 
 impl DeviceNode {
@@ -42,6 +48,8 @@ impl DeviceNode {
             created_device: header.created_device,
             cuse_rdev: None,
             cuse_created: false,
+            ring_agreed: false,
+            ioctl_in_batch: false,
         }
     }
 

@@ -176,14 +176,17 @@ impl Daemon {
     }
 
     fn wait_for_opener(&mut self) -> Result<()> {
-        let files = [self.chan.fd(), self.files.opener.as_fd()];
+        let ring = self.chan.ring_fd();
+        let mut files = vec![self.files.opener.as_fd(), self.chan.fd()];
+        // SAFETY: the ring's fd stays open while the channel has it.
+        files.extend(ring.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) }));
         let Some(ready) = sys::poll_readable(&files, OPENER_PATIENCE_MS) else {
             return self.replace_hung_opener();
         };
-        if ready[0] {
+        if ready[1..].iter().any(|r| *r) {
             self.drain_fuse();
         }
-        if ready[1] && self.on_pool_event().is_err() {
+        if ready[0] && self.on_pool_event().is_err() {
             return Err(Errno::EIO);
         }
         Ok(())

@@ -184,10 +184,12 @@ impl Daemon {
             daemon.node.cuse_rdev = sys::path_rdev(&daemon.cfg.device).ok();
         }
         daemon.load(&loaded)?;
+        daemon.adopt_ring(&loaded.header);
         // Replies the previous daemon decided on may not have been delivered.
         for reply in &loaded.replies {
             daemon.chan.resend(reply);
         }
+        daemon.start_ring();
         let path = daemon.cfg.image();
         setup(
             || format!("rewrite the state journal {}", path.display()),

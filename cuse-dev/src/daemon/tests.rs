@@ -147,7 +147,7 @@ fn init_agrees_on_the_older_minor_and_refuses_another_major() {
         max_readahead: 1 << 16,
         flags: 0,
     };
-    let out = InitOut::read_from_bytes(&body(init_answer(init))).expect("an init reply");
+    let out = InitOut::read_from_bytes(&body(init_answer(init, false))).expect("an init reply");
     assert_eq!(
         (out.major, out.minor),
         (KERNEL_VERSION, KERNEL_MINOR_VERSION)
@@ -157,7 +157,7 @@ fn init_agrees_on_the_older_minor_and_refuses_another_major() {
         major: KERNEL_VERSION - 1,
         ..init
     };
-    assert_eq!(init_answer(old), Answer::Err(Errno::EPROTO));
+    assert_eq!(init_answer(old, false), Answer::Err(Errno::EPROTO));
 }
 
 #[test]

@@ -14,6 +14,8 @@ pub const FUSE_KEY: &str = "fuse";
 
 /// Key of the CUSE device in the keeper (with the CUSE backend).
 pub const CUSE_KEY: &str = "cuse";
+/// The keeper's key for the memfd of the FUSE io_uring entries' buffers.
+pub const RING_KEY: &str = "fuse-ring";
 
 /// Key of a `luo run` listener in the keeper.
 pub fn listener_key(token: u64) -> String {
@@ -57,6 +59,10 @@ pub struct Header {
         skip_serializing_if = "luo_handlers::vfio::dma::Spaces::is_empty"
     )]
     pub dma: luo_handlers::vfio::dma::Spaces,
+    /// FUSE over io_uring: where the entries' buffers are (the keeper holds
+    /// their memfd under [`RING_KEY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_ring: Option<crate::wire::uring::Layout>,
 }
 
 /// A session and the session file that stands for it in clients.

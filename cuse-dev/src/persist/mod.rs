@@ -20,7 +20,7 @@ mod journal;
 
 pub use format::{
     listener_key, parse, read, DeltaRecord, Header, Inflight, LoadError, Loaded, Outcome, Record,
-    SessionRecord, CUSE_KEY, FUSE_KEY,
+    SessionRecord, CUSE_KEY, FUSE_KEY, RING_KEY,
 };
 pub use journal::{Journal, KeptFds, RESERVE};
 

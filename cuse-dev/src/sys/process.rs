@@ -291,3 +291,38 @@ pub fn no_new_privs() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Calls `statfs(path)` once from each of CPUs `0..cpus`, in a detached
+/// grandchild (reaped by init), returning at once: each call is a FUSE
+/// request on that CPU's io_uring queue when `path` is on a FUSE mount.
+///
+/// # Errors
+/// `fork` failures.
+pub fn statfs_from_each_cpu(path: &std::ffi::CStr, cpus: u16) -> io::Result<()> {
+    // SAFETY: both children make only async-signal-safe calls (fork,
+    // sched_setaffinity, statfs, _exit) on memory the parent prepared, so
+    // this is sound in any process.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        // SAFETY: as above: only async-signal-safe calls, on a cpu_set_t
+        // and statfs buffer of the child's own stack.
+        0 => unsafe {
+            if libc::fork() == 0 {
+                for cpu in 0..usize::from(cpus) {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) == 0 {
+                        let mut st: libc::statfs = std::mem::zeroed();
+                        libc::statfs(path.as_ptr(), &mut st);
+                    }
+                }
+            }
+            libc::_exit(0)
+        },
+        pid => {
+            // SAFETY: waits for the child just forked, which exits at once.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            Ok(())
+        }
+    }
+}

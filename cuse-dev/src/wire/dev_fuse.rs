@@ -1,4 +1,5 @@
-//! The daemon's end of `/dev/fuse` (and `/dev/cuse`): requests read, parsed
+//! The daemon's end of `/dev/fuse` (and `/dev/cuse`, and FUSE over
+//! io_uring when the kernel offers it): requests read, parsed
 //! ([`super::fuse::parse`]) and answered, replies held back in a batch until
 //! the state they report is saved.
 
@@ -9,6 +10,25 @@ use zerocopy::IntoBytes;
 
 use super::abi::OutHeader;
 use super::fuse::{parse, Answer, Reply, Request};
+use super::uring::{Layout, Ring};
+
+/// Where the reply being made goes: the device its request came from, and
+/// the io_uring entry that holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    cuse: bool,
+    slot: Option<u32>,
+}
+
+impl Route {
+    /// Back where `req` came from.
+    pub fn of(req: &Request) -> Route {
+        Route {
+            cuse: req.cuse,
+            slot: req.slot,
+        }
+    }
+}
 
 /// Size of the read buffer: FUSE wants at least 8 KiB; our requests are small.
 const BUFFER_SIZE: usize = 64 * 1024 + 4096;
@@ -30,14 +50,19 @@ fn read_request(fd: i32, buf: &mut [u8]) -> io::Result<Option<Request>> {
     }
 }
 
-/// The daemon's connection to the kernel: the FUSE mount's `/dev/fuse` fd
-/// and, with the CUSE backend, a `/dev/cuse` fd. Replies go to the device the
-/// request being served came from (see [`Channel::route`]).
+/// The daemon's connection to the kernel: the FUSE mount's `/dev/fuse` fd,
+/// its io_uring once started and, with the CUSE backend, a `/dev/cuse` fd.
+/// Replies go where the request being served came from (see
+/// [`Channel::route`]).
 pub struct Channel {
     fd: OwnedFd,
     cuse: Option<OwnedFd>,
-    /// Replies go to the CUSE device while set.
-    to_cuse: std::cell::Cell<bool>,
+    /// Where replies go now.
+    to: std::cell::Cell<Route>,
+    /// FUSE over io_uring, once INIT agreed on it.
+    ring: std::cell::RefCell<Option<Ring>>,
+    /// The ring's layout and the memfd of its buffers.
+    ring_area: Option<(Layout, OwnedFd)>,
     buf: Vec<u8>,
     /// While a batch is open, replies are held here until
     /// [`Channel::end_batch`].
@@ -51,7 +76,9 @@ impl Channel {
         Channel {
             fd,
             cuse: None,
-            to_cuse: std::cell::Cell::new(false),
+            to: std::cell::Cell::new(Route::default()),
+            ring: std::cell::RefCell::new(None),
+            ring_area: None,
             buf: vec![0; BUFFER_SIZE],
             batch: std::cell::RefCell::new(None),
         }
@@ -72,10 +99,65 @@ impl Channel {
         self.cuse.as_ref().map(|f| f.as_fd())
     }
 
-    /// Sends replies to the CUSE device (true) or the FUSE mount from now
-    /// on; returns the previous setting, to restore after a nested request.
-    pub fn route(&self, to_cuse: bool) -> bool {
-        self.to_cuse.replace(to_cuse && self.cuse.is_some())
+    /// Sends replies along `to` from now on; returns the previous route, to
+    /// restore after a nested request.
+    pub fn route(&self, to: Route) -> Route {
+        let cuse = to.cuse && self.cuse.is_some();
+        self.to.replace(Route { cuse, ..to })
+    }
+
+    /// Makes the io_uring for this connection: with fresh buffers, or with
+    /// those `adopt` names (a previous daemon's, see `uring`). Replies to
+    /// requests the previous daemon fetched can then be sent again
+    /// ([`Channel::resend`]) before [`Channel::start_ring`].
+    ///
+    /// # Errors
+    /// The ring or its buffers could not be made.
+    pub fn open_ring(&mut self, adopt: Option<(OwnedFd, Layout)>) -> io::Result<()> {
+        let ring = match adopt {
+            Some((memfd, layout)) => Ring::adopt(self.fd.as_fd(), memfd, layout)?,
+            None => Ring::create(self.fd.as_fd())?,
+        };
+        self.ring_area = Some((ring.layout(), ring.memfd().try_clone_to_owned()?));
+        *self.ring.get_mut() = Some(ring);
+        Ok(())
+    }
+
+    /// Registers the ring's free entries with the kernel; returns how many
+    /// requests a previous daemon had fetched and not answered (served
+    /// again, like requests the kernel resends).
+    ///
+    /// # Errors
+    /// The kernel refused the ring; requests go on coming through
+    /// `/dev/fuse` and the ring is dropped.
+    pub fn start_ring(&mut self) -> io::Result<usize> {
+        let ring = self.ring.get_mut();
+        let started = ring.as_mut().map_or(Ok(0), Ring::start);
+        if started.is_err() {
+            *ring = None;
+            self.ring_area = None;
+        }
+        started
+    }
+
+    /// The ring's layout and buffers' memfd, for the journal and the keeper.
+    pub fn ring_area(&self) -> Option<(Layout, BorrowedFd<'_>)> {
+        self.ring_area.as_ref().map(|(l, fd)| (*l, fd.as_fd()))
+    }
+
+    /// Closes the io_uring (before the mount goes, see `stop_serving`):
+    /// the kernel ends the requests it was handing to its entries.
+    pub fn close_ring(&mut self) {
+        if self.ring.get_mut().take().is_some() {
+            // Returning from a syscall runs the closed ring's last work
+            // for this thread.
+            let _ = crate::sys::poll_readable(&[self.fd.as_fd()], 0);
+        }
+    }
+
+    /// The io_uring fd, to watch: readable when a request arrived.
+    pub fn ring_fd(&self) -> Option<i32> {
+        self.ring.borrow().as_ref().map(|r| r.fd().as_raw_fd())
     }
 
     /// Reads the next CUSE request; `Ok(None)` when none is pending or there
@@ -91,11 +173,20 @@ impl Channel {
         Ok(req.map(|r| Request { cuse: true, ..r }))
     }
 
-    /// Reads the next request; `Ok(None)` when none is pending.
+    /// Reads the next request, from the io_uring first; `Ok(None)` when
+    /// none is pending.
     ///
     /// # Errors
     /// `ENODEV` once the filesystem is unmounted; other read errors.
     pub fn next_request(&mut self) -> io::Result<Option<Request>> {
+        if let Some(ring) = self.ring.get_mut() {
+            if let Some((slot, req)) = ring.next_request()? {
+                return Ok(Some(Request {
+                    slot: Some(slot),
+                    ..req
+                }));
+            }
+        }
         read_request(self.fd.as_raw_fd(), &mut self.buf)
     }
 
@@ -130,13 +221,24 @@ impl Channel {
         for reply in held {
             self.write_message(&reply);
         }
+        self.flush_ring();
     }
 
     /// Sends a whole message again (a reply saved before a restart); a reply
     /// to a request that was already answered is refused by the kernel and
-    /// ignored here.
+    /// ignored here. Replies to io_uring requests need the ring: sent
+    /// again by [`Channel::start_ring`]'s caller once it is up.
     pub fn resend(&self, reply: &Reply) {
         self.write_message(reply);
+        self.flush_ring();
+    }
+
+    fn flush_ring(&self) {
+        if let Some(ring) = self.ring.borrow_mut().as_mut() {
+            if let Err(e) = ring.flush() {
+                crate::log::warn(format_args!("FUSE io_uring submit failed: {e}"));
+            }
+        }
     }
 
     /// Asks the kernel to queue again every request this connection's server
@@ -171,6 +273,15 @@ impl Channel {
 
     fn write_message(&self, reply: &Reply) {
         let msg = &reply.msg;
+        if let Some(slot) = reply.slot {
+            if let Some(ring) = self.ring.borrow_mut().as_mut() {
+                if let Err(e) = ring.commit(slot, msg) {
+                    let unique = reply.unique();
+                    crate::log::warn(format_args!("FUSE reply to request {unique} failed: {e}"));
+                }
+            }
+            return;
+        }
         // SAFETY: writes msg.len() bytes from a live buffer.
         let n = unsafe { libc::write(self.target(reply.cuse), msg.as_ptr().cast(), msg.len()) };
         if n < 0 {
@@ -187,13 +298,20 @@ impl Channel {
         let body: usize = parts.iter().map(|p| p.len()).sum();
         let len = (std::mem::size_of::<OutHeader>() + body) as u32;
         let header = OutHeader { len, error, unique };
-        let cuse = self.to_cuse.get();
-        if let Some(batch) = self.batch.borrow_mut().as_mut() {
+        let Route { cuse, slot } = self.to.get();
+        if slot.is_some() || self.batch.borrow().is_some() {
             let mut msg = header.as_bytes().to_vec();
             for p in parts {
                 msg.extend_from_slice(p);
             }
-            batch.push(Reply { cuse, msg });
+            let reply = Reply { cuse, slot, msg };
+            match self.batch.borrow_mut().as_mut() {
+                Some(batch) => batch.push(reply),
+                None => {
+                    self.write_message(&reply);
+                    self.flush_ring();
+                }
+            }
             return;
         }
         let fd = self.target(cuse);
@@ -247,9 +365,12 @@ mod tests {
         let mut chan = Channel::new(fuse);
         chan.attach_cuse(cuse);
         assert!(chan.begin_batch());
-        chan.route(false);
+        chan.route(Route::default());
         chan.answer(RESENT | 4, Answer::empty());
-        chan.route(true);
+        chan.route(Route {
+            cuse: true,
+            slot: None,
+        });
         chan.answer(6, Answer::empty());
         chan.answer(RESENT | 8, Answer::empty());
         // Saved and reloaded, as a restarted daemon resends them.

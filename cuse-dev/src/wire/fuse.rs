@@ -18,15 +18,20 @@ pub struct Request {
     pub op: Op,
     /// It came from the CUSE device rather than the FUSE mount.
     pub cuse: bool,
+    /// The io_uring entry that holds it, if it came through the ring.
+    pub slot: Option<u32>,
 }
 
 /// Operations, with their decoded arguments.
 #[derive(Debug)]
 #[allow(missing_docs)]
 pub enum Op {
-    Init(InitIn),
+    /// INIT, with `flags2` (the kernel's flags above bit 31) when it sent them.
+    Init(InitIn, u32),
     CuseInit(CuseInitIn),
-    Lookup { name: Vec<u8> },
+    Lookup {
+        name: Vec<u8>,
+    },
     Forget,
     BatchForget,
     Getattr,
@@ -38,8 +43,13 @@ pub enum Op {
     Readdir,
     Flush,
     Ioctl(IoctlIn),
-    Getxattr { size: u32, name: Vec<u8> },
-    Listxattr { size: u32 },
+    Getxattr {
+        size: u32,
+        name: Vec<u8>,
+    },
+    Listxattr {
+        size: u32,
+    },
     Setxattr,
     Removexattr,
     Statfs,
@@ -70,7 +80,11 @@ pub fn parse(bytes: &[u8]) -> io::Result<Request> {
     let body = &bytes[std::mem::size_of::<InHeader>()..];
     use opcode::*;
     let op = match header.opcode {
-        INIT => Op::Init(arg(body)?),
+        INIT => Op::Init(
+            arg(body)?,
+            body.get(16..20)
+                .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes"))),
+        ),
         CUSE_INIT => Op::CuseInit(arg(body)?),
         LOOKUP => Op::Lookup { name: cstr(body) },
         FORGET => Op::Forget,
@@ -108,6 +122,7 @@ pub fn parse(bytes: &[u8]) -> io::Result<Request> {
         header,
         op,
         cuse: false,
+        slot: None,
     })
 }
 
@@ -160,6 +175,9 @@ impl From<Errno> for Answer {
 pub struct Reply {
     /// The request came from the CUSE device.
     pub cuse: bool,
+    /// The io_uring entry that holds the request, if it came through the ring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
     /// Header and body.
     pub msg: Vec<u8>,
 }
@@ -169,16 +187,22 @@ pub struct Reply {
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum ReplyWire {
-    Routed { cuse: bool, msg: Vec<u8> },
+    Routed {
+        cuse: bool,
+        #[serde(default)]
+        slot: Option<u32>,
+        msg: Vec<u8>,
+    },
     Tagged(u64, Vec<u8>),
 }
 
 impl From<ReplyWire> for Reply {
     fn from(w: ReplyWire) -> Reply {
         match w {
-            ReplyWire::Routed { cuse, msg } => Reply { cuse, msg },
+            ReplyWire::Routed { cuse, slot, msg } => Reply { cuse, slot, msg },
             ReplyWire::Tagged(id, msg) => Reply {
                 cuse: id & (1 << 63) != 0,
+                slot: None,
                 msg,
             },
         }
@@ -252,10 +276,12 @@ mod tests {
             [
                 Reply {
                     cuse: true,
+                    slot: None,
                     msg: vec![1, 2]
                 },
                 Reply {
                     cuse: false,
+                    slot: None,
                     msg: vec![3]
                 }
             ]

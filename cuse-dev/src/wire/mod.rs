@@ -7,3 +7,4 @@
 pub mod abi;
 pub(crate) mod dev_fuse;
 pub mod fuse;
+pub(crate) mod uring;

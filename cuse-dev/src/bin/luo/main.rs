@@ -53,6 +53,15 @@ enum Command {
         /// `status` on the control socket; everything else stays root's.
         #[arg(long, value_name = "GROUP", value_parser = parse_group)]
         status_group: Option<u32>,
+        /// How FUSE requests reach the daemon. `io-uring` takes FUSE over
+        /// io_uring when the kernel offers it (module parameter
+        /// fuse.enable_uring=1, which the daemon never sets) and /dev/fuse
+        /// otherwise. A call on its way to a daemon that is killed or
+        /// restarted then fails with ECANCELED (the kernel's io_uring
+        /// transport), where /dev/fuse keeps it for the next daemon: hence
+        /// the default.
+        #[arg(long, value_enum, env = "LUO_FUSE_TRANSPORT", default_value_t = FuseTransport::DevFuse)]
+        fuse_transport: FuseTransport,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -298,6 +307,13 @@ enum Command {
     },
 }
 
+/// `luo daemon --fuse-transport`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FuseTransport {
+    DevFuse,
+    IoUring,
+}
+
 #[derive(Subcommand)]
 enum FdstoreAction {
     /// Run the program with a NOTIFY_SOCKET that keeps what it stores
@@ -339,12 +355,14 @@ fn main() -> ExitCode {
         Command::Daemon {
             cuse,
             status_group,
+            fuse_transport,
             limits,
         } => match Daemon::run(Config {
             device,
             state_dir: target.state_dir(),
             cuse,
             status_group,
+            fuse_uring: fuse_transport == FuseTransport::IoUring,
             limits: limits.limits(),
         }) {
             Ok(()) => ExitCode::SUCCESS,

@@ -23,11 +23,13 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    let uring = resp.fuse_transport.as_deref() == Some("io_uring");
     println!(
-        "device {}  epoch {}  sessions {}",
+        "device {}  epoch {}  sessions {}{}",
         resp.device.unwrap_or_default(),
         resp.epoch,
-        resp.sessions.len()
+        resp.sessions.len(),
+        if uring { "  (FUSE over io_uring)" } else { "" }
     );
     for s in &resp.sessions {
         let retrieved = if s.retrieved { " (retrieved)" } else { "" };
