@@ -182,11 +182,27 @@ impl Daemon {
     /// queued behind an open or a create that it must precede when the last
     /// reference was the daemon's own short-lived copy (taken to identify a
     /// caller's fd) and the caller died meanwhile.
+    ///
+    /// Over io_uring the kernel hands out only as many requests as the
+    /// ring has free entries, and the batch holds its entries until its
+    /// replies leave: what is decided so far is saved and answered first,
+    /// until no more requests come.
     pub(super) fn settle_releases(&mut self) {
-        while let Some(req) = self.read_request() {
-            match req.op {
-                Op::Release(_) => self.dispatch(req),
-                _ => self.ev.backlog.push_back(req),
+        loop {
+            if self.chan.ring_fd().is_some() {
+                self.commit();
+                self.chan.send_held();
+            }
+            let mut read = false;
+            while let Some(req) = self.read_request() {
+                read = true;
+                match req.op {
+                    Op::Release(_) => self.dispatch(req),
+                    _ => self.ev.backlog.push_back(req),
+                }
+            }
+            if !read || self.chan.ring_fd().is_none() {
+                return;
             }
         }
     }

@@ -215,6 +215,16 @@ impl Channel {
         self.batch.borrow().clone().unwrap_or_default()
     }
 
+    /// Sends the replies held back so far (their state is saved) and goes
+    /// on holding later ones.
+    pub fn send_held(&self) {
+        let held = self.batch.borrow_mut().as_mut().map(std::mem::take);
+        for reply in held.unwrap_or_default() {
+            self.write_message(&reply);
+        }
+        self.flush_ring();
+    }
+
     /// Sends the replies held back and stops holding them.
     pub fn end_batch(&self) {
         let held = self.batch.borrow_mut().take().unwrap_or_default();
