@@ -162,8 +162,11 @@ pub fn send_line<T: Serialize>(
 ) -> io::Result<()> {
     let mut line = serde_json::to_vec(msg)?;
     line.push(b'\n');
-    sys::send_with_fd(stream.as_fd(), &line[..1], fd)?;
-    (&*stream).write_all(&line[1..])
+    // One send for the whole line (and the fd with its first byte): the
+    // peer wakes once. A line larger than the socket's buffer goes out in
+    // parts.
+    let sent = sys::send_with_fd(stream.as_fd(), &line, fd)?;
+    (&*stream).write_all(&line[sent..])
 }
 
 /// Receives one JSON line and the fd that came with it, if any.

@@ -66,6 +66,9 @@ impl Daemon {
             };
             let events = setup(|| "wait for events".into(), self.ev.epoll.wait(timeout))?;
             self.check_keeper();
+            if events.is_empty() && self.chan.ring_pending() {
+                self.drain_fuse();
+            }
             for (token, events) in events {
                 match token {
                     TOKEN_FUSE | TOKEN_CUSE | TOKEN_RING => self.drain_fuse(),

@@ -5,12 +5,14 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::check;
 
-/// Sends `data` and optionally one fd over a unix socket.
+/// Sends `data` and optionally one fd over a unix socket; the bytes sent
+/// (all of them on a datagram or seqpacket socket; on a stream socket a
+/// large message may go out in parts).
 pub fn send_with_fd(
     sock: BorrowedFd<'_>,
     data: &[u8],
     fd: Option<BorrowedFd<'_>>,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut _,
         iov_len: data.len(),
@@ -40,7 +42,7 @@ pub fn send_with_fd(
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(n as usize)
 }
 
 /// Receives one message and at most one fd from a unix socket.

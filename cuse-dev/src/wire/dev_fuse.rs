@@ -155,6 +155,13 @@ impl Channel {
         }
     }
 
+    /// Whether the io_uring holds a request not read yet: the kernel hands
+    /// one over in this thread's task work, which cuts a wait short
+    /// (`EINTR`) before the ring's fd is seen readable.
+    pub fn ring_pending(&mut self) -> bool {
+        self.ring.get_mut().as_mut().is_some_and(Ring::pending)
+    }
+
     /// The io_uring fd, to watch: readable when a request arrived.
     pub fn ring_fd(&self) -> Option<i32> {
         self.ring.borrow().as_ref().map(|r| r.fd().as_raw_fd())

@@ -357,6 +357,11 @@ impl Ring {
         self.push(slot, CMD_REGISTER, 0)
     }
 
+    /// Whether a request arrived (read without entering the kernel).
+    pub fn pending(&mut self) -> bool {
+        !self.arrived.is_empty() || !self.uring.completion().is_empty()
+    }
+
     /// The next request an entry holds; `Ok(None)` when none arrived.
     ///
     /// # Errors
