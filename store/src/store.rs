@@ -1,44 +1,21 @@
 //! The store: both session lists, the preserved-file index, handlers and FLBs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::errno::{Errno, Result};
 use crate::flb::FlbRegistry;
 use crate::handler::{FileHandler, FileId, RetrieveStatus};
-use crate::limits::{Count, Limits, Owner, Refusal, Resource, Usage};
+use crate::limits::{Limits, Owner, Refusal, Resource, Usage};
 use crate::name::SessionName;
 use crate::session::{Direction, LuoFile, Session, SessionId};
 
+mod changes;
+mod owners;
 mod update;
 
+pub use changes::{Changes, Dirty};
 pub use update::FreezeFailure;
-
-/// What changed in one session since the last [`Store::take_changes`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Dirty {
-    /// Everything may have changed (new, frozen, flipped, files removed).
-    pub whole: bool,
-    /// Tokens of files added or changed (the session's own fields are always
-    /// saved with them).
-    pub files: BTreeSet<u64>,
-}
-
-/// Changes since the last [`Store::take_changes`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Changes {
-    /// Sessions changed, and how.
-    pub changed: BTreeMap<SessionId, Dirty>,
-    /// Sessions gone.
-    pub removed: BTreeSet<SessionId>,
-}
-
-impl Changes {
-    /// Nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.removed.is_empty()
-    }
-}
 
 /// What a preserve may ask about while it holds the caller's file (see
 /// [`Store::preserve_fd_with`]).
@@ -506,97 +483,7 @@ impl Store {
     }
 }
 
-/// Owners and limits (see the `limits` module).
 impl Store {
-    /// Sets what owners other than root may hold; sessions and files they
-    /// already hold stay.
-    pub fn set_limits(&mut self, limits: Limits) {
-        self.limits = limits;
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
-    /// Sets how many more fds the daemon may open for owners other than
-    /// root (None: no budget). Their files are budgeted two fds each.
-    pub fn set_fd_room(&mut self, room: Option<usize>) {
-        self.fd_room = room;
-    }
-
-    /// The fds the store holds (preserved, carried and retrieved files).
-    pub fn held_fds(&self) -> usize {
-        self.usage.held_fds()
-    }
-
-    /// The fds the store may still come to hold for the files it has: each
-    /// preserved file at most two (carried across an update, and retrieved),
-    /// minus those it holds now.
-    pub fn fds_to_come(&self) -> usize {
-        self.usage.all_fds_to_come()
-    }
-
-    /// What the sessions of a uid hold (root and unknown owners: nothing).
-    pub fn charged_to_uid(&self, uid: u32) -> Count {
-        self.usage.uid(uid)
-    }
-
-    /// What the sessions created in a `luo run` tree by owners other than
-    /// root hold.
-    pub fn charged_to_tree(&self, token: u64) -> Count {
-        self.usage.tree(token)
-    }
-
-    /// Why the last CREATE_SESSION or SESSION_PRESERVE_FD was refused, if a
-    /// limit refused it.
-    pub fn refusal(&self) -> Option<&Refusal> {
-        self.refusal.as_ref()
-    }
-
-    /// Takes [`Store::refusal`].
-    pub fn take_refusal(&mut self) -> Option<Refusal> {
-        self.refusal.take()
-    }
-
-    /// Counts again what every owner holds.
-    fn recount(&mut self) {
-        self.usage = Usage::default();
-        for s in self.sessions.values() {
-            self.usage.add(s.owner.as_ref(), s.charge());
-        }
-    }
-}
-
-impl Store {
-    fn dirty(&mut self, id: SessionId) -> Option<&mut Dirty> {
-        self.sessions
-            .contains_key(&id)
-            .then(|| self.changes.changed.entry(id).or_default())
-    }
-
-    /// The session's own fields changed.
-    fn touch(&mut self, id: SessionId) {
-        self.dirty(id);
-    }
-
-    fn touch_file(&mut self, id: SessionId, token: u64) {
-        if let Some(d) = self.dirty(id) {
-            d.files.insert(token);
-        }
-    }
-
-    fn touch_whole(&mut self, id: SessionId) {
-        if let Some(d) = self.dirty(id) {
-            d.whole = true;
-        }
-    }
-
-    /// What changed since the last call, so that a caller can save only that.
-    pub fn take_changes(&mut self) -> Changes {
-        std::mem::take(&mut self.changes)
-    }
-
     /// The last session id handed out.
     pub fn next_id(&self) -> u64 {
         self.next_id

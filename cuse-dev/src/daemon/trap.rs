@@ -159,15 +159,20 @@ impl Daemon {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             self.receive_pending(&mut pending);
-            let lost = self.unanswered_ids(&pending);
-            if lost.is_empty() {
-                break;
-            }
+            let mut lost = self.unanswered_ids(&pending, recover::WINDOW);
             let cgroup = self.update.workload.as_ref().map(|w| w.path());
             let waiters: Vec<_> = recover::waiters(recover::threads(cgroup))
                 .into_iter()
                 .filter(|w| !pending.iter().any(|(_, n)| n.pid == w.tid))
                 .collect();
+            if lost.is_empty() && !waiters.is_empty() {
+                // Calls answered without a save (on fds that are not ours,
+                // statfs) leave the saved id behind: look further.
+                lost = self.unanswered_ids(&pending, recover::FAR_WINDOW);
+            }
+            if lost.is_empty() {
+                break;
+            }
             if let ([w], [(token, id)]) = (waiters.as_slice(), lost.as_slice()) {
                 log::info(format_args!(
                     "answering the call pid {} made while the daemon was stopping",
@@ -217,15 +222,20 @@ impl Daemon {
 
     /// Received notifications nobody answered and that are not in `pending`:
     /// those a killed daemon received and did not save.
-    fn unanswered_ids(&self, pending: &[(u64, Notif)]) -> Vec<(u64, u64)> {
+    /// Looks `window` ids past the last saved one (past [`recover::WINDOW`],
+    /// only up to the first found: one call is in flight at a time).
+    fn unanswered_ids(&self, pending: &[(u64, Notif)], window: u64) -> Vec<(u64, u64)> {
         let mut lost: Vec<(u64, u64)> = Vec::new();
         for (token, l) in &self.runs.listeners {
             let Some(last) = l.last_id() else { continue };
-            for id in (1..=recover::WINDOW).map(|k| last.wrapping_add(k)) {
+            for id in (1..=window).map(|k| last.wrapping_add(k)) {
                 let known =
                     pending.iter().any(|(_, n)| n.id == id) || lost.iter().any(|(_, i)| *i == id);
                 if !known && l.id_valid(id) {
                     lost.push((*token, id));
+                    if window > recover::WINDOW {
+                        break;
+                    }
                 }
             }
         }

@@ -25,6 +25,13 @@ use crate::uapi::TRAPPED;
 /// call uses up an id, so the lost call is not always the very next one).
 pub const WINDOW: u64 = 512;
 
+/// How far to look when a thread waits in a trapped call and none was found
+/// within [`WINDOW`]: calls the daemon answered without saving anything (on
+/// fds that are not LUO's, `statfs`) move the kernel's ids on while the
+/// saved one stays. About a second of `SECCOMP_IOCTL_NOTIF_ID_VALID` calls,
+/// only in that case.
+pub const FAR_WINDOW: u64 = 1 << 20;
+
 /// A thread sleeping in a trapped ioctl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiter {
