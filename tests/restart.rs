@@ -147,6 +147,33 @@ fn probe_trapped_calls() {
     }
 }
 
+/// Starts a daemon that kills itself at crash point `point`, runs the
+/// probe `name` (with `env`) against it, starts the next daemon once it died
+/// and checks that the probe got every answer (within 30 s) and passed.
+fn crash_and_answer(point: &str, name: &str, env: &[(&str, &str)]) -> common::Daemon {
+    let mut daemon = common::Daemon::start_with(&[("LUO_CRASH_AT", point)]);
+    let mut probe = daemon.probe_command(name);
+    probe.envs(env.iter().copied());
+    let mut probe = probe.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    daemon.wait_exit();
+    daemon.start_again();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = probe.kill();
+            panic!("crash at {point}: the caller was never answered");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = probe.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "crash at {point}: {text}"
+    );
+    daemon
+}
+
 /// The daemon dies right after receiving a trapped call (before saving
 /// anything), or right before replying to one: the next daemon answers it,
 /// exactly once.
@@ -154,29 +181,7 @@ fn probe_trapped_calls() {
 fn a_call_the_daemon_dies_on_is_answered_once() {
     common::require_capable();
     for point in ["received:6", "decided:6"] {
-        let mut daemon = common::Daemon::start_with(&[("LUO_CRASH_AT", point)]);
-        let probe = daemon
-            .probe_command("probe_trapped_calls")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        daemon.wait_exit();
-        daemon.start_again();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut probe = probe;
-        while probe.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = probe.kill();
-                panic!("crash at {point}: the caller was never answered");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = probe.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "crash at {point}: {text}"
-        );
+        crash_and_answer(point, "probe_trapped_calls", &[]);
     }
 }
 
@@ -190,28 +195,7 @@ fn a_call_the_daemon_dies_on_is_answered_once() {
 fn a_session_ioctl_the_daemon_dies_on_is_answered_once() {
     common::require_capable();
     for point in ["ioctl-received:40", "ioctl-saved:40"] {
-        let mut daemon = common::Daemon::start_with(&[("LUO_CRASH_AT", point)]);
-        let mut probe = daemon
-            .probe_command("probe_churn_preserve")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        daemon.wait_exit();
-        daemon.start_again();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while probe.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = probe.kill();
-                panic!("crash at {point}: the caller was never answered");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = probe.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "crash at {point}: {text}"
-        );
+        let daemon = crash_and_answer(point, "probe_churn_preserve", &[]);
         let s = daemon.status_json();
         let files = s["sessions"][0]["files"].as_array().unwrap();
         let tokens: std::collections::BTreeSet<u64> =
@@ -229,27 +213,11 @@ fn a_session_ioctl_the_daemon_dies_on_is_answered_once() {
 #[test]
 fn a_call_lost_after_many_unsaved_calls_is_answered_once() {
     common::require_capable();
-    let mut daemon = common::Daemon::start_with(&[("LUO_CRASH_AT", "received:1002")]);
-    let probe = daemon
-        .probe_command("probe_trapped_calls")
-        .env("LUO_PROBE_NOISE", "1000")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    daemon.wait_exit();
-    daemon.start_again();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut probe = probe;
-    while probe.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = probe.kill();
-            panic!("the caller was never answered");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = probe.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    crash_and_answer(
+        "received:1002",
+        "probe_trapped_calls",
+        &[("LUO_PROBE_NOISE", "1000")],
+    );
 }
 
 /// A pseudo-random delay in `lo..hi` ms (no RNG crate needed for this).

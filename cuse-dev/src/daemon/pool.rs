@@ -176,10 +176,8 @@ impl Daemon {
     }
 
     fn wait_for_opener(&mut self) -> Result<()> {
-        let ring = self.chan.ring_fd();
-        let mut files = vec![self.files.opener.as_fd(), self.chan.fd()];
-        // SAFETY: the ring's fd stays open while the channel has it.
-        files.extend(ring.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) }));
+        let mut files = vec![self.files.opener.as_fd()];
+        files.extend(self.chan.request_fds());
         let Some(ready) = sys::poll_readable(&files, OPENER_PATIENCE_MS) else {
             return self.replace_hung_opener();
         };

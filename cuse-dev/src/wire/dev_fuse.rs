@@ -162,6 +162,19 @@ impl Channel {
         self.ring.get_mut().as_mut().is_some_and(Ring::pending)
     }
 
+    /// The fds that turn readable when a FUSE request arrives: `/dev/fuse`
+    /// and the io_uring's.
+    pub fn request_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.fd.as_fd()];
+        if let Some(fd) = self.ring_fd() {
+            // SAFETY: the ring's fd is closed only by `close_ring` and
+            // `start_ring`, which take `&mut self`: not while this borrow
+            // of `self` lives.
+            fds.push(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+        fds
+    }
+
     /// The io_uring fd, to watch: readable when a request arrived.
     pub fn ring_fd(&self) -> Option<i32> {
         self.ring.borrow().as_ref().map(|r| r.fd().as_raw_fd())
@@ -243,11 +256,10 @@ impl Channel {
 
     /// Sends a whole message again (a reply saved before a restart); a reply
     /// to a request that was already answered is refused by the kernel and
-    /// ignored here. Replies to io_uring requests need the ring: sent
-    /// again by [`Channel::start_ring`]'s caller once it is up.
+    /// ignored here. Replies to io_uring requests are queued on the ring
+    /// ([`Channel::open_ring`]) and leave with [`Channel::start_ring`].
     pub fn resend(&self, reply: &Reply) {
         self.write_message(reply);
-        self.flush_ring();
     }
 
     fn flush_ring(&self) {

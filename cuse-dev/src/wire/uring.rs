@@ -311,12 +311,42 @@ impl Ring {
         (slot / u32::from(self.layout.depth)) as u16
     }
 
-    fn push(&mut self, slot: u32, cmd_op: u32, commit_id: u64) -> io::Result<()> {
+    /// Queues a command for entry `slot`; `iovecs` (REGISTER's buffers)
+    /// become the SQE's two-iovec array.
+    fn push(
+        &mut self,
+        slot: u32,
+        cmd_op: u32,
+        commit_id: u64,
+        iovecs: Option<u64>,
+    ) -> io::Result<()> {
         let mut cmd = [0u8; 80];
         cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
         cmd[16..18].copy_from_slice(&self.qid(slot).to_ne_bytes());
-        // The iovecs are read when the command is issued, during submit;
-        // they live in the slot's header page, past the kernel's struct.
+        let mut sqe = opcode::UringCmd80::new(types::Fd(self.fuse), cmd_op)
+            .cmd(cmd)
+            .addr(iovecs)
+            .build()
+            .user_data(u64::from(slot));
+        if iovecs.is_some() {
+            sqe = with_len(sqe, 2);
+        }
+        self.busy[slot as usize] = true;
+        loop {
+            // SAFETY: the buffers the command names live in the area, which
+            // outlives the ring (fields drop in order: uring first).
+            if unsafe { self.uring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.uring.submit()?;
+        }
+    }
+
+    /// Registers entry `slot`'s buffers. The kernel reads the iovecs when
+    /// the command is issued, during submit; they live in the slot's header
+    /// page, past the kernel's struct (commits name no buffers).
+    fn push_register(&mut self, slot: u32) -> io::Result<()> {
+        self.area.set_commit_id(slot, 0);
         let iov = [
             libc::iovec {
                 iov_base: self.area.headers(slot).cast(),
@@ -335,26 +365,7 @@ impl Ring {
         self.area.write(slot, iov_at, iov_bytes);
         // SAFETY: in bounds of the slot's header page.
         let iov_ptr = unsafe { self.area.headers(slot).add(iov_at) } as u64;
-        let sqe = opcode::UringCmd80::new(types::Fd(self.fuse), cmd_op)
-            .cmd(cmd)
-            .addr(Some(iov_ptr))
-            .build()
-            .user_data(u64::from(slot));
-        let sqe = with_len(sqe, 2);
-        self.busy[slot as usize] = true;
-        loop {
-            // SAFETY: the buffers the command names live in the area, which
-            // outlives the ring (fields drop in order: uring first).
-            if unsafe { self.uring.submission().push(&sqe) }.is_ok() {
-                return Ok(());
-            }
-            self.uring.submit()?;
-        }
-    }
-
-    fn push_register(&mut self, slot: u32) -> io::Result<()> {
-        self.area.set_commit_id(slot, 0);
-        self.push(slot, CMD_REGISTER, 0)
+        self.push(slot, CMD_REGISTER, 0, Some(iov_ptr))
     }
 
     /// Whether a request arrived (read without entering the kernel).
@@ -475,7 +486,7 @@ impl Ring {
         self.area.write(slot, HEADERS_SPAN, body);
         self.area
             .write(slot, ENT_PAYLOAD_SZ, &(body.len() as u32).to_ne_bytes());
-        self.push(slot, CMD_COMMIT_AND_FETCH, out.unique)?;
+        self.push(slot, CMD_COMMIT_AND_FETCH, out.unique, None)?;
         self.committing.push((slot, out.unique));
         Ok(())
     }
